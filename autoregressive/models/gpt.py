@@ -1,0 +1,159 @@
+"""LlamaGen's class-conditional GPT (state dicts key-for-key LlamaGen's) and its unconditional
+variant, which serves as DPAR's entropy model.
+
+Alignment (teacher forcing): input slots [c, x_0, ..., x_{T-2}] -> logits for x_0..x_{T-1};
+slot 0 uses the all-zero RoPE table, slot i >= 1 the grid position of x_{i-1}.
+"""
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from autoregressive.models.modules import (
+    LabelEmbedder,
+    RMSNorm,
+    TransformerBlock,
+    TransformerDefaults,
+    grid_rope_table,
+    init_weights,
+    remove_kv_caches,
+    setup_kv_caches,
+)
+
+MODEL_TYPES = ("c2i", "uncond")
+
+
+@dataclass
+class GPTConfig(TransformerDefaults):
+    dim: int = 4096
+    n_layer: int = 32
+    n_head: int = 32
+    num_classes: int = 1000
+    class_dropout_prob: float = 0.1
+    model_type: str = "c2i"
+    vocab_size: int = 16384
+    cls_token_num: int = 1
+    block_size: int = 256
+
+    def __post_init__(self):
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"model_type must be one of {MODEL_TYPES}, got {self.model_type!r}")
+        if self.dim % self.n_head:
+            raise ValueError(f"dim {self.dim} is not divisible by n_head {self.n_head}")
+        grid = math.isqrt(self.block_size)
+        if grid * grid != self.block_size:
+            raise ValueError(f"block_size {self.block_size} is not a square token grid")
+        if self.model_type == "uncond" and self.cls_token_num != 1:
+            raise ValueError("an unconditional model has exactly one start slot (cls_token_num=1)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_head
+
+    @property
+    def grid_size(self) -> int:
+        return math.isqrt(self.block_size)
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        if config.model_type == "c2i":
+            self.cls_embedding = LabelEmbedder(config.num_classes, config.dim, config.class_dropout_prob)
+        else:  # a single learned start embedding
+            self.cls_embedding = LabelEmbedder(1, config.dim, 0.0)
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.tok_dropout = nn.Dropout(config.token_dropout_p)
+        rates = [x.item() for x in torch.linspace(0, config.drop_path_rate, config.n_layer)]
+        self.layers = nn.ModuleList(TransformerBlock(config, rate) for rate in rates)
+        self.norm = RMSNorm(config.dim, eps=config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        table = grid_rope_table(config.grid_size, config.head_dim, config.rope_base, config.cls_token_num)
+        self.register_buffer("freqs_cis", table, persistent=False)  # (cls + T, head_dim/2, 2)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        init_weights(self, self.config.initializer_range)
+        nn.init.zeros_(self.output.weight)
+
+    @property
+    def null_class(self) -> int:
+        return self.config.num_classes
+
+    def _start_embeddings(self, cond_idx: Optional[torch.Tensor], batch: int, device) -> torch.Tensor:
+        if self.config.model_type == "uncond":
+            cond_idx = torch.zeros(batch, dtype=torch.long, device=device)
+        return self.cls_embedding(cond_idx)[:, : self.config.cls_token_num]  # (B, cls, dim)
+
+    def forward(
+        self, idx: torch.Tensor, cond_idx: Optional[torch.Tensor], targets: Optional[torch.Tensor] = None
+    ):
+        """Teacher-forced pass. idx (B, T-1) codes, cond_idx (B,) classes (ignored when
+        unconditional). Returns logits (B, T, V) float32 (logits[:, t] predicts x_t) and the
+        mean cross-entropy against targets (B, T), or None without targets."""
+        B = idx.shape[0]
+        start = self._start_embeddings(cond_idx, B, idx.device)
+        h = self.tok_dropout(torch.cat([start, self.tok_embeddings(idx)], dim=1))  # (B, cls + T-1, dim)
+        freqs_cis = self.freqs_cis[None, : h.shape[1]]
+        for layer in self.layers:
+            h = layer(h, freqs_cis)
+        logits = self.output(self.norm(h)).float()[:, self.config.cls_token_num - 1 :]  # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        return logits, loss
+
+    # ---- KV-cached generation -------------------------------------------------------
+    def setup_caches(self, max_batch_size: int, max_seq_length: int, dtype: Optional[torch.dtype] = None) -> None:
+        dtype = dtype or self.tok_embeddings.weight.dtype
+        setup_kv_caches(self.layers, max_batch_size, max_seq_length, dtype, self.tok_embeddings.weight.device)
+
+    def remove_caches(self) -> None:
+        remove_kv_caches(self.layers)
+
+    def _decode(self, h: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        freqs_cis = self.freqs_cis[input_pos]  # (B, S, head_dim/2, 2)
+        for layer in self.layers:
+            h = layer.decode(h, freqs_cis, input_pos)
+        return self.output(self.norm(h[:, -1])).float()  # (B, V)
+
+    def prefill(self, cond_idx: Optional[torch.Tensor], batch: Optional[int] = None) -> torch.Tensor:
+        """Feed the class (or start) slots; returns the logits for x_0, (B, V)."""
+        B = cond_idx.shape[0] if cond_idx is not None else batch
+        device = self.tok_embeddings.weight.device
+        h = self._start_embeddings(cond_idx, B, device)
+        input_pos = torch.arange(self.config.cls_token_num, device=device).expand(B, -1)
+        return self._decode(h, input_pos)
+
+    def decode_step(self, tokens: torch.Tensor, step: int) -> torch.Tensor:
+        """tokens (B,) = x_{step-1}; returns the logits for x_step, (B, V)."""
+        pos = torch.full((tokens.shape[0], 1), self.config.cls_token_num + step - 1, device=tokens.device)
+        return self._decode(self.tok_embeddings(tokens[:, None]), pos)
+
+
+def _factory(n_layer: int, n_head: int, dim: int):
+    def build(**kwargs) -> Transformer:
+        return Transformer(GPTConfig(n_layer=n_layer, n_head=n_head, dim=dim, **kwargs))
+
+    return build
+
+
+# (layers, heads, dim); parameter counts for the ImageNet 256 setting (vocab 16384, 1000 classes)
+GPT_models = {
+    "GPT-T": _factory(2, 4, 64),  # tests
+    "GPT-XS": _factory(4, 6, 192),  # CPU runs
+    "GPT-S": _factory(8, 6, 384),  # default entropy model
+    "GPT-B": _factory(12, 12, 768),  # 111M
+    "GPT-L": _factory(24, 16, 1024),  # 343M
+    "GPT-XL": _factory(36, 20, 1280),  # 775M
+    "GPT-XXL": _factory(48, 24, 1536),  # 1.4B
+    "GPT-XXXL": _factory(48, 40, 2560),  # 3.9B
+    "GPT-1B": _factory(22, 32, 2048),  # 1.2B
+    "GPT-3B": _factory(24, 32, 3200),  # 3.1B
+}

@@ -1,0 +1,305 @@
+"""Transformer building blocks shared by the LlamaGen GPT, the entropy model and DPAR.
+
+Parameter names follow LlamaGen (attention.wqkv, attention.wo, feed_forward.w1/w2/w3,
+attention_norm, ffn_norm, cls_embedding.embedding_table) so released checkpoints load strict.
+
+Every block has two explicit modes:
+  forward(x, freqs_cis)                      teacher-forced, causal over the S positions of x;
+  decode(x, freqs_cis, input_pos, rows)      KV-cached: writes keys/values at input_pos (per row)
+                                             into the cache rows `rows` and attends to the cache.
+Positions, RoPE tables and masks are per row, because DPAR rows advance independently.
+"""
+from dataclasses import dataclass
+from typing import Optional, Protocol
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from autoregressive.models.attention import attend
+
+
+def find_multiple(n: int, k: int) -> int:
+    return n if n % k == 0 else n + k - (n % k)
+
+
+class BlockConfig(Protocol):
+    """Fields a transformer block reads; GPTConfig and DPARConfig both provide them."""
+
+    dim: int
+    n_head: int
+    n_kv_head: int
+    multiple_of: int
+    ffn_dim_multiplier: Optional[float]
+    norm_eps: float
+    attn_dropout_p: float
+    resid_dropout_p: float
+    ffn_dropout_p: float
+
+
+# --------------------------------------------------------------------------------------
+# Rotary position embeddings. A table has shape (..., head_dim // 2, 2) holding (cos, sin)
+# per rotary pair; pairs are consecutive (even, odd) channels as in LlamaGen.
+# --------------------------------------------------------------------------------------
+def rope_frequencies(n_pairs: int, denominator: int, base: float = 10000.0) -> torch.Tensor:
+    """theta_j = base^(-2j / denominator) for j < n_pairs, float32 (n_pairs,)."""
+    return 1.0 / (base ** (torch.arange(0, 2 * n_pairs, 2)[:n_pairs].float() / denominator))
+
+
+def rope_table(angles: torch.Tensor, zero: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(..., n_pairs) rotation angles -> (..., n_pairs, 2) (cos, sin) table.
+    `zero` (broadcastable bool to angles[..., 0]) marks slots given the all-zero table
+    (LlamaGen's class-token convention, which zeroes that slot's queries and keys)."""
+    table = torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1)
+    if zero is not None:
+        table = table.masked_fill(zero[..., None, None], 0.0)
+    return table
+
+
+def rope_2d(row: torch.Tensor, col: torch.Tensor, head_dim: int, base: float = 10000.0) -> torch.Tensor:
+    """LlamaGen's 2D RoPE: the first head_dim/4 pairs rotate by row, the rest by column,
+    both with theta_j = base^(-2j/(head_dim/2)). row, col (...,) -> (..., head_dim/2, 2)."""
+    freqs = rope_frequencies(head_dim // 4, head_dim // 2, base).to(row.device)
+    angles = torch.cat([row.float()[..., None] * freqs, col.float()[..., None] * freqs], dim=-1)
+    return rope_table(angles)
+
+
+def rope_1d(position: torch.Tensor, head_dim: int, base: float = 10000.0) -> torch.Tensor:
+    """Plain 1D RoPE over head_dim/2 pairs. position (...,) -> (..., head_dim/2, 2)."""
+    freqs = rope_frequencies(head_dim // 2, head_dim, base).to(position.device)
+    return rope_table(position.float()[..., None] * freqs)
+
+
+def rope_dynamic(
+    row: torch.Tensor, col_start: torch.Tensor, col_end: torch.Tensor, head_dim: int, base: float = 10000.0
+) -> torch.Tensor:
+    """DPAR's dynamic RoPE for a patch: head_dim/4 pairs rotate by the patch's row with
+    theta_j = base^(-2j/(head_dim/2)); four groups of head_dim/16 pairs rotate by col_start,
+    col_end, col_end, col_start with theta_j = base^(-2j/(head_dim/8)).
+    row, col_start, col_end (...,) -> (..., head_dim/2, 2)."""
+    if head_dim % 16:
+        raise ValueError(f"dynamic RoPE needs a head dim that is a multiple of 16, got {head_dim}")
+    row_freqs = rope_frequencies(head_dim // 4, head_dim // 2, base).to(row.device)
+    col_freqs = rope_frequencies(head_dim // 16, head_dim // 8, base).to(row.device)
+    cs, ce = col_start.float()[..., None], col_end.float()[..., None]
+    angles = torch.cat(
+        [row.float()[..., None] * row_freqs, cs * col_freqs, ce * col_freqs, ce * col_freqs, cs * col_freqs], dim=-1
+    )
+    return rope_table(angles)
+
+
+def grid_rope_table(grid_size: int, head_dim: int, base: float = 10000.0, cls_token_num: int = 1) -> torch.Tensor:
+    """LlamaGen's GPT table: cls_token_num all-zero slots, then the raster grid positions.
+    -> (cls_token_num + grid_size**2, head_dim/2, 2)."""
+    index = torch.arange(grid_size * grid_size)
+    grid = rope_2d(index // grid_size, index % grid_size, head_dim, base)
+    return torch.cat([torch.zeros(cls_token_num, head_dim // 2, 2), grid])
+
+
+def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    """x (B, S, H, D); freqs_cis (B or 1, S, D/2, 2). Rotation computed in float32."""
+    xs = x.float().reshape(*x.shape[:-1], -1, 2)  # (B, S, H, D/2, 2)
+    f = freqs_cis[:, :, None]  # (B, S, 1, D/2, 2)
+    out = torch.stack(
+        [xs[..., 0] * f[..., 0] - xs[..., 1] * f[..., 1], xs[..., 1] * f[..., 0] + xs[..., 0] * f[..., 1]], dim=-1
+    )
+    return out.flatten(3).type_as(x)
+
+
+# --------------------------------------------------------------------------------------
+# Layers
+# --------------------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return out.type_as(x) * self.weight
+
+
+class FeedForward(nn.Module):
+    """SwiGLU with LlamaGen's hidden size find_multiple(int(2 * 4 * dim / 3), multiple_of)."""
+
+    def __init__(self, config: BlockConfig):
+        super().__init__()
+        hidden = int(2 * (4 * config.dim) / 3)
+        if config.ffn_dim_multiplier is not None:
+            hidden = int(config.ffn_dim_multiplier * hidden)
+        hidden = find_multiple(hidden, config.multiple_of)
+        self.w1 = nn.Linear(config.dim, hidden, bias=False)
+        self.w3 = nn.Linear(config.dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, config.dim, bias=False)
+        self.ffn_dropout = nn.Dropout(config.ffn_dropout_p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ffn_dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+class KVCache(nn.Module):
+    """Static per-layer cache (gpt-fast style) written at explicit per-row positions."""
+
+    def __init__(self, max_batch_size: int, max_seq_length: int, n_head: int, head_dim: int, dtype, device=None):
+        super().__init__()
+        shape = (max_batch_size, max_seq_length, n_head, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: Optional[torch.Tensor]):
+        """input_pos (n, S) positions; k, v (n, S, H, D); rows (n,) cache rows or None for rows 0..n-1.
+        Returns the keys/values of those rows (n, S_max, H, D) and the mask (n, 1, S, S_max)."""
+        n = k.shape[0]
+        if rows is None:
+            batch = torch.arange(n, device=k.device)[:, None]  # (n, 1)
+            self.k_cache[batch, input_pos] = k
+            self.v_cache[batch, input_pos] = v
+            keys, values = self.k_cache[:n], self.v_cache[:n]
+        else:
+            self.k_cache[rows[:, None], input_pos] = k
+            self.v_cache[rows[:, None], input_pos] = v
+            keys, values = self.k_cache[rows], self.v_cache[rows]
+        slots = torch.arange(self.k_cache.shape[1], device=k.device)
+        mask = slots[None, None, :] <= input_pos[:, :, None]  # (n, S, S_max)
+        return keys, values, mask[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: BlockConfig):
+        super().__init__()
+        assert config.dim % config.n_head == 0
+        self.n_head = config.n_head
+        self.n_kv_head = config.n_kv_head
+        self.head_dim = config.dim // config.n_head
+        total = (config.n_head + 2 * config.n_kv_head) * self.head_dim
+        self.wqkv = nn.Linear(config.dim, total, bias=False)
+        self.wo = nn.Linear(config.dim, config.dim, bias=False)
+        self.attn_dropout_p = config.attn_dropout_p
+        self.resid_dropout = nn.Dropout(config.resid_dropout_p)
+        self.kv_cache: Optional[KVCache] = None
+
+    def _qkv(self, x: torch.Tensor, freqs_cis: torch.Tensor):
+        B, S, _ = x.shape
+        kv_size = self.n_kv_head * self.head_dim
+        q, k, v = self.wqkv(x).split([self.n_head * self.head_dim, kv_size, kv_size], dim=-1)
+        q = apply_rotary_emb(q.view(B, S, self.n_head, self.head_dim), freqs_cis)  # (B, S, H, D)
+        k = apply_rotary_emb(k.view(B, S, self.n_kv_head, self.head_dim), freqs_cis)  # (B, S, Hkv, D)
+        return q, k, v.view(B, S, self.n_kv_head, self.head_dim)
+
+    def _attend(self, q, k, v, mask) -> torch.Tensor:
+        B, S = q.shape[:2]
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, D)
+        if self.n_kv_head != self.n_head:
+            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+        dropout = self.attn_dropout_p if self.training else 0.0
+        out = attend(q, k, v, mask=mask, dropout_p=dropout)  # (B, H, S, D)
+        out = out.transpose(1, 2).reshape(B, S, self.n_head * self.head_dim)  # (B, S, dim)
+        return self.resid_dropout(self.wo(out))
+
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+        q, k, v = self._qkv(x, freqs_cis)
+        return self._attend(q, k, v, mask=None)
+
+    def decode(self, x, freqs_cis, input_pos: torch.Tensor, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        q, k, v = self._qkv(x, freqs_cis)
+        k, v, mask = self.kv_cache.update(input_pos, k, v, rows)
+        return self._attend(q, k, v, mask=mask)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (identity at rate 0 or in eval mode)."""
+
+    def __init__(self, rate: float):
+        super().__init__()
+        self.rate = rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rate == 0.0 or not self.training:
+            return x
+        keep = x.new_empty(x.shape[0], *([1] * (x.dim() - 1))).bernoulli_(1 - self.rate)
+        return x * keep / (1 - self.rate)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: BlockConfig, drop_path: float = 0.0):
+        super().__init__()
+        self.attention = Attention(config)
+        self.feed_forward = FeedForward(config)
+        self.attention_norm = RMSNorm(config.dim, eps=config.norm_eps)
+        self.ffn_norm = RMSNorm(config.dim, eps=config.norm_eps)
+        self.drop_path = DropPath(drop_path)
+
+    def _ffn(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.drop_path(self.feed_forward(self.ffn_norm(h)))
+
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+        h = x + self.drop_path(self.attention(self.attention_norm(x), freqs_cis))
+        return self._ffn(h)
+
+    def decode(self, x, freqs_cis, input_pos: torch.Tensor, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        h = x + self.attention.decode(self.attention_norm(x), freqs_cis, input_pos, rows)
+        return self._ffn(h)
+
+
+def setup_kv_caches(layers: nn.ModuleList, max_batch_size: int, max_seq_length: int, dtype, device) -> None:
+    for layer in layers:
+        attn = layer.attention
+        attn.kv_cache = KVCache(max_batch_size, max_seq_length, attn.n_kv_head, attn.head_dim, dtype, device)
+
+
+def remove_kv_caches(layers: nn.ModuleList) -> None:
+    for layer in layers:
+        layer.attention.kv_cache = None
+
+
+class LabelEmbedder(nn.Module):
+    """Class embedding table; with class dropout > 0 it has a last row for the null class
+    (classifier-free guidance). Label dropout itself is applied to the batch by the trainer
+    (`drop_labels`), so the module's forward never depends on self.training."""
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
+        super().__init__()
+        self.num_classes = num_classes
+        self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), hidden_size)
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        return self.embedding_table(labels).unsqueeze(1)  # (B, 1, dim)
+
+
+def drop_labels(labels: torch.Tensor, prob: float, null_class: int, generator: Optional[torch.Generator] = None):
+    """Replace each label by the null class with probability `prob` (guidance training)."""
+    if prob <= 0:
+        return labels
+    drop = torch.rand(labels.shape, generator=generator, device="cpu").to(labels.device) < prob
+    return torch.where(drop, torch.full_like(labels, null_class), labels)
+
+
+@dataclass
+class TransformerDefaults:
+    """LlamaGen's block defaults, shared by GPTConfig and DPARConfig."""
+
+    n_kv_head: Optional[int] = None
+    multiple_of: int = 256
+    ffn_dim_multiplier: Optional[float] = None
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    initializer_range: float = 0.02
+    token_dropout_p: float = 0.1
+    attn_dropout_p: float = 0.0
+    resid_dropout_p: float = 0.1
+    ffn_dropout_p: float = 0.1
+    drop_path_rate: float = 0.0
+
+
+def init_weights(module: nn.Module, std: float) -> None:
+    """LlamaGen's initialisation: normal(0, std) for linear and embedding weights, zero biases."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, mean=0.0, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, mean=0.0, std=std)

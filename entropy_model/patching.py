@@ -1,0 +1,302 @@
+"""Entropy-driven patch boundaries as small, pure, vectorised tensor functions.
+
+Tokens x_0..x_{T-1} of an image (raster order) are grouped into patches, contiguous
+runs that cover 0..T-1. Token 0 opens the first patch; token i > 0 opens a new patch if
+
+- its entropy e_i (rounded to float16, the storage precision) exceeds the threshold tau
+  (mode "entropy"; mode "relative" uses BLT's rule e_i - e_{i-1} > tau instead),
+- it is the first token of a grid row (row reset), or
+- the open patch already holds max_patch_length tokens (length cap).
+
+The cap acts inside each segment opened by a gate or a row start: the token at offset o
+from its segment's first token opens a patch iff o % max_patch_length == 0, which gives
+the closed form below (a cummax of segment-start indices) instead of a loop over T.
+
+Two gate-free modes serve as ablations: "token" (every token is its own patch) and
+"static" (fixed-length patches of max_patch_length, honouring the row reset).
+
+Shapes: B = batch, T = tokens per image, M = patches (padded to the batch maximum).
+Patch lengths are int64, zero-padded on the right.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+PATCH_MODES = ("entropy", "relative", "token", "static")
+GATED_MODES = ("entropy", "relative")
+
+
+def quantize_entropy(entropy: torch.Tensor) -> torch.Tensor:
+    """Round entropies to float16 (the storage precision) and return them as float32.
+
+    Training (stored float16 entropies) and generation (float32 entropies computed on the
+    fly) compare the same rounded values, so the same tokens give the same patches.
+    """
+    return entropy.to(torch.float16).to(torch.float32)
+
+
+def patch_starts(
+    entropy: torch.Tensor | None,
+    threshold: float | None = None,
+    max_patch_length: int | None = None,
+    row_width: int | None = None,
+    mode: str = "entropy",
+    shape: tuple[int, int] | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Boolean (B, T) mask of the tokens that open a patch.
+
+    entropy: (B, T) float of any dtype (float16 storage included), in nats. May be None
+        for modes "token" and "static"; then `shape` = (B, T) and `device` place the output.
+    threshold: tau, compared as `quantize_entropy(e) > threshold` in float32 (mode
+        "entropy") or on differences of quantized entropies (mode "relative").
+    max_patch_length: length cap (None = no cap); required for mode "static".
+    row_width: grid width; when given, the first token of every row opens a patch.
+    """
+    if mode not in PATCH_MODES:
+        raise ValueError(f"unknown patching mode {mode!r}; expected one of {PATCH_MODES}")
+    if max_patch_length is not None and max_patch_length < 1:
+        raise ValueError(f"max_patch_length must be >= 1, got {max_patch_length}")
+    if row_width is not None and row_width < 1:
+        raise ValueError(f"row_width must be >= 1, got {row_width}")
+    if mode == "static" and max_patch_length is None:
+        raise ValueError("mode 'static' needs max_patch_length (the fixed patch length)")
+    if entropy is not None:
+        if entropy.ndim != 2 or not entropy.is_floating_point():
+            raise ValueError(f"entropy must be a (B, T) float tensor, got {tuple(entropy.shape)} {entropy.dtype}")
+        (B, T), device = entropy.shape, entropy.device
+    elif mode in GATED_MODES:
+        raise ValueError(f"mode {mode!r} needs entropies")
+    elif shape is None:
+        raise ValueError("patch_starts without entropies needs shape=(B, T)")
+    else:
+        (B, T), device = shape, torch.device("cpu") if device is None else device
+    if mode in GATED_MODES and threshold is None:
+        raise ValueError(f"mode {mode!r} needs a threshold")
+
+    if mode == "token":
+        return torch.ones(B, T, dtype=torch.bool, device=device)
+    pos = torch.arange(T, device=device)  # (T,)
+    opens = pos == 0
+    if row_width is not None:
+        opens = opens | (pos % row_width == 0)
+    opens = opens.expand(B, T)  # (B, T)
+    if mode == "entropy":
+        opens = opens | (quantize_entropy(entropy) > threshold)
+    elif mode == "relative":
+        q = quantize_entropy(entropy)
+        rise = torch.zeros(B, T, dtype=torch.bool, device=device)
+        rise[:, 1:] = (q[:, 1:] - q[:, :-1]) > threshold
+        opens = opens | rise
+    if max_patch_length is None:
+        return opens
+    # Offset of each token from the first token of its segment (opened by a gate or a row).
+    segment_start = torch.where(opens, pos, 0).cummax(dim=1).values  # (B, T)
+    return (pos - segment_start) % max_patch_length == 0
+
+
+def _check_starts(starts: torch.Tensor) -> None:
+    if starts.dtype != torch.bool or starts.ndim != 2:
+        raise ValueError(f"starts must be a (B, T) bool tensor, got {tuple(starts.shape)} {starts.dtype}")
+    if starts.shape[1] == 0 or not bool(starts[:, 0].all()):
+        raise ValueError("every row of starts must open a patch at token 0")
+
+
+def patch_ids_from_starts(starts: torch.Tensor) -> torch.Tensor:
+    """(B, T) int64 index m(i) of the patch holding token i, from a (B, T) bool start mask."""
+    _check_starts(starts)
+    return starts.long().cumsum(dim=1) - 1
+
+
+def patch_lengths_from_starts(starts: torch.Tensor, num_patches: int | None = None) -> torch.Tensor:
+    """Patch lengths (B, M) int64, zero-padded, from a (B, T) bool start mask.
+
+    M = the batch's largest patch count, or `num_patches` when given (static shapes).
+    """
+    ids = patch_ids_from_starts(starts)  # (B, T)
+    B = starts.shape[0]
+    M = int(ids[:, -1].max()) + 1 if B > 0 else 0
+    if num_patches is not None:
+        if num_patches < M:
+            raise ValueError(f"num_patches={num_patches} is below the batch's {M} patches")
+        M = num_patches
+    lengths = torch.zeros(B, M, dtype=torch.int64, device=starts.device)
+    return lengths.scatter_add_(1, ids, torch.ones_like(ids))  # (B, M)
+
+
+def _check_lengths(lengths: torch.Tensor) -> int:
+    """Validate zero-padded (B, M) lengths covering the same T per row; return T."""
+    if lengths.ndim != 2 or lengths.is_floating_point() or lengths.dtype == torch.bool:
+        raise ValueError(f"lengths must be a (B, M) integer tensor, got {tuple(lengths.shape)} {lengths.dtype}")
+    if lengths.numel() == 0:
+        return 0
+    if bool((lengths < 0).any()):
+        raise ValueError("patch lengths must be >= 0")
+    real = lengths > 0
+    if bool((real[:, 1:] & ~real[:, :-1]).any()):
+        raise ValueError("zero (padding) patch lengths must all come after the real patches")
+    totals = lengths.sum(dim=1)
+    if bool((totals != totals[0]).any()):
+        raise ValueError(f"patch lengths must cover the same token count in every row, got {totals.tolist()}")
+    return int(totals[0])
+
+
+def starts_from_lengths(lengths: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool start mask from zero-padded (B, M) patch lengths."""
+    T = _check_lengths(lengths)
+    lengths = lengths.long()
+    first = lengths.cumsum(dim=1) - lengths  # (B, M) index of each patch's first token
+    first = torch.where(lengths > 0, first, T)  # padded patches write to a spare column
+    starts = torch.zeros(lengths.shape[0], T + 1, dtype=torch.bool, device=lengths.device)
+    starts.scatter_(1, first, True)
+    return starts[:, :T]
+
+
+def patch_geometry(lengths: torch.Tensor, row_width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Grid position of each patch, for dynamic RoPE.
+
+    lengths: (B, M) zero-padded patch lengths over raster-order tokens of a grid row_width wide.
+    Returns (row, col_start, col_end), each (B, M) int64: the row and column of the patch's
+    first token and the column of its last token (which may lie on a later row when a patch
+    crosses a row). Padded patches get 0.
+    """
+    if row_width < 1:
+        raise ValueError(f"row_width must be >= 1, got {row_width}")
+    _check_lengths(lengths)
+    lengths = lengths.long()
+    first = lengths.cumsum(dim=1) - lengths  # (B, M)
+    last = first + lengths - 1  # (B, M)
+    real = lengths > 0
+    zero = torch.zeros_like(first)
+    row = torch.where(real, first // row_width, zero)
+    col_start = torch.where(real, first % row_width, zero)
+    col_end = torch.where(real, last % row_width, zero)
+    return row, col_start, col_end
+
+
+@dataclass
+class PatchingConfig:
+    """Patching settings, stored in DPAR checkpoints (to_dict / from_dict).
+
+    mode: "entropy" (paper), "relative" (BLT), "token" (no merging), "static" (fixed length).
+    threshold: entropy threshold tau in nats (gated modes).
+    max_patch_length: length cap P_max (None = no cap; required for "static").
+    row_reset: whether the first token of every grid row opens a patch.
+    """
+
+    mode: str = "entropy"
+    threshold: float | None = 7.8
+    max_patch_length: int | None = 4
+    row_reset: bool = True
+
+    def __post_init__(self):
+        if self.mode not in PATCH_MODES:
+            raise ValueError(f"unknown patching mode {self.mode!r}; expected one of {PATCH_MODES}")
+        if self.mode in GATED_MODES and self.threshold is None:
+            raise ValueError(f"patching mode {self.mode!r} needs a threshold")
+        if self.max_patch_length is not None and self.max_patch_length < 1:
+            raise ValueError(f"max_patch_length must be >= 1, got {self.max_patch_length}")
+        if self.mode == "static" and self.max_patch_length is None:
+            raise ValueError("patching mode 'static' needs max_patch_length")
+
+    @property
+    def needs_entropy(self) -> bool:
+        return self.mode in GATED_MODES
+
+    def starts(
+        self,
+        entropy: torch.Tensor | None,
+        grid_width: int,
+        shape: tuple[int, int] | None = None,
+        device: torch.device | str | None = None,
+    ) -> torch.Tensor:
+        """(B, T) bool patch starts for entropies (B, T) on a grid `grid_width` tokens wide.
+
+        `shape` and `device` place the output when entropy is None (modes "token", "static").
+        """
+        return patch_starts(
+            entropy,
+            self.threshold,
+            max_patch_length=self.max_patch_length,
+            row_width=grid_width if self.row_reset else None,
+            mode=self.mode,
+            shape=shape,
+            device=device,
+        )
+
+    def lengths(
+        self,
+        entropy: torch.Tensor | None,
+        grid_width: int,
+        shape: tuple[int, int] | None = None,
+        device: torch.device | str | None = None,
+        num_patches: int | None = None,
+    ) -> torch.Tensor:
+        """(B, M) int64 zero-padded patch lengths for entropies (B, T)."""
+        return patch_lengths_from_starts(self.starts(entropy, grid_width, shape, device), num_patches)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "PatchingConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown patching settings {unknown}; expected a subset of {sorted(known)}")
+        return cls(**dict(d))
+
+
+def _to_tensor(x: Any) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x
+    arr = np.asarray(x)
+    # Copy (memory-mapped stores are read-only); codes are stored as uint16, which torch lacks.
+    return torch.from_numpy(np.array(arr, dtype=np.int64 if arr.dtype.kind == "u" else None))
+
+
+def build_patch_batch(
+    batch: Mapping[str, Any],
+    config: PatchingConfig,
+    grid_width: int,
+    num_patches: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Turn a batch of codes, labels and entropies into DPAR training inputs.
+
+    batch: "codes" (B, T) integer (uint16 arrays accepted), "labels" (B,) integer and,
+        for gated modes, "entropy" (B, T) float (tensors or numpy arrays).
+    Returns {"tokens": (B, T) int64, "labels": (B,) int64, "patch_lengths": (B, M) int64},
+    M = the batch's largest patch count or `num_patches`.
+    """
+    tokens = _to_tensor(batch["codes"]).long()
+    labels = _to_tensor(batch["labels"]).long()
+    if tokens.ndim != 2 or labels.shape != (tokens.shape[0],):
+        raise ValueError(f"expected codes (B, T) and labels (B,), got {tuple(tokens.shape)} and {tuple(labels.shape)}")
+    entropy = None
+    if config.needs_entropy:
+        if batch.get("entropy") is None:
+            raise ValueError(f"patching mode {config.mode!r} needs 'entropy' in the batch")
+        entropy = _to_tensor(batch["entropy"]).to(tokens.device)
+        if entropy.shape != tokens.shape:
+            raise ValueError(f"entropy {tuple(entropy.shape)} does not match codes {tuple(tokens.shape)}")
+    lengths = config.lengths(entropy, grid_width, tuple(tokens.shape), tokens.device, num_patches)
+    return {"tokens": tokens, "labels": labels, "patch_lengths": lengths}
+
+
+class PatchCollate:
+    """DataLoader collate_fn: stacks per-sample dicts ("codes" (T,), "labels" scalar,
+    "entropy" (T,)) and applies build_patch_batch; returns tokens, labels, patch_lengths."""
+
+    def __init__(self, config: PatchingConfig, grid_width: int, num_patches: int | None = None):
+        self.config = config
+        self.grid_width = grid_width
+        self.num_patches = num_patches
+
+    def __call__(self, samples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        keys = ("codes", "labels", "entropy") if self.config.needs_entropy else ("codes", "labels")
+        batch = {k: torch.stack([_to_tensor(s[k]) for s in samples]) for k in keys}
+        return build_patch_batch(batch, self.config, self.grid_width, self.num_patches)
