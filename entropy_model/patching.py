@@ -80,7 +80,7 @@ def patch_starts(
 
     if mode == "token":
         return torch.ones(B, T, dtype=torch.bool, device=device)
-    pos = torch.arange(T, device=device)  # (T,)
+    pos = torch.arange(T, dtype=torch.int32, device=device)  # (T,) int32: faster than int64 here
     opens = pos == 0
     if row_width is not None:
         opens = opens | (pos % row_width == 0)
@@ -96,7 +96,7 @@ def patch_starts(
         return opens
     # Offset of each token from the first token of its segment (opened by a gate or a row).
     segment_start = torch.where(opens, pos, 0).cummax(dim=1).values  # (B, T)
-    return (pos - segment_start) % max_patch_length == 0
+    return torch.fmod(pos - segment_start, max_patch_length) == 0  # offsets are >= 0
 
 
 def _check_starts(starts: torch.Tensor) -> None:

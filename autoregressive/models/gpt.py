@@ -70,7 +70,7 @@ class Transformer(nn.Module):
             self.cls_embedding = LabelEmbedder(1, config.dim, 0.0)
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
         self.tok_dropout = nn.Dropout(config.token_dropout_p)
-        rates = [x.item() for x in torch.linspace(0, config.drop_path_rate, config.n_layer)]
+        rates = [config.drop_path_rate * i / max(config.n_layer - 1, 1) for i in range(config.n_layer)]
         self.layers = nn.ModuleList(TransformerBlock(config, rate) for rate in rates)
         self.norm = RMSNorm(config.dim, eps=config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
