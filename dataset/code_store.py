@@ -1,0 +1,353 @@
+"""Code store: VQ codes of an image dataset, written once by extract_codes.py, read by training.
+
+Layout (one directory per dataset, image size and augmentation):
+    manifest.json  image_size, grid_height, grid_width, codebook_size, num_views, count,
+                   tokenizer_hash, ... (written last and atomically: no manifest = incomplete)
+    codes.npy      (N, views, T) uint16, T = grid_height * grid_width, raster order
+    labels.npy     (N,) int64
+Readers also accept LlamaGen's layout, a directory holding `<name><size>_codes/<i>.npy`
+((1, views, T) each) and `<name><size>_labels/<i>.npy`. It has no manifest: the grid comes
+from T (square) and the codebook size must be given.
+"""
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+MANIFEST = "manifest.json"
+CODES = "codes.npy"
+LABELS = "labels.npy"
+FORMAT_VERSION = 1
+MAX_CODEBOOK_SIZE = 65536  # codes are stored as uint16
+REQUIRED_KEYS = ("image_size", "grid_height", "grid_width", "codebook_size", "num_views", "count",
+                 "tokenizer_hash")
+
+
+def check_codebook_fits(codebook_size: int) -> None:
+    """ValueError unless codebook_size codes fit the store's uint16."""
+    if not 1 <= codebook_size <= MAX_CODEBOOK_SIZE:
+        raise ValueError(f"codebook size {codebook_size} does not fit the code store's uint16 codes "
+                         f"(1..{MAX_CODEBOOK_SIZE})")
+
+
+def write_manifest_atomic(path: str | Path, manifest: dict[str, Any]) -> None:
+    """Write path/manifest.json via a temporary file and rename, so readers never see half of it."""
+    path = Path(path)
+    tmp = path / (MANIFEST + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path / MANIFEST)
+
+
+class CodeStoreWriter:
+    """Preallocated codes.npy / labels.npy that one or several processes fill in disjoint
+    slices. Rank 0 calls create() (before a barrier), the others open() (after it); every
+    rank write()s its own indices and flush()es; rank 0 finally calls finalize()."""
+
+    def __init__(self, path: str | Path, codes: np.ndarray, labels: np.ndarray):
+        self.path = Path(path)
+        self.codes = codes  # (N, views, T) uint16 memmap
+        self.labels = labels  # (N,) int64 memmap
+
+    @classmethod
+    def create(cls, path: str | Path, count: int, num_views: int, seq_len: int) -> "CodeStoreWriter":
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / MANIFEST).unlink(missing_ok=True)  # the store is incomplete until finalize()
+        codes = np.lib.format.open_memmap(path / CODES, mode="w+", dtype=np.uint16,
+                                          shape=(count, num_views, seq_len))
+        labels = np.lib.format.open_memmap(path / LABELS, mode="w+", dtype=np.int64, shape=(count,))
+        return cls(path, codes, labels)
+
+    @classmethod
+    def open(cls, path: str | Path) -> "CodeStoreWriter":
+        path = Path(path)
+        return cls(path, np.load(path / CODES, mmap_mode="r+"), np.load(path / LABELS, mmap_mode="r+"))
+
+    def write(self, indices: np.ndarray, codes: np.ndarray, labels: np.ndarray) -> None:
+        """Store codes (B, views, T) and labels (B,) at rows `indices` (B,)."""
+        codes = np.asarray(codes)
+        if codes.shape[1:] != self.codes.shape[1:]:
+            raise ValueError(f"codes of shape {codes.shape[1:]} per image do not fit the store's "
+                             f"{self.codes.shape[1:]}")
+        if codes.size and (codes.min() < 0 or codes.max() > MAX_CODEBOOK_SIZE - 1):
+            raise ValueError(f"codes outside 0..{MAX_CODEBOOK_SIZE - 1} cannot be stored as uint16")
+        self.codes[indices] = codes.astype(np.uint16)
+        self.labels[indices] = np.asarray(labels, dtype=np.int64)
+
+    def flush(self) -> None:
+        self.codes.flush()
+        self.labels.flush()
+
+    def finalize(self, manifest: dict[str, Any], keep: np.ndarray | None = None) -> dict[str, Any]:
+        """Drop the rows where keep (N,) bool is False (unreadable images), then write the
+        manifest (count = rows kept). Returns the manifest written."""
+        self.flush()
+        if keep is not None and not keep.all():
+            self._compact(np.flatnonzero(keep))
+        manifest = {**manifest, "format_version": FORMAT_VERSION, "count": int(self.codes.shape[0])}
+        missing = [k for k in REQUIRED_KEYS if k not in manifest]
+        if missing:
+            raise ValueError(f"manifest lacks {', '.join(missing)}")
+        check_codebook_fits(manifest["codebook_size"])
+        if (manifest["num_views"], manifest["grid_height"] * manifest["grid_width"]) != self.codes.shape[1:]:
+            raise ValueError(f"manifest views/grid do not match codes of shape {self.codes.shape}")
+        write_manifest_atomic(self.path, manifest)
+        return manifest
+
+    def _compact(self, rows: np.ndarray, chunk: int = 65536) -> None:
+        """Rewrite codes.npy / labels.npy with only `rows` (ascending), via temporary files."""
+        codes = np.lib.format.open_memmap(self.path / (CODES + ".tmp"), mode="w+", dtype=np.uint16,
+                                          shape=(len(rows), *self.codes.shape[1:]))
+        labels = np.lib.format.open_memmap(self.path / (LABELS + ".tmp"), mode="w+", dtype=np.int64,
+                                           shape=(len(rows),))
+        for start in range(0, len(rows), chunk):
+            sel = rows[start:start + chunk]
+            codes[start:start + len(sel)] = self.codes[sel]
+            labels[start:start + len(sel)] = self.labels[sel]
+        codes.flush()
+        labels.flush()
+        del self.codes, self.labels
+        os.replace(self.path / (CODES + ".tmp"), self.path / CODES)
+        os.replace(self.path / (LABELS + ".tmp"), self.path / LABELS)
+        self.codes, self.labels = codes, labels
+
+
+class PerFileArray:
+    """Read-only array-like over files folder/<i>.npy, i = 0..N-1, each holding one item of
+    item_shape (a leading axis of 1, as LlamaGen writes, is dropped). Loads files on access."""
+
+    def __init__(self, folder: Path, count: int, item_shape: tuple[int, ...], dtype: np.dtype):
+        self.folder = folder
+        self.shape = (count, *item_shape)
+        self.dtype = dtype
+        self.ndim = len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _load(self, i: int) -> np.ndarray:
+        if not 0 <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} items")
+        return np.load(self.folder / f"{i}.npy").reshape(self.shape[1:]).astype(self.dtype, copy=False)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        rest = ()
+        if isinstance(key, tuple):
+            key, rest = key[0], key[1:]
+        if isinstance(key, (int, np.integer)):
+            i = int(key) + (len(self) if key < 0 else 0)
+            item = self._load(i)
+        else:
+            item = np.stack([self._load(int(i)) for i in np.arange(len(self))[key]])
+            rest = (slice(None), *rest)
+        return item[rest] if rest else item
+
+    def __array__(self, dtype: np.dtype | None = None, copy: bool | None = None) -> np.ndarray:
+        out = self[:]
+        return out.astype(dtype, copy=False) if dtype is not None else out
+
+
+@dataclass
+class CodeStore:
+    """An opened code store: codes (N, views, T) and labels (N,) are memory-mapped (or
+    per-file lazy for LlamaGen's layout); manifest holds the facts about the data."""
+    path: Path
+    codes: np.ndarray | PerFileArray
+    labels: np.ndarray | PerFileArray
+    manifest: dict[str, Any]
+    layout: str  # "dpar" (manifest + codes.npy) or "llamagen" (per-file)
+
+    def __len__(self) -> int:
+        return self.codes.shape[0]
+
+    @property
+    def num_views(self) -> int:
+        return self.codes.shape[1]
+
+    @property
+    def seq_len(self) -> int:
+        return self.codes.shape[2]
+
+    @property
+    def grid_height(self) -> int:
+        return self.manifest["grid_height"]
+
+    @property
+    def grid_width(self) -> int:
+        return self.manifest["grid_width"]
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.grid_height, self.grid_width
+
+    @property
+    def codebook_size(self) -> int:
+        return self.manifest["codebook_size"]
+
+    @property
+    def image_size(self) -> int | None:
+        return self.manifest.get("image_size")
+
+
+def _open_dpar(path: Path, codebook_size: int | None) -> CodeStore:
+    manifest = json.loads((path / MANIFEST).read_text())
+    missing = [k for k in REQUIRED_KEYS if k not in manifest]
+    if missing:
+        raise ValueError(f"code store {path}: manifest lacks {', '.join(missing)}")
+    codes = np.load(path / CODES, mmap_mode="r")
+    labels = np.load(path / LABELS, mmap_mode="r")
+    expected = (manifest["count"], manifest["num_views"], manifest["grid_height"] * manifest["grid_width"])
+    if codes.dtype != np.uint16 or codes.shape != expected:
+        raise ValueError(f"code store {path}: codes.npy is {codes.dtype} {codes.shape}, "
+                         f"manifest says uint16 {expected}")
+    if labels.shape != (manifest["count"],):
+        raise ValueError(f"code store {path}: labels.npy has shape {labels.shape}, expected ({manifest['count']},)")
+    if codebook_size is not None and codebook_size != manifest["codebook_size"]:
+        raise ValueError(f"code store {path} has codebook size {manifest['codebook_size']}, not {codebook_size}")
+    return CodeStore(path, codes, labels, manifest, "dpar")
+
+
+def _numbered_files(folder: Path) -> int:
+    """Number of files folder/<i>.npy; ValueError unless they are exactly 0..N-1."""
+    numbers = sorted(int(m.group(1)) for f in os.listdir(folder) if (m := re.fullmatch(r"(\d+)\.npy", f)))
+    if not numbers:
+        raise ValueError(f"no <i>.npy files in {folder}")
+    if numbers != list(range(len(numbers))):
+        raise ValueError(f"{folder}: files are not numbered 0..{len(numbers) - 1} (a gap or extra index)")
+    return len(numbers)
+
+
+def _llamagen_folders(path: Path) -> tuple[str, Path, Path]:
+    """(name, codes folder, labels folder) of a LlamaGen-layout store at path."""
+    candidates = sorted(p for p in path.iterdir() if p.is_dir() and p.name.endswith("_codes"))
+    if not candidates:
+        raise ValueError(f"not a code store: {path} has no {MANIFEST} and no <name><size>_codes folder")
+    if len(candidates) > 1:
+        raise ValueError(f"{path} holds several code folders ({', '.join(p.name for p in candidates)}): "
+                         f"point to a directory with one")
+    name = candidates[0].name[:-len("_codes")]
+    labels = path / f"{name}_labels"
+    if not labels.is_dir():
+        raise ValueError(f"{path}: {candidates[0].name} has no matching {labels.name} folder")
+    return name, candidates[0], labels
+
+
+def _open_llamagen(path: Path, codebook_size: int | None) -> CodeStore:
+    name, codes_dir, labels_dir = _llamagen_folders(path)
+    if codebook_size is None:
+        raise ValueError(f"code store {path} has LlamaGen's layout (no manifest): give its codebook size")
+    check_codebook_fits(codebook_size)
+    count = _numbered_files(codes_dir)
+    if _numbered_files(labels_dir) != count:
+        raise ValueError(f"{path}: {codes_dir.name} and {labels_dir.name} hold different numbers of files")
+    first = np.load(codes_dir / "0.npy")
+    if first.ndim != 3 or first.shape[0] != 1:
+        raise ValueError(f"{codes_dir / '0.npy'} has shape {first.shape}, expected (1, views, T)")
+    num_views, seq_len = first.shape[1:]
+    side = int(round(seq_len ** 0.5))
+    if side * side != seq_len:
+        raise ValueError(f"{path}: {seq_len} tokens per view is not a square grid")
+    if first.min() < 0 or first.max() >= codebook_size:
+        raise ValueError(f"{codes_dir / '0.npy'} holds codes outside 0..{codebook_size - 1}")
+    size_match = re.search(r"(\d+)$", name)
+    manifest = {
+        "layout": "llamagen", "name": name,
+        "image_size": int(size_match.group(1)) if size_match else None,
+        "grid_height": side, "grid_width": side, "codebook_size": codebook_size,
+        "num_views": num_views, "count": count, "tokenizer_hash": None,
+    }
+    codes = PerFileArray(codes_dir, count, (num_views, seq_len), first.dtype)
+    labels = PerFileArray(labels_dir, count, (), np.dtype(np.int64))
+    return CodeStore(path, codes, labels, manifest, "llamagen")
+
+
+def open_code_store(path: str | Path, codebook_size: int | None = None) -> CodeStore:
+    """Open a code store (this project's layout, or LlamaGen's per-file layout, for which
+    codebook_size is required). ValueError with one line when the store is incomplete,
+    inconsistent, or not a code store."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"code store not found: {path}")
+    if (path / MANIFEST).is_file():
+        return _open_dpar(path, codebook_size)
+    if (path / CODES).exists():
+        raise ValueError(f"code store {path} is incomplete (no {MANIFEST}; extraction did not finish)")
+    return _open_llamagen(path, codebook_size)
+
+
+def code_store_hash(path: str | Path) -> str:
+    """SHA-256 hex digest of manifest.json bytes followed by codes.npy bytes (streamed). For
+    LlamaGen's layout: of the code files' bytes in index order."""
+    path = Path(path)
+    h = hashlib.sha256()
+    if (path / MANIFEST).is_file():
+        files = [path / MANIFEST, path / CODES]
+    else:
+        _, codes_dir, _ = _llamagen_folders(path)
+        files = [codes_dir / f"{i}.npy" for i in range(_numbered_files(codes_dir))]
+    for file in files:
+        with open(file, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def check_code_store(store: CodeStore, codebook_size: int | None = None,
+                     grid: int | tuple[int, int] | None = None) -> None:
+    """ValueError (one line) unless the store was made with this codebook size and grid."""
+    if codebook_size is not None and store.codebook_size != codebook_size:
+        raise ValueError(f"code store {store.path} has codebook size {store.codebook_size}, "
+                         f"but the model expects {codebook_size}")
+    if grid is not None:
+        grid = (grid, grid) if isinstance(grid, int) else tuple(grid)
+        if store.grid != grid:
+            raise ValueError(f"code store {store.path} has a {store.grid_height}x{store.grid_width} token grid, "
+                             f"but the model expects {grid[0]}x{grid[1]}")
+
+
+class CodeDataset(Dataset):
+    """Item i: (codes (T,) int64 of one augmented view, label () int64[, entropy (T,) float32
+    of the same view]). The view is drawn from (seed, epoch, i) alone, so a run is
+    reproducible and resumes mid-epoch exactly; call set_epoch() each epoch (DataLoader
+    workers copy the dataset when they start: use persistent_workers=False). With one
+    view it is always view 0. entropies: (N, views, T) float16, aligned with the codes."""
+
+    def __init__(self, store: CodeStore, seed: int = 0, entropies: np.ndarray | None = None):
+        if entropies is not None and tuple(entropies.shape) != tuple(store.codes.shape):
+            raise ValueError(f"entropies of shape {tuple(entropies.shape)} do not match codes "
+                             f"of shape {tuple(store.codes.shape)}")
+        self.store = store
+        self.seed = seed
+        self.entropies = entropies
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def view_index(self, index: int) -> int:
+        if self.store.num_views == 1:
+            return 0
+        return int(np.random.default_rng([self.seed, self.epoch, index]).integers(self.store.num_views))
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
+        view = self.view_index(index)
+        codes = torch.from_numpy(np.array(self.store.codes[index][view], dtype=np.int64))  # (T,)
+        label = torch.tensor(int(self.store.labels[index]), dtype=torch.int64)
+        if self.entropies is None:
+            return codes, label
+        entropy = torch.from_numpy(np.array(self.entropies[index][view], dtype=np.float32))  # (T,)
+        return codes, label, entropy

@@ -1,0 +1,316 @@
+"""Synthetic ImageFolder, augmentations, ImageFolder loading, code store and CodeDataset."""
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dataset.augmentation import center_crop_arr, random_crop_arr, ten_crops
+from dataset.code_store import (CodeDataset, CodeStoreWriter, check_code_store, code_store_hash,
+                                open_code_store)
+from dataset.imagefolder import CheckedImageFolderDataset, ImageFolderDataset, list_image_folder, to_tensor
+from dataset.synthetic import FAMILIES, class_names, generate_dataset, mask_dir
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*.png"))}
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("syn") / "toy"
+    generate_dataset(out, classes=len(FAMILIES), per_class=3, size=32, seed=0, masks=True)
+    return out
+
+
+# ---------------------------------------------------------------- synthetic data
+
+def test_synthetic_is_deterministic(toy, tmp_path):
+    again = tmp_path / "again"
+    generate_dataset(again, classes=len(FAMILIES), per_class=3, size=32, seed=0, masks=True)
+    assert _files(again) == _files(toy)
+    assert _files(mask_dir(again)) == _files(mask_dir(toy))
+    other = tmp_path / "other"
+    generate_dataset(other, classes=len(FAMILIES), per_class=3, size=32, seed=1, masks=False)
+    a, b = _files(toy), _files(other)
+    assert a.keys() == b.keys()
+    assert all(a[k] != b[k] for k in a)
+
+
+def test_synthetic_classes_seen_by_torchvision(toy, tmp_path):
+    from torchvision.datasets import ImageFolder
+
+    tv = ImageFolder(str(toy))
+    assert tv.classes == class_names(len(FAMILIES)) and len(tv) == 3 * len(FAMILIES)
+    assert class_names(2) == ["00_disc", "01_square"]
+    generate_dataset(tmp_path / "ten", classes=10, per_class=1, size=16, masks=True)
+    assert len(ImageFolder(str(tmp_path / "ten")).classes) == 10
+    # our listing follows torchvision's rules exactly
+    classes, samples = list_image_folder(toy)
+    assert classes == tv.classes and samples == tv.samples
+    with pytest.raises(ValueError):
+        class_names(len(FAMILIES) + 1)
+
+
+def test_synthetic_masks_separate_flat_from_detail(toy):
+    masks = mask_dir(toy)
+    for name in class_names(len(FAMILIES)):
+        for i in range(3):
+            img = np.asarray(Image.open(toy / name / f"{i}.png"), dtype=np.float64) / 255  # (S, S, 3)
+            mask = np.asarray(Image.open(masks / name / f"{i}.png"))
+            assert mask.shape == img.shape[:2] and set(np.unique(mask)) == {0, 255}, (name, i)
+            detail = mask == 255
+            # every strong colour step touches a detailed pixel; flat pixels have only small steps
+            step = np.abs(np.diff(img, axis=1)).max(-1)  # (S, S-1)
+            strong = step > 0.2
+            assert (detail[:, :-1] | detail[:, 1:])[strong].all(), (name, i)
+            flat_pair = ~detail[:, :-1] & ~detail[:, 1:]
+            assert flat_pair.any() and step[flat_pair].max() < 0.1, (name, i)
+
+
+def test_synthetic_generation_speed(tmp_path):
+    import time
+    t = time.perf_counter()
+    generate_dataset(tmp_path / "speed", classes=10, per_class=20, size=64)
+    assert time.perf_counter() - t < 5.0  # 200 images; 1000 take a few seconds
+
+
+# ---------------------------------------------------------------- augmentations
+
+def test_center_crop_arr():
+    rng = np.random.default_rng(0)
+    wide = rng.integers(0, 256, size=(64, 96, 3), dtype=np.uint8)  # H=64, W=96: no resize, crop columns 16..79
+    out = center_crop_arr(Image.fromarray(wide), 64)
+    assert out.size == (64, 64)
+    np.testing.assert_array_equal(np.asarray(out), wide[:, 16:80])
+    blocks = rng.integers(0, 256, size=(64, 64, 3), dtype=np.uint8)
+    big = np.repeat(np.repeat(blocks, 2, 0), 2, 1)  # (128, 128, 3): BOX halving is exact
+    np.testing.assert_array_equal(np.asarray(center_crop_arr(Image.fromarray(big), 64)), blocks)
+    for w, h in [(300, 200), (50, 81), (640, 480)]:
+        assert center_crop_arr(Image.new("RGB", (w, h)), 48).size == (48, 48)
+
+
+def test_random_crop_arr():
+    rng = np.random.default_rng(1)
+    img = Image.fromarray(rng.integers(0, 256, size=(40, 40, 3), dtype=np.uint8))
+    np.testing.assert_array_equal(np.asarray(random_crop_arr(img, 40, 1.0, 1.0)), np.asarray(img))
+    a = [np.asarray(random_crop_arr(img, 32, rng=random.Random(s))) for s in range(6)]
+    b = [np.asarray(random_crop_arr(img, 32, rng=random.Random(s))) for s in range(6)]
+    assert all(x.shape == (32, 32, 3) for x in a)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert any(not np.array_equal(a[0], x) for x in a[1:])
+
+
+def test_ten_crop_matches_torchvision():
+    import torchvision.transforms.functional as TF
+    rng = np.random.default_rng(2)
+    img = Image.fromarray(rng.integers(0, 256, size=(37, 37, 3), dtype=np.uint8))  # odd margin: rounding
+    ours = ten_crops(to_tensor(img), 32)  # (10, 3, 32, 32)
+    ref = torch.stack([to_tensor(c) for c in TF.ten_crop(img, [32, 32])])
+    torch.testing.assert_close(ours, ref, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- ImageFolder loading
+
+def test_imagefolder_reports_unreadable(toy, tmp_path):
+    root = tmp_path / "folder"
+    (root / "a").mkdir(parents=True)
+    (root / "b").mkdir()
+    good = (toy / "00_disc" / "0.png").read_bytes()
+    (root / "a" / "0.png").write_bytes(good)
+    (root / "a" / "1.png").write_bytes(b"not a png")
+    (root / "b" / "0.png").write_bytes(good[: len(good) // 2])  # truncated
+    (root / "b" / "notes.txt").write_text("ignored")
+    transform = lambda im: to_tensor(center_crop_arr(im, 16))  # noqa: E731
+    ds = CheckedImageFolderDataset(root, transform)
+    assert len(ds) == 3 and ds.classes == ["a", "b"]
+    x, label, index, err = ds[0]
+    assert err == "" and (label, index) == (0, 0) and x.shape == (3, 16, 16)
+    assert -1 <= x.min() < x.max() <= 1
+    for i in (1, 2):
+        x, label, index, err = ds[i]
+        assert err and x.shape == (3, 16, 16) and index == i
+    assert ds.relative_path(2) == "b/0.png"
+    with pytest.raises(OSError):
+        ImageFolderDataset(root, transform)[1]
+    with pytest.raises(ValueError, match="not found"):
+        list_image_folder(tmp_path / "missing")
+    (tmp_path / "empty" / "c").mkdir(parents=True)
+    with pytest.raises(ValueError, match="no images"):
+        list_image_folder(tmp_path / "empty")
+
+
+# ---------------------------------------------------------------- code store
+
+def _write_store(path: Path, codes: np.ndarray, labels: np.ndarray, keep: np.ndarray | None = None,
+                 codebook_size: int = 1024) -> dict:
+    n, views, t = codes.shape
+    side = int(t ** 0.5)
+    rank0 = CodeStoreWriter.create(path, n, views, t)
+    rank1 = CodeStoreWriter.open(path)  # a second "rank" writing its own slice
+    half = n // 2
+    rank0.write(np.arange(half), codes[:half], labels[:half])
+    rank1.write(np.arange(half, n), codes[half:], labels[half:])
+    rank1.flush()
+    manifest = {"image_size": side * 16, "grid_height": side, "grid_width": side, "codebook_size": codebook_size,
+                "num_views": views, "count": n, "tokenizer_hash": "abc"}
+    return rank0.finalize(manifest, keep)
+
+
+def test_code_store_round_trip_and_hash(tmp_path):
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 1024, size=(7, 2, 16))
+    labels = rng.integers(0, 10, size=7)
+    _write_store(tmp_path / "s", codes, labels)
+    store = open_code_store(tmp_path / "s")
+    assert store.codes.dtype == np.uint16 and isinstance(store.codes, np.memmap)
+    np.testing.assert_array_equal(store.codes, codes)
+    np.testing.assert_array_equal(store.labels, labels)
+    assert (len(store), store.num_views, store.seq_len, store.grid, store.codebook_size) == (7, 2, 16, (4, 4), 1024)
+    check_code_store(store, codebook_size=1024, grid=4)
+    h = code_store_hash(tmp_path / "s")
+    assert h == code_store_hash(tmp_path / "s") and len(h) == 64
+    del store
+    mm = np.load(tmp_path / "s" / "codes.npy", mmap_mode="r+")
+    mm[3, 1, 5] = (mm[3, 1, 5] + 1) % 1024
+    mm.flush()
+    del mm
+    assert code_store_hash(tmp_path / "s") != h
+
+
+def test_code_store_compacts_skipped_rows(tmp_path):
+    rng = np.random.default_rng(1)
+    codes = rng.integers(0, 1024, size=(6, 1, 4))
+    labels = np.arange(6)
+    keep = np.array([True, False, True, True, False, True])
+    manifest = _write_store(tmp_path / "s", codes, labels, keep)
+    store = open_code_store(tmp_path / "s")
+    assert manifest["count"] == 4 == len(store)
+    np.testing.assert_array_equal(store.codes, codes[keep])
+    np.testing.assert_array_equal(store.labels, labels[keep])
+    assert not list((tmp_path / "s").glob("*.tmp"))
+
+
+def test_code_store_errors(tmp_path):
+    rng = np.random.default_rng(2)
+    _write_store(tmp_path / "s", rng.integers(0, 1024, size=(3, 1, 16)), np.zeros(3, dtype=int))
+    store = open_code_store(tmp_path / "s")
+    for kwargs, pattern in [({"codebook_size": 16384}, "codebook size 1024"), ({"grid": (8, 8)}, "4x4 token grid")]:
+        with pytest.raises(ValueError, match=pattern) as e:
+            check_code_store(store, **kwargs)
+        assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="codebook size 1024, not 512"):
+        open_code_store(tmp_path / "s", codebook_size=512)
+    (tmp_path / "s" / "manifest.json").unlink()
+    with pytest.raises(ValueError, match="incomplete"):
+        open_code_store(tmp_path / "s")
+    with pytest.raises(ValueError, match="uint16"):
+        _write_store(tmp_path / "big", rng.integers(0, 9, size=(2, 1, 4)), np.zeros(2, dtype=int),
+                     codebook_size=70000)
+    writer = CodeStoreWriter.create(tmp_path / "w", 2, 1, 4)
+    with pytest.raises(ValueError, match="uint16"):
+        writer.write(np.arange(2), np.full((2, 1, 4), 70000), np.zeros(2))
+    with pytest.raises(ValueError, match="not a code store"):
+        open_code_store(tmp_path)
+    with pytest.raises(ValueError, match="not found"):
+        open_code_store(tmp_path / "nope")
+
+
+def _write_llamagen(root: Path, codes: np.ndarray, labels: np.ndarray, name: str = "imagenet256") -> None:
+    (root / f"{name}_codes").mkdir(parents=True)
+    (root / f"{name}_labels").mkdir()
+    for i in range(len(codes)):
+        np.save(root / f"{name}_codes" / f"{i}.npy", codes[i:i + 1])  # (1, views, T) int64
+        np.save(root / f"{name}_labels" / f"{i}.npy", labels[i:i + 1])  # (1,)
+
+
+def test_llamagen_layout(tmp_path):
+    rng = np.random.default_rng(3)
+    codes = rng.integers(0, 64, size=(5, 2, 16))
+    labels = rng.integers(0, 10, size=5)
+    _write_llamagen(tmp_path / "lg", codes, labels)
+    store = open_code_store(tmp_path / "lg", codebook_size=64)
+    assert store.layout == "llamagen" and store.codes.shape == (5, 2, 16) and len(store) == 5
+    assert (store.grid, store.codebook_size, store.num_views, store.image_size) == ((4, 4), 64, 2, 256)
+    np.testing.assert_array_equal(np.asarray(store.codes), codes)
+    np.testing.assert_array_equal(np.asarray(store.labels), labels)
+    np.testing.assert_array_equal(store.codes[3, 1], codes[3, 1])
+    np.testing.assert_array_equal(store.codes[1:4], codes[1:4])
+    assert int(store.labels[-1]) == labels[-1]
+    check_code_store(store, codebook_size=64, grid=(4, 4))
+    h = code_store_hash(tmp_path / "lg")
+    codes[2, 0, 0] = (codes[2, 0, 0] + 1) % 64
+    np.save(tmp_path / "lg" / "imagenet256_codes" / "2.npy", codes[2:3])
+    assert code_store_hash(tmp_path / "lg") != h
+    np.testing.assert_array_equal(CodeDataset(store)[2][0], codes[2, CodeDataset(store).view_index(2)])
+
+    with pytest.raises(ValueError, match="codebook size"):
+        open_code_store(tmp_path / "lg")
+    with pytest.raises(ValueError, match="outside"):
+        open_code_store(tmp_path / "lg", codebook_size=8)
+    _write_llamagen(tmp_path / "rect", rng.integers(0, 64, size=(2, 1, 12)), np.zeros(2, dtype=int))
+    with pytest.raises(ValueError, match="square"):
+        open_code_store(tmp_path / "rect", codebook_size=64)
+    _write_llamagen(tmp_path / "gap", codes, labels)
+    (tmp_path / "gap" / "imagenet256_codes" / "3.npy").unlink()
+    with pytest.raises(ValueError, match="numbered"):
+        open_code_store(tmp_path / "gap", codebook_size=64)
+
+
+# ---------------------------------------------------------------- CodeDataset
+
+def test_code_dataset_views(tmp_path):
+    rng = np.random.default_rng(4)
+    n, views, t = 40, 4, 16
+    codes = rng.integers(0, 1024, size=(n, views, t))
+    labels = rng.integers(0, 10, size=n)
+    _write_store(tmp_path / "s", codes, labels)
+    store = open_code_store(tmp_path / "s")
+    entropies = (codes / 100).astype(np.float16)  # tied to the codes, so the view can be checked
+
+    a, b = CodeDataset(store, seed=3, entropies=entropies), CodeDataset(open_code_store(tmp_path / "s"), seed=3)
+    views_a = [a.view_index(i) for i in range(n)]
+    assert views_a == [b.view_index(i) for i in range(n)]
+    assert len(set(views_a)) > 1
+    for i in range(n):
+        c, y, e = a[i]
+        v = views_a[i]
+        assert c.dtype == torch.int64 and c.shape == (t,) and y.dtype == torch.int64 and e.dtype == torch.float32
+        np.testing.assert_array_equal(c.numpy(), codes[i, v])
+        assert int(y) == labels[i]
+        np.testing.assert_array_equal(e.numpy(), entropies[i, v].astype(np.float32))
+        c2, y2 = b[i]
+        assert torch.equal(c, c2) and torch.equal(y, y2)
+    a.set_epoch(1)
+    assert [a.view_index(i) for i in range(n)] != views_a
+    a.set_epoch(0)
+    assert [a.view_index(i) for i in range(n)] == views_a
+    assert [CodeDataset(store, seed=4).view_index(i) for i in range(n)] != views_a
+    batch = next(iter(torch.utils.data.DataLoader(a, batch_size=8)))
+    assert [x.shape for x in batch] == [(8, t), (8,), (8, t)]
+    with pytest.raises(ValueError, match="entropies"):
+        CodeDataset(store, entropies=entropies[:, :1])
+
+    _write_store(tmp_path / "one", codes[:, :1], labels)
+    one = CodeDataset(open_code_store(tmp_path / "one"), seed=3)
+    one.set_epoch(5)
+    assert all(one.view_index(i) == 0 for i in range(n))
+    np.testing.assert_array_equal(one[7][0].numpy(), codes[7, 0])
+
+
+def test_manifest_is_json_and_written_last(tmp_path):
+    rng = np.random.default_rng(5)
+    writer = CodeStoreWriter.create(tmp_path / "s", 2, 1, 4)
+    writer.write(np.arange(2), rng.integers(0, 16, size=(2, 1, 4)), np.zeros(2))
+    writer.flush()
+    assert not (tmp_path / "s" / "manifest.json").exists()
+    with pytest.raises(ValueError, match="lacks"):
+        writer.finalize({"image_size": 32})
+    assert not (tmp_path / "s" / "manifest.json").exists()
+    writer.finalize({"image_size": 32, "grid_height": 2, "grid_width": 2, "codebook_size": 16,
+                     "num_views": 1, "tokenizer_hash": "x", "count": 99})
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert manifest["count"] == 2 and manifest["format_version"] == 1

@@ -1,0 +1,1 @@
+"""VQ image tokenizer (LlamaGen VQModel layout) and its trainer."""
