@@ -6,9 +6,10 @@ in tau; it changes only where tau crosses a gate score (a quantized entropy, or 
 difference of two in mode "relative"), and bisection over the sorted distinct gate scores
 finds the closest achievable compression exactly.
 
-Also reads stored entropies: `<code store>/entropy.npy` (N, views, T) float16 with
-`<code store>/entropy.json` {"entropy_model_hash", "code_store_hash", "count", "stats"};
-`load_entropies` refuses entropies made for other codes or by another entropy model.
+Also reads stored entropies, as entropy_model/score.py writes them: `<code store>/entropy.npy`
+(N, views, T) float16 with `<code store>/entropy.json` {"entropy_model_hash",
+"code_store_hash", "count", "stats", ...}; `load_entropies` refuses entropies made for other
+codes or by another entropy model.
 
     python -m entropy_model.calibrate --code-path STORE --target-compression 1.81
     python -m entropy_model.calibrate --code-path STORE --threshold 7.8 --json calib.json
@@ -42,8 +43,13 @@ def read_entropy_file(code_store_path: str) -> tuple[np.ndarray, dict[str, Any]]
     entropy = np.load(npy_path, mmap_mode="r")
     if entropy.ndim != 3 or entropy.dtype != np.float16:
         raise ValueError(f"{npy_path} must hold (N, views, T) float16, got {entropy.shape} {entropy.dtype}")
+    if info.get("complete") is False:
+        raise ValueError(f"{json_path} records an unfinished scoring run; rerun python -m entropy_model.score")
     if "count" in info and int(info["count"]) != entropy.shape[0]:
         raise ValueError(f"{json_path} records {info['count']} images but {npy_path} holds {entropy.shape[0]}")
+    if "num_views" in info and "T" in info and (int(info["num_views"]), int(info["T"])) != entropy.shape[1:]:
+        raise ValueError(f"{json_path} records {info['num_views']} views of {info['T']} tokens but {npy_path} "
+                         f"holds {entropy.shape[1:]}")
     return entropy, info
 
 

@@ -5,14 +5,26 @@ A checkpoint file is a torch.save'd dict
 with `args` a plain dict holding at least "gpt_model" (registry name) and "model_config"
 (the config dataclass as a dict), so the model can be rebuilt from the file alone. Files are
 written atomically and always loaded with weights_only=True.
+
+FSDP runs write a torch.distributed.checkpoint directory instead: the "model" and
+"optimizer" shards plus train_state.pt holding the other fields. load_checkpoint and
+model_from_checkpoint accept such a directory too (consolidated in memory), and
+
+    python -m utils.checkpoint export CHECKPOINT_DIR OUT.pt [--with-optimizer]
+
+writes it as a single file.
 """
 import argparse
 import hashlib
 import os
+import tempfile
+import warnings
 from pathlib import Path
-from typing import Union
+from typing import Optional, Sequence, Union
 
 import torch
+
+TRAIN_STATE = "train_state.pt"  # non-tensor fields of a distributed checkpoint directory
 
 
 def file_sha256(path: Union[str, Path], chunk: int = 1 << 20) -> str:
@@ -32,15 +44,45 @@ def save_checkpoint_atomic(obj: dict, path: Union[str, Path]) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Union[str, Path], map_location="cpu") -> dict:
+def is_dcp_checkpoint(path: Union[str, Path]) -> bool:
+    """True for a torch.distributed.checkpoint directory (FSDP runs)."""
+    return Path(path).is_dir() and (Path(path) / ".metadata").is_file()
+
+
+def load_train_state(path: Union[str, Path]) -> dict:
+    """The non-tensor fields (step, epoch, data_position, args, rng) of a checkpoint directory."""
+    return load_checkpoint(Path(path) / TRAIN_STATE)
+
+
+def consolidate_checkpoint(path: Union[str, Path], with_optimizer: bool = False) -> dict:
+    """A checkpoint directory as one in-memory dict in the single-file format (full tensors
+    on CPU); no process group needed."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        flat = Path(tmp) / "full.pt"
+        with warnings.catch_warnings():  # it loads without a process group on purpose
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp_to_torch_save(str(path), str(flat))
+        shards = torch.load(flat, map_location="cpu", weights_only=True)
+    ckpt = {**load_train_state(path), "model": shards["model"]}
+    if with_optimizer:
+        ckpt["optimizer"] = shards["optimizer"]
+    return ckpt
+
+
+def load_checkpoint(path: Union[str, Path], map_location="cpu", mmap: bool = False) -> dict:
     """weights_only load; LlamaGen's released files may carry an argparse.Namespace, which is
-    the one extra class allowed."""
+    the one extra class allowed. A checkpoint directory (FSDP) is consolidated in memory.
+    mmap=True maps the file instead of reading it (large checkpoints on many ranks)."""
     path = Path(path)
+    if is_dcp_checkpoint(path):
+        return consolidate_checkpoint(path, with_optimizer=True)
     if not path.is_file():
         raise ValueError(f"checkpoint not found: {path}")
     with torch.serialization.safe_globals([argparse.Namespace]):
         try:
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
         except Exception as e:  # corrupt file, or unpickling refused
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ValueError(f"cannot read checkpoint {path}: {first}") from e
@@ -62,3 +104,24 @@ def model_from_checkpoint(ckpt, strict: bool = True):
     except RuntimeError as e:
         raise ValueError(f"checkpoint weights do not fit {args['gpt_model']}: {str(e).splitlines()[0]}") from e
     return model.eval(), args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description="Checkpoint tools.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    export = sub.add_parser("export", help="write a distributed checkpoint directory as one file (for sampling)")
+    export.add_argument("src", help="checkpoint directory written by an FSDP run")
+    export.add_argument("out", help="output .pt file")
+    export.add_argument("--with-optimizer", action="store_true", help="keep the optimizer state (for resuming)")
+    args = parser.parse_args(argv)
+    if not is_dcp_checkpoint(args.src):
+        raise SystemExit(f"error: {args.src} is not a distributed checkpoint directory")
+    try:
+        save_checkpoint_atomic(consolidate_checkpoint(args.src, args.with_optimizer), args.out)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,220 @@
+"""Command line of sample_c2i.py: LlamaGen's flags (sample_c2i.py / sample_c2i_ddp.py) plus
+DPAR's entropy model and inference-time patching overrides.
+
+Two modes. Grid (default): one process samples --class-labels and writes a PNG grid.
+FID (--num-fid-samples N): single-process or under torchrun, writes N images and packs
+them into <sample-dir>.npz (see autoregressive/sample/fid.py).
+
+Defaults that depend on the mode follow LlamaGen's two scripts: the grid uses the demo's
+cfg 4.0 and top-k 2000; FID sampling uses top-k 0 and the guidance scale LlamaGen reports
+for the model size (GETTING_STARTED.md: B and L 2.0, XL and XXL 1.75, 3B 1.65; other sizes
+1.5, sample_c2i_ddp.py's default). A DPAR model takes the scale of the GPT of its size.
+"""
+import argparse
+import os
+import sys
+from typing import Optional, Sequence
+
+import torch
+
+from autoregressive.models import all_models
+from autoregressive.models.generate import Sampling
+from autoregressive.sample.loading import (
+    PatchingOverrides,
+    cast_parameters,
+    compile_decoding,
+    load_entropy_model,
+    load_generator,
+    load_vq,
+    precision_dtype,
+    resolve_patching,
+)
+from autoregressive.sample.fid import run_fid
+from autoregressive.sample.grid import run_grid
+from autoregressive.sample.sampler import Sampler
+from entropy_model.patching import PATCH_MODES
+from tokenizer.vq_model import VQ_models
+from utils.distributed import DistInfo, init_distributed, launched_by_torchrun, teardown_distributed
+
+FID_CFG_SCALE = {"B": 2.0, "L": 2.0, "XL": 1.75, "XXL": 1.75, "3B": 1.65}  # LlamaGen, by model size
+DEFAULT_FID_CFG_SCALE = 1.5
+GRID_CFG_SCALE, GRID_TOP_K = 4.0, 2000  # LlamaGen's demo
+
+
+def fid_cfg_scale(model_name: str) -> float:
+    """LlamaGen's FID guidance scale for a model size; DPAR-X uses GPT-X's."""
+    return FID_CFG_SCALE.get(model_name.split("-", 1)[1], DEFAULT_FID_CFG_SCALE)
+
+
+def _cap(value: str) -> int:
+    if value.lower() == "none":
+        return 0
+    cap = int(value)
+    if cap < 0:
+        raise argparse.ArgumentTypeError("must be >= 1, or 0 / none for no cap")
+    return cap
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Sample class-conditional images from a GPT (LlamaGen) or DPAR checkpoint: "
+                                            "a PNG grid, or N images packed for FID (--num-fid-samples).")
+    g = p.add_argument_group("models")
+    g.add_argument("--gpt-ckpt", required=True, help="GPT or DPAR checkpoint (file or FSDP directory)")
+    g.add_argument("--gpt-model", choices=sorted(all_models()), default=None,
+                   help="registry name; default: the checkpoint's (required for LlamaGen's released files)")
+    g.add_argument("--vq-ckpt", required=True, help="VQ tokenizer checkpoint")
+    g.add_argument("--vq-model", choices=sorted(VQ_models), default="VQ-16")
+    g.add_argument("--codebook-size", type=int, default=None, help="default: the VQ checkpoint's (LlamaGen: 16384)")
+    g.add_argument("--codebook-embed-dim", type=int, default=None, help="default: the VQ checkpoint's (LlamaGen: 8)")
+    g.add_argument("--num-classes", type=int, default=1000, help="classes of a LlamaGen checkpoint without args")
+    g.add_argument("--cls-token-num", type=int, default=1, help="class slots of a LlamaGen checkpoint without args")
+    g = p.add_argument_group("DPAR (defaults: the checkpoint's patching rule)")
+    g.add_argument("--entropy-ckpt", default=None,
+                   help="entropy model checkpoint (default: the one recorded by training); its sha256 must match")
+    g.add_argument("--patching-mode", choices=PATCH_MODES, default=None)
+    g.add_argument("--threshold", type=float, default=None, help="entropy threshold tau in nats")
+    g.add_argument("--max-patch-length", type=_cap, default=None, help="length cap P_max (0 or 'none': no cap)")
+    g.add_argument("--row-reset", action=argparse.BooleanOptionalAction, default=None,
+                   help="open a patch at every grid row")
+    g = p.add_argument_group("sampling")
+    g.add_argument("--cfg-scale", type=float, default=None,
+                   help=f"guidance scale (default: grid {GRID_CFG_SCALE}; FID: LlamaGen's for the model size)")
+    g.add_argument("--cfg-interval", type=int, default=-1, help="guided steps (-1: all)")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=None, help=f"default: grid {GRID_TOP_K}, FID 0 (off)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", "--global-seed", dest="seed", type=int, default=0,
+                   help="global seed; image i uses a seed derived from (seed, i)")
+    g.add_argument("--image-size", type=int, default=None, help="generation size; default: token grid x downsample")
+    g.add_argument("--image-size-eval", type=int, default=None, help="size of the FID images (default: --image-size)")
+    g.add_argument("--downsample-size", type=int, default=None, help="default: the VQ model's (VQ-16: 16)")
+    g.add_argument("--per-proc-batch-size", type=int, default=32)
+    g = p.add_argument_group("system")
+    g.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    g.add_argument("--precision", "--mixed-precision", dest="precision",
+                   choices=("auto", "none", "fp32", "bf16", "fp16"), default="auto",
+                   help="generator dtype (auto: bf16 on CUDA, fp32 on CPU); the VQ decoder runs in fp32")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the KV-cached decode steps")
+    g = p.add_argument_group("grid mode")
+    g.add_argument("--class-labels", type=int, nargs="+", default=None,
+                   help="classes to sample (default: LlamaGen's demo classes, or the first 8)")
+    g.add_argument("--out", default=None, help="PNG grid path (default: sample_<model>.png)")
+    g.add_argument("--nrow", type=int, default=4, help="images per grid row")
+    g = p.add_argument_group("FID mode")
+    g.add_argument("--num-fid-samples", type=int, default=None, help="images to sample (50000 for ImageNet)")
+    g.add_argument("--sample-dir", default=None, help="folder of PNGs; DIR.npz and DIR.json are written beside it "
+                                                      "(default: samples/<LlamaGen-style run name>)")
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = build_parser()
+    args = p.parse_args(argv)
+    for name in ("per_proc_batch_size", "nrow"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.num_fid_samples is not None and args.num_fid_samples < 1:
+        p.error("--num-fid-samples must be >= 1")
+    if args.seed < 0:
+        p.error("--seed must be >= 0")
+    if args.temperature <= 0 or not 0 < args.top_p <= 1:
+        p.error("--temperature must be > 0 and --top-p in (0, 1]")
+    fid = args.num_fid_samples is not None
+    if fid and (args.class_labels is not None or args.out is not None):
+        p.error("--class-labels and --out belong to grid mode, not --num-fid-samples")
+    if not fid and args.sample_dir is not None:
+        p.error("--sample-dir needs --num-fid-samples")
+    if not fid and launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) > 1:
+        p.error("grid mode runs in one process; use --num-fid-samples under torchrun")
+    return args
+
+
+def build_sampler(args: argparse.Namespace, device: torch.device) -> Sampler:
+    """Load every model, check that they fit together and resolve the mode's defaults
+    (args.cfg_scale, args.top_k, args.image_size, args.image_size_eval are filled in)."""
+    vq = load_vq(args.vq_ckpt, args.vq_model, args.codebook_size, args.codebook_embed_dim)
+    f = vq.downsample_factor
+    if args.downsample_size is not None and args.downsample_size != f:
+        raise ValueError(f"--downsample-size {args.downsample_size} does not match {args.vq_model} (downsample {f})")
+    block_size = (args.image_size // f) ** 2 if args.image_size else None
+    model, ckpt_args = load_generator(args.gpt_ckpt, args.gpt_model, vq.config.codebook_size, block_size,
+                                      args.num_classes, args.cls_token_num)
+    name = ckpt_args.get("gpt_model", args.gpt_model)
+    if model.config.vocab_size != vq.config.codebook_size:
+        raise ValueError(f"{name} predicts {model.config.vocab_size} codes but the VQ codebook has "
+                         f"{vq.config.codebook_size}")
+    image_size = model.config.grid_size * f
+    if args.image_size is not None and args.image_size != image_size:
+        raise ValueError(f"{name} generates a {model.config.grid_size}x{model.config.grid_size} token grid, "
+                         f"{image_size} px with {args.vq_model}; --image-size {args.image_size} does not match")
+    args.gpt_model, args.image_size = name, image_size
+    args.image_size_eval = args.image_size_eval or image_size
+
+    fid = args.num_fid_samples is not None
+    if args.cfg_scale is None:
+        args.cfg_scale = fid_cfg_scale(name) if fid else GRID_CFG_SCALE
+    if args.top_k is None:
+        args.top_k = 0 if fid else GRID_TOP_K
+    entropy_model, patching = None, None
+    overrides = PatchingOverrides(args.patching_mode, args.threshold, args.max_patch_length, args.row_reset)
+    if getattr(model, "is_dpar", False):
+        patching = resolve_patching(ckpt_args, overrides)
+        if patching.needs_entropy:
+            entropy_model = load_entropy_model(args.entropy_ckpt, model, ckpt_args)
+    elif args.entropy_ckpt is not None or any(v is not None for v in vars(overrides).values()):
+        raise ValueError(f"--entropy-ckpt and the patching flags apply to DPAR models, not {name}")
+    args.patching = patching.to_dict() if patching else None
+
+    dtype = precision_dtype(args.precision, device)
+    args.precision = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    model = cast_parameters(model.to(device), dtype)
+    if entropy_model is not None:
+        entropy_model = cast_parameters(entropy_model.to(device), dtype)
+    if args.compile:
+        for m in (model, entropy_model):
+            if m is not None:
+                compile_decoding(m)
+    sampling = Sampling(args.cfg_scale, args.cfg_interval, args.temperature, args.top_k, args.top_p)
+    return Sampler(model, vq.to(device), sampling, device, entropy_model, patching)
+
+
+def describe(args: argparse.Namespace) -> str:
+    line = (f"{args.gpt_model} ({args.precision}): {args.image_size} px, cfg {args.cfg_scale} "
+            f"(interval {args.cfg_interval}), temperature {args.temperature}, top-k {args.top_k}, "
+            f"top-p {args.top_p}, seed {args.seed}")
+    if args.patching:
+        line += f", patching {args.patching}"
+    return line
+
+
+def configure_torch() -> None:
+    """Global settings for sampling (LlamaGen's): TF32 matmuls and convolutions."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+
+@torch.no_grad()
+def run(args: argparse.Namespace, info: DistInfo) -> None:
+    sampler = build_sampler(args, info.device)
+    if info.is_main:
+        print(describe(args))
+    if args.num_fid_samples is None:
+        run_grid(args, sampler)
+    else:
+        run_fid(args, sampler, info)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = parse_args(argv)
+    configure_torch()
+    info = None
+    try:
+        info = init_distributed(args.device)
+        run(args, info)
+    except ValueError as e:
+        rank = f"[rank {info.rank}] " if info is not None and info.distributed else ""
+        print(f"error: {rank}{e}", file=sys.stderr)
+        raise SystemExit(1)
+    finally:
+        teardown_distributed()

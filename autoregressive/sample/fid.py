@@ -1,0 +1,232 @@
+"""FID mode: N class-balanced images, one PNG each, packed into the ADM evaluator's .npz.
+
+Image i has class i mod num_classes and seed image_seed(seed, i). The indices are cut into
+fixed chunks of --per-proc-batch-size consecutive indices and the chunks are dealt to the
+ranks in turn, so every image is generated in the same batch whatever the number of
+processes (the same bytes on the same hardware). Each image is written as
+DIR/{i:06d}.png through a temporary file and an atomic rename, with its class, seed and patch
+count (DPAR) in PNG text chunks. A rerun generates only the missing indices, so an
+interrupted run finishes without generating any image twice; DIR/sampling.json records the
+settings and a rerun with other settings stops (a larger N may extend a folder).
+
+At the end rank 0 checks that all N images exist and writes
+  DIR.npz   arr_0 uint8 (N, H, W, 3) at --image-size-eval (the ADM format), and
+            arr_1 int64 (N,) class labels (guided-diffusion's convention for labelled samples);
+  DIR.json  images/s and tokens/s of this run's generation (all ranks together: images over
+            the slowest rank's generation time), mean patches per image over all N (DPAR).
+"""
+import argparse
+import json
+import os
+import re
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+from tqdm import tqdm
+
+from autoregressive.sample.sampler import Sampler, Throughput, format_throughput, image_seed, to_uint8
+from utils.checkpoint import file_sha256, load_train_state
+from utils.distributed import DistInfo, all_reduce, barrier, broadcast_object
+
+SETTINGS_FILE = "sampling.json"
+PNG_NAME = re.compile(r"(\d{6,})\.png")
+READ_CHUNK = 1024
+
+
+def default_sample_dir(args: argparse.Namespace) -> str:
+    """LlamaGen's folder naming, under samples/."""
+    ckpt = Path(args.gpt_ckpt.rstrip("/")).stem
+    return (f"samples/{args.gpt_model}-{ckpt}-size-{args.image_size}-size-{args.image_size_eval}-{args.vq_model}-"
+            f"topk-{args.top_k}-topp-{args.top_p}-temperature-{args.temperature}-cfg-{args.cfg_scale}-seed-{args.seed}")
+
+
+def checkpoint_identity(path: str) -> str:
+    """SHA-256 of a checkpoint file; a checkpoint directory is named by its path and step."""
+    if Path(path).is_dir():
+        return f"{Path(path).resolve()}@step{load_train_state(path).get('step')}"
+    return file_sha256(path)
+
+
+def run_settings(args: argparse.Namespace) -> dict:
+    """Everything that decides the images of a folder (not N, the batch size or the ranks)."""
+    return {
+        "gpt_model": args.gpt_model, "gpt_ckpt_sha256": checkpoint_identity(args.gpt_ckpt),
+        "vq_model": args.vq_model, "vq_ckpt_sha256": file_sha256(args.vq_ckpt),
+        "image_size": args.image_size, "image_size_eval": args.image_size_eval,
+        "cfg_scale": args.cfg_scale, "cfg_interval": args.cfg_interval, "temperature": args.temperature,
+        "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed, "precision": args.precision,
+        "patching": args.patching,
+    }
+
+
+def check_settings(sample_dir: Path, settings: dict) -> None:
+    """Record the settings in a new folder; refuse a folder made with other settings."""
+    path = sample_dir / SETTINGS_FILE
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        differ = sorted(k for k in set(stored) | set(settings) if stored.get(k) != settings.get(k))
+        if differ:
+            k = differ[0]
+            raise ValueError(f"{sample_dir} holds samples made with {k}={stored.get(k)!r}, not {settings.get(k)!r}; "
+                             f"use another --sample-dir")
+        return
+    tmp = path.with_name(f".{SETTINGS_FILE}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(settings, indent=2))
+    os.replace(tmp, path)
+
+
+def existing_indices(sample_dir: Path, n: int) -> set:
+    """Indices < n with a finished PNG (temporary files of an interrupted run are removed)."""
+    done = set()
+    for entry in os.scandir(sample_dir):
+        if entry.name.startswith(".") and ".tmp" in entry.name:
+            os.remove(entry.path)
+        elif (m := PNG_NAME.fullmatch(entry.name)) and int(m.group(1)) < n:
+            done.add(int(m.group(1)))
+    return done
+
+
+def png_path(sample_dir: Path, index: int) -> Path:
+    return sample_dir / f"{index:06d}.png"
+
+
+def write_png(sample_dir: Path, index: int, pixels: np.ndarray, meta: Dict[str, int]) -> None:
+    """pixels (H, W, 3) uint8 -> DIR/{index:06d}.png via a temporary file and os.replace."""
+    info = PngInfo()
+    for key, value in meta.items():
+        info.add_text(key, str(value))
+    final = png_path(sample_dir, index)
+    tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
+    Image.fromarray(pixels).save(tmp, format="PNG", pnginfo=info)
+    os.replace(tmp, final)
+
+
+def plan_chunks(missing: Sequence[int], chunk_size: int, rank: int, world: int) -> List[List[int]]:
+    """This rank's batches: missing indices grouped by their fixed chunk i // chunk_size,
+    non-empty chunks dealt to the ranks in turn."""
+    chunks: Dict[int, List[int]] = {}
+    for i in missing:
+        chunks.setdefault(i // chunk_size, []).append(i)
+    ordered = [chunks[k] for k in sorted(chunks)]
+    return ordered[rank::world]
+
+
+def generate_missing(args: argparse.Namespace, sampler: Sampler, sample_dir: Path, missing: Sequence[int],
+                     info: DistInfo) -> Throughput:
+    """Generate and write this rank's share of the missing images."""
+    C, throughput = sampler.num_classes, Throughput()
+    plan = plan_chunks(missing, args.per_proc_batch_size, info.rank, info.world_size)
+    for chunk in tqdm(plan, disable=not info.is_main, desc=f"sampling ({info.world_size} ranks)", unit="batch"):
+        seeds = [image_seed(args.seed, i) for i in chunk]
+        batch = sampler.sample([i % C for i in chunk], seeds)
+        throughput.add(batch)
+        pixels = to_uint8(batch.images, args.image_size_eval)  # (B, H, W, 3)
+        for j, i in enumerate(chunk):
+            meta = {"index": i, "class": i % C, "seed": seeds[j]}
+            if batch.num_patches is not None:
+                meta["patches"] = int(batch.num_patches[j])
+            write_png(sample_dir, i, pixels[j], meta)
+    return throughput
+
+
+def _read_png(path: Path) -> Tuple[np.ndarray, dict]:
+    with Image.open(path) as im:
+        im.load()
+        return np.asarray(im.convert("RGB")), dict(im.text)
+
+
+def pack_npz(sample_dir: Path, n: int, num_classes: int, size: int, workers: int = 8) -> Tuple[Path, dict]:
+    """Stream DIR/000000.png.. into DIR.npz (arr_0 (n, size, size, 3) uint8, arr_1 (n,) int64
+    labels) without holding all images in memory; returns the path and the PNGs' metadata
+    summary (mean patches per image when recorded)."""
+    npz = Path(str(sample_dir).rstrip("/") + ".npz")
+    tmp = npz.with_name(f".{npz.name}.tmp{os.getpid()}")
+    labels = np.arange(n, dtype=np.int64) % num_classes
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+              "shape": (n, size, size, 3)}
+    patches: List[int] = []
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf, \
+            ThreadPoolExecutor(workers) as pool:
+        with zf.open("arr_0.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array_header_1_0(f, header)
+            for start in range(0, n, READ_CHUNK):
+                indices = range(start, min(start + READ_CHUNK, n))
+                for i, (pixels, meta) in zip(indices, pool.map(_read_png, [png_path(sample_dir, i) for i in indices])):
+                    if pixels.shape != (size, size, 3):
+                        raise ValueError(f"{png_path(sample_dir, i)} is {pixels.shape}, expected ({size}, {size}, 3)")
+                    if "class" in meta and int(meta["class"]) != labels[i]:
+                        raise ValueError(f"{png_path(sample_dir, i)} holds class {meta['class']}, expected {labels[i]}")
+                    if "patches" in meta:
+                        patches.append(int(meta["patches"]))
+                    f.write(np.ascontiguousarray(pixels).tobytes())
+        with zf.open("arr_1.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array(f, labels)
+    os.replace(tmp, npz)
+    summary = {"mean_patches_per_image": float(np.mean(patches))} if len(patches) == n else {}
+    return npz, summary
+
+
+def _prepare(args: argparse.Namespace, sample_dir: Path, info: DistInfo) -> List[int]:
+    """Rank 0 checks the folder and lists the missing indices; every rank gets the list (or
+    the same error)."""
+    plan: Tuple[str, object] = ("ok", None)
+    if info.is_main:
+        try:
+            sample_dir.mkdir(parents=True, exist_ok=True)
+            check_settings(sample_dir, run_settings(args))
+            done = existing_indices(sample_dir, args.num_fid_samples)
+            plan = ("ok", [i for i in range(args.num_fid_samples) if i not in done])
+        except (ValueError, OSError) as e:
+            plan = ("error", str(e))
+    status, value = broadcast_object(plan)
+    if status == "error":
+        raise ValueError(value)
+    return value
+
+
+def run_fid(args: argparse.Namespace, sampler: Sampler, info: DistInfo) -> Optional[dict]:
+    """Generate the missing images on every rank, then (rank 0) pack DIR.npz and write DIR.json.
+    Returns the statistics on rank 0, None elsewhere."""
+    sample_dir = Path(args.sample_dir or default_sample_dir(args))
+    n = args.num_fid_samples
+    missing = _prepare(args, sample_dir, info)
+    if info.is_main:
+        print(f"{sample_dir}: {n - len(missing)} of {n} images present, generating {len(missing)} "
+              f"on {info.world_size} process(es)")
+    throughput = generate_missing(args, sampler, sample_dir, missing, info)
+
+    counts = [throughput.images, throughput.tokens, throughput.patches]
+    totals = torch.tensor(counts, dtype=torch.float64, device=info.device)  # NCCL reduces CUDA tensors
+    seconds = torch.tensor([throughput.seconds], dtype=torch.float64, device=info.device)
+    all_reduce(totals, "sum")
+    all_reduce(seconds, "max")  # the slowest rank bounds the run
+    barrier()
+    if not info.is_main:
+        return None
+    totals, seconds = totals.tolist(), seconds.item()
+    run = Throughput(int(totals[0]), int(totals[1]), int(totals[2]), seconds).summary(sampler.is_dpar)
+    absent = [i for i in range(n) if not png_path(sample_dir, i).is_file()]
+    if absent:
+        raise ValueError(f"{len(absent)} of {n} images are missing in {sample_dir} (first {absent[0]}); "
+                         f"rerun to finish")
+    npz, stored = pack_npz(sample_dir, n, sampler.num_classes, args.image_size_eval)
+    stats = {
+        "npz": str(npz), "num_images": n, "image_size": args.image_size, "image_size_eval": args.image_size_eval,
+        "num_classes": sampler.num_classes, "labels_key": "arr_1", "world_size": info.world_size,
+        "per_proc_batch_size": args.per_proc_batch_size, "this_run": run, **stored,
+        "settings": json.loads((sample_dir / SETTINGS_FILE).read_text()),
+    }
+    if "mean_patches_per_image" in stored:
+        stats["compression"] = sampler.num_tokens / stored["mean_patches_per_image"]
+    json_path = npz.with_suffix(".json")
+    json_path.write_text(json.dumps(stats, indent=2))
+    print(f"this run: {format_throughput(run)}")
+    size = args.image_size_eval
+    print(f"wrote {npz} ({n} x {size} x {size} x 3 uint8, labels arr_1) and {json_path}")
+    return stats

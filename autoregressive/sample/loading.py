@@ -1,0 +1,146 @@
+"""Load what sampling needs: the VQ decoder, the GPT or DPAR generator (rebuilt from its
+checkpoint's args, or from --gpt-model for LlamaGen's released files), and for DPAR the
+entropy model (checked against the hash the DPAR checkpoint recorded) and the patching rule
+(the checkpoint's, with inference-time overrides)."""
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from autoregressive.models import build_model
+from autoregressive.models.dpar import DPAR_models
+from autoregressive.models.modules import TransformerBlock
+from entropy_model.patching import PatchingConfig
+from tokenizer.vq_model import VQModel, load_vq_checkpoint
+from utils.checkpoint import file_sha256, is_dcp_checkpoint, load_checkpoint, model_from_checkpoint
+
+LLAMAGEN_STATE_KEYS = ("model", "module", "state_dict")  # where LlamaGen's files keep the weights
+
+
+@dataclass
+class PatchingOverrides:
+    """Inference-time changes to a DPAR checkpoint's patching rule; None keeps the stored value.
+    max_patch_length 0 removes the cap."""
+
+    mode: Optional[str] = None
+    threshold: Optional[float] = None
+    max_patch_length: Optional[int] = None
+    row_reset: Optional[bool] = None
+
+
+def precision_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """'auto' -> bf16 on CUDA, fp32 on CPU; 'none' is LlamaGen's name for fp32."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"none": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def cast_parameters(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Parameters to `dtype`; buffers (the RoPE tables) stay float32, as LlamaGen keeps its
+    tables outside the module when it casts the model for sampling."""
+    for param in model.parameters():
+        param.data = param.data.to(dtype)
+    return model
+
+
+def load_vq(path: str, model_name: str, codebook_size: Optional[int], codebook_embed_dim: Optional[int]) -> VQModel:
+    """VQ model in eval mode on CPU; None overrides keep the checkpoint's (or the registry's) values."""
+    overrides = {k: v for k, v in (("codebook_size", codebook_size), ("codebook_embed_dim", codebook_embed_dim))
+                 if v is not None}
+    return load_vq_checkpoint(path, model_name, **overrides)
+
+
+def load_generator(
+    path: str,
+    gpt_model: Optional[str],
+    vocab_size: int,
+    block_size: Optional[int],
+    num_classes: int,
+    cls_token_num: int = 1,
+) -> Tuple[nn.Module, dict]:
+    """GPT or DPAR in eval mode on CPU, and its checkpoint args ({} for LlamaGen's files).
+
+    A project checkpoint rebuilds itself from args["gpt_model"] / args["model_config"]
+    (--gpt-model, when given, must agree). LlamaGen's released files carry weights only: the
+    model is --gpt-model with vocab_size, block_size (the token grid) and num_classes."""
+    ckpt = load_checkpoint(path)
+    args = ckpt.get("args")
+    if isinstance(args, dict) and "gpt_model" in args and "model_config" in args:
+        if gpt_model is not None and gpt_model != args["gpt_model"]:
+            raise ValueError(f"{path} holds a {args['gpt_model']} model, not {gpt_model}")
+        model, args = model_from_checkpoint(ckpt)
+        return model, args
+    if gpt_model is None:
+        raise ValueError(f"{path} does not record its model; name it with --gpt-model")
+    if gpt_model in DPAR_models:
+        raise ValueError(f"{path} does not record its model; DPAR checkpoints must come from this project's trainer")
+    state = next((ckpt[k] for k in LLAMAGEN_STATE_KEYS if isinstance(ckpt.get(k), dict)), None)
+    if state is None:
+        raise ValueError(f"{path} has no weights under any of {LLAMAGEN_STATE_KEYS}")
+    if block_size is None:
+        raise ValueError("a checkpoint without args needs --image-size to fix the token grid")
+    model = build_model(gpt_model, vocab_size=vocab_size, block_size=block_size, num_classes=num_classes,
+                        cls_token_num=cls_token_num)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{path} does not fit {gpt_model}: {str(e).splitlines()[0]}") from e
+    return model.eval(), {}
+
+
+def resolve_patching(ckpt_args: dict, overrides: PatchingOverrides) -> PatchingConfig:
+    """The DPAR checkpoint's patching rule (args["patching"]) with the overrides applied."""
+    stored = ckpt_args.get("patching")
+    if stored is None:
+        print("note: the checkpoint records no patching rule; using the paper's (entropy, tau 7.8, cap 4, row reset)")
+        base = PatchingConfig()
+    else:
+        base = PatchingConfig.from_dict(stored)
+    changes = {k: v for k, v in vars(overrides).items() if v is not None}
+    if changes.get("max_patch_length") == 0:
+        changes["max_patch_length"] = None
+    if changes.get("mode") in ("entropy", "relative") and base.threshold is None and "threshold" not in changes:
+        changes["threshold"] = PatchingConfig().threshold
+    return replace(base, **changes)
+
+
+def load_entropy_model(path: Optional[str], dpar: nn.Module, ckpt_args: dict) -> nn.Module:
+    """The frozen entropy model in eval mode on CPU. `path` (--entropy-ckpt) defaults to the
+    file the DPAR checkpoint's training run named; its SHA-256 must equal the recorded
+    args["entropy_model_hash"] when the checkpoint has one."""
+    if path is None:
+        recorded = ckpt_args.get("entropy_model")
+        if not recorded or not os.path.isfile(recorded):
+            raise ValueError("this DPAR model patches by entropy: give the entropy model with --entropy-ckpt")
+        path = recorded
+        print(f"entropy model: {path} (recorded in the DPAR checkpoint)")
+    if is_dcp_checkpoint(path) or Path(path).is_dir():
+        raise ValueError(f"--entropy-ckpt {path} is a directory; export it to one file with "
+                         f"python -m utils.checkpoint export")
+    if not Path(path).is_file():
+        raise ValueError(f"--entropy-ckpt {path} does not exist")
+    expected = ckpt_args.get("entropy_model_hash")
+    if expected:
+        actual = file_sha256(path)
+        if actual != expected:
+            raise ValueError(f"--entropy-ckpt {path} (sha256 {actual[:12]}) is not the entropy model this DPAR "
+                             f"model was trained with (sha256 {expected[:12]})")
+    model, args = model_from_checkpoint(path)
+    config = model.config
+    if args["gpt_model"] in DPAR_models or getattr(config, "model_type", None) != "uncond":
+        raise ValueError(f"--entropy-ckpt {path} is not an unconditional GPT (the entropy model)")
+    if (config.vocab_size, config.block_size) != (dpar.config.vocab_size, dpar.config.block_size):
+        raise ValueError(f"entropy model (vocab {config.vocab_size}, {config.block_size} tokens) does not match "
+                         f"the DPAR model (vocab {dpar.config.vocab_size}, {dpar.config.block_size} tokens)")
+    return model
+
+
+def compile_decoding(model: nn.Module) -> None:
+    """torch.compile every transformer block's KV-cached decode step (shapes vary with the rows
+    a DPAR step advances, hence dynamic=True)."""
+    for block in model.modules():
+        if isinstance(block, TransformerBlock):
+            block.decode = torch.compile(block.decode, dynamic=True)

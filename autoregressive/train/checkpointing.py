@@ -1,0 +1,217 @@
+"""Training checkpoints: where they live, what they hold, how a run resumes.
+
+Run folder RESULTS/<run-name>/: args.json, log.jsonl, log.txt, checkpoints/<step:07d>.pt
+(single process and DDP: one file) or checkpoints/<step:07d>/ (FSDP: a torch.distributed.checkpoint
+directory with the model and optimizer shards plus train_state.pt), and exports/<step:07d>.pt
+(FSDP with --export-consolidated). Checkpoints are written under a temporary name and renamed,
+so the newest complete checkpoint is the one with the largest step. The last --keep-last are
+kept (plus multiples of --keep-every).
+
+Multi-node runs need the results folder on a filesystem every node sees (rank 0 writes the
+single-file checkpoints; every rank writes its FSDP shards and reads on resume).
+
+Resume order: the run folder's latest checkpoint; else --resume; else a fresh start. Elastic
+restarts (torchrun --max-restarts) and requeued jobs therefore continue where they stopped.
+RNG states (torch, CUDA, numpy, python, label dropout) are saved for every rank, so a resumed
+run with the same world size reproduces the uninterrupted one bit for bit on CPU.
+"""
+import argparse
+import random
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from utils.checkpoint import TRAIN_STATE, is_dcp_checkpoint, load_checkpoint, load_train_state, save_checkpoint_atomic
+from utils.distributed import DistInfo, barrier, gather_objects
+
+CHECKPOINT_NAME = re.compile(r"^(\d{7,})(\.pt)?$")
+ARCHITECTURE_KEYS = ("gpt_model", "model_config")
+# config fields a resumed run may change: they shape training, not the weights
+TRAINING_ONLY_FIELDS = ("token_dropout_p", "attn_dropout_p", "resid_dropout_p", "ffn_dropout_p", "drop_path_rate")
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return run_dir / "checkpoints"
+
+
+def list_checkpoints(ckpt_dir: Path) -> list:
+    """[(step, path)] of the complete checkpoints in ckpt_dir, oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := CHECKPOINT_NAME.match(p.name))]
+    return sorted(found)
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Optional[Path]:
+    found = list_checkpoints(ckpt_dir)
+    return found[-1][1] if found else None
+
+
+def prune_checkpoints(ckpt_dir: Path, keep_last: int, keep_every: int = 0) -> None:
+    """Delete all but the newest keep_last checkpoints (and those at multiples of keep_every)."""
+    found = list_checkpoints(ckpt_dir)
+    for step, path in found[: max(0, len(found) - keep_last)]:
+        if keep_every and step % keep_every == 0:
+            continue
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def remove_partial_checkpoints(ckpt_dir: Path) -> None:
+    """Delete temporary files/folders that a crash during a save left behind."""
+    if ckpt_dir.is_dir():
+        for p in ckpt_dir.glob(".*.tmp*"):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+# ---------------------------------------------------------------------------------------
+# RNG states as tensors (weights_only loadable)
+# ---------------------------------------------------------------------------------------
+def capture_rng(generator: torch.Generator) -> dict:
+    """This process's RNG states: torch, CUDA (current device), numpy, python, label dropout."""
+    np_state = np.random.get_state()
+    py_version, py_state, _ = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": torch.tensor([np_state[2], np_state[3]], dtype=torch.int64),
+        "numpy_gauss": torch.tensor([np_state[4]], dtype=torch.float64),
+        "python": torch.tensor([py_version, *py_state], dtype=torch.int64),
+        "label_dropout": generator.get_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng(state: dict, generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    pos, has_gauss = state["numpy_pos"].tolist()
+    keys = state["numpy_keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, pos, has_gauss, float(state["numpy_gauss"][0])))
+    py = state["python"].tolist()
+    random.setstate((py[0], tuple(py[1:]), None))
+    generator.set_state(state["label_dropout"])
+
+
+def seed_rng(seed: int, rank: int, generator: torch.Generator) -> None:
+    """Per-rank training randomness (dropout, label dropout), distinct across ranks and seeds."""
+    torch_seed, np_seed, py_seed, label_seed = np.random.SeedSequence([seed, rank]).generate_state(4)
+    torch.manual_seed(int(torch_seed))
+    np.random.seed(int(np_seed))
+    random.seed(int(py_seed))
+    generator.manual_seed(int(label_seed))
+
+
+# ---------------------------------------------------------------------------------------
+# Save / load
+# ---------------------------------------------------------------------------------------
+def plain_args(args: argparse.Namespace) -> dict:
+    """vars(args) with only plain values (str, int, float, bool, None, lists and dicts of them)."""
+
+    def plain(v):
+        if isinstance(v, Path):
+            return str(v)
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {str(k): plain(x) for k, x in v.items()}
+        return v
+
+    return {k: plain(v) for k, v in vars(args).items()}
+
+
+def save_training_checkpoint(ckpt_dir: Path, model: nn.Module, optimizer, state: dict, info: DistInfo,
+                             sharded: bool, generator: torch.Generator) -> Path:
+    """Write checkpoint <step:07d> (all ranks call). state: step, epoch, data_position, args
+    (plain), plus extras; the RNG states of every rank are gathered into state["rng"]."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    state = {**state, "rng": gather_objects(capture_rng(generator))}
+    name = f"{state['step']:07d}"
+    if not sharded:
+        path = ckpt_dir / f"{name}.pt"
+        optim = get_optimizer_state_dict(model, optimizer)
+        if info.is_main:
+            save_checkpoint_atomic({"model": model.state_dict(), "optimizer": optim, **state}, path)
+        barrier()
+        return path
+    import torch.distributed.checkpoint as dcp
+
+    path, tmp = ckpt_dir / name, ckpt_dir / f".{name}.tmp"
+    shards = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+    dcp.save(shards, checkpoint_id=str(tmp))
+    if info.is_main:
+        save_checkpoint_atomic(state, tmp / TRAIN_STATE)
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+    barrier()
+    return path
+
+
+def load_training_checkpoint(path: Path, model: nn.Module, optimizer, sharded: bool) -> dict:
+    """Load weights and optimizer state from a checkpoint file or FSDP directory into the
+    (possibly sharded) model on every rank; returns the rest (step, epoch, data_position,
+    args, rng). Either kind loads into either mode."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict,
+        set_optimizer_state_dict)
+
+    if is_dcp_checkpoint(path):
+        import torch.distributed.checkpoint as dcp
+
+        shards = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+        with warnings.catch_warnings():  # loading without a process group is intended
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(shards, checkpoint_id=str(path))
+        set_model_state_dict(model, shards["model"])
+        set_optimizer_state_dict(model, optimizer, shards["optimizer"])
+        return load_train_state(path)
+    ckpt = load_checkpoint(path, mmap=True)
+    if "optimizer" not in ckpt or "step" not in ckpt:
+        raise ValueError(f"{path} holds weights but no training state (optimizer, step); it cannot be resumed")
+    options = StateDictOptions(full_state_dict=sharded)
+    set_model_state_dict(model, ckpt.pop("model"), options=options)
+    set_optimizer_state_dict(model, optimizer, ckpt.pop("optimizer"), options=options)
+    return ckpt
+
+
+def export_weights(model: nn.Module, state: dict, path: Path, info: DistInfo) -> None:
+    """Gather the full weights (all ranks call) and let rank 0 write the single-file format
+    without optimizer state, for sampling."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if info.is_main:
+        save_checkpoint_atomic({"model": full, **state}, path)
+    barrier()
+
+
+def read_checkpoint_args(path: Path) -> dict:
+    """The args dict a checkpoint (file or FSDP directory) was trained with."""
+    state = load_train_state(path) if is_dcp_checkpoint(path) else load_checkpoint(path, mmap=True)
+    args = state.get("args")
+    if not isinstance(args, dict) or any(k not in args for k in ARCHITECTURE_KEYS):
+        raise ValueError(f"{path} does not record its model (args.gpt_model / args.model_config); it cannot be resumed")
+    return args
+
+
+def check_same_architecture(saved: dict, args: argparse.Namespace, path: Path) -> None:
+    """One-line ValueError when the checkpoint's model differs from the one this run builds."""
+    if saved["gpt_model"] != args.gpt_model:
+        raise ValueError(f"checkpoint {path} is a {saved['gpt_model']}, but this run builds {args.gpt_model}")
+    ours, theirs = args.model_config, saved["model_config"]
+    keys = (set(ours) | set(theirs)) - set(TRAINING_ONLY_FIELDS)
+    diff = sorted(k for k in keys if ours.get(k) != theirs.get(k))
+    if diff:
+        k = diff[0]
+        raise ValueError(f"checkpoint {path} has {args.gpt_model} with {k}={theirs.get(k)!r}, but this run builds "
+                         f"{k}={ours.get(k)!r} ({len(diff)} config field(s) differ)")

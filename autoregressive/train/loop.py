@@ -1,0 +1,279 @@
+"""train_c2i.py's main: setup, run folder, model, optimizer, data, loop, teardown.
+
+One loop for every model kind: the GPT baseline, the unconditional entropy model and DPAR
+differ only in the registry entry and the batch builder (DPAR's adds patch lengths).
+
+Test-only fault injection (environment variables, used by tests/test_train*.py):
+  DPAR_TEST_SIGTERM_AT_STEP=k   rank 0 sends itself SIGTERM after step k
+  DPAR_TEST_EXIT_AT_STEP=k      rank DPAR_TEST_EXIT_RANK (default 0) exits abruptly after step k,
+                                once: only while the file DPAR_TEST_EXIT_MARKER does not exist
+"""
+import argparse
+import json
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from autoregressive.train import checkpointing as ckpt
+from autoregressive.train.args import parse_args
+from autoregressive.train.data import BatchStream, build_stream, open_training_store
+from autoregressive.train.guards import StepGuard, StopRequest, TrainingError
+from autoregressive.train.logger import TrainLogger, truncate_log
+from autoregressive.train.model import (
+    autocast_context, create_model, create_optimizer, flop_params, gradient_sync, learning_rate, parallelize, uses_fsdp)
+from utils.distributed import DistInfo, broadcast_object, init_distributed, teardown_distributed
+
+
+@dataclass
+class Trainer:
+    args: argparse.Namespace
+    info: DistInfo
+    run_dir: Path
+    model: nn.Module  # unwrapped (FSDP shards it in place): state dicts use registry names
+    module: nn.Module  # what the loop calls (DDP wrapper or the model)
+    optimizer: torch.optim.Optimizer
+    scaler: Optional[torch.amp.GradScaler]
+    stream: BatchStream
+    generator: torch.Generator  # label dropout
+    total_steps: int
+    step: int = 0
+    skipped: int = 0  # non-finite steps skipped (--skip-nonfinite)
+    logger: Optional[TrainLogger] = None
+
+
+def configure_torch(args: argparse.Namespace, info: DistInfo) -> None:
+    """Global torch settings, resolved 'auto' flags, and the checks that need the device."""
+    if info.device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls
+        torch.backends.cudnn.allow_tf32 = True
+    if args.mixed_precision == "auto":
+        args.mixed_precision = "bf16" if info.device.type == "cuda" else "none"
+    if args.compile is None:
+        args.compile = info.device.type == "cuda"
+    if args.mixed_precision == "fp16" and (info.device.type != "cuda" or uses_fsdp(args, info)):
+        raise ValueError("--mixed-precision fp16 needs CUDA and DDP; use bf16")
+    args.world_size = info.world_size
+
+
+def prepare_run_dir(args: argparse.Namespace, info: DistInfo) -> Path:
+    """RESULTS/<run-name>/ with checkpoints/; leftovers of an interrupted save are removed."""
+    if args.run_name is None:
+        kind = "-uncond" if args.unconditional else ""
+        args.run_name = f"{args.gpt_model}{kind}-{Path(args.code_path).resolve().name}"
+    run_dir = Path(args.results_dir) / args.run_name
+    if info.is_main:
+        ckpt.checkpoint_dir(run_dir).mkdir(parents=True, exist_ok=True)
+        ckpt.remove_partial_checkpoints(ckpt.checkpoint_dir(run_dir))
+    args.run_dir = str(run_dir)
+    return run_dir
+
+
+def resume_source(args: argparse.Namespace, run_dir: Path) -> Optional[Path]:
+    """The run folder's latest checkpoint, else --resume, else None; checked to hold this
+    run's architecture before anything trains."""
+    source = ckpt.latest_checkpoint(ckpt.checkpoint_dir(run_dir))
+    hint = f" (the run folder {run_dir} holds it: choose another --run-name)" if source is not None else ""
+    if source is None and args.resume is not None:
+        source = Path(args.resume)
+        if not source.exists():
+            raise ValueError(f"--resume {source}: no such checkpoint")
+    if source is not None:
+        try:
+            ckpt.check_same_architecture(ckpt.read_checkpoint_args(source), args, source)
+        except ValueError as e:
+            raise ValueError(f"{e}{hint}") from None
+    return source
+
+
+def changed_args(saved: dict, args: argparse.Namespace) -> list:
+    """Flags that differ from the checkpoint's run (reported, not refused)."""
+    ignore = {"resume", "max_steps", "epochs", "run_dir", "world_size", "per_rank_batch_size", "total_steps"}
+    current = ckpt.plain_args(args)
+    return [f"{k}: {saved[k]!r} -> {current[k]!r}" for k in sorted(current)
+            if k in saved and k not in ignore and saved[k] != current[k]]
+
+
+def restore(t: Trainer, source: Path) -> None:
+    """Weights, optimizer, step, data position and (same world size) RNG states from source."""
+    state = ckpt.load_training_checkpoint(source, t.model, t.optimizer, uses_fsdp(t.args, t.info))
+    t.step, t.skipped = int(state["step"]), int(state.get("skipped", 0))
+    t.stream.seek(state["data_position"])
+    if t.scaler is not None and state.get("scaler"):
+        t.scaler.load_state_dict(state["scaler"])
+    rng = state.get("rng") or []
+    if len(rng) == t.info.world_size:
+        ckpt.restore_rng(rng[t.info.rank], t.generator)
+    else:
+        ckpt.seed_rng(t.args.seed + t.step, t.info.rank, t.generator)
+        t.logger.print(f"note: checkpoint has RNG states for {len(rng)} ranks, this run has {t.info.world_size}; "
+                       f"dropout randomness is reseeded")
+    if t.args.resume is not None and Path(t.args.resume).resolve() != source.resolve():
+        t.logger.print(f"note: --resume {t.args.resume} ignored: the run folder has its own checkpoints")
+    for line in changed_args(state["args"], t.args):
+        t.logger.print(f"note: changed since the checkpoint: {line}")
+    t.logger.print(f"resumed from {source} at step {t.step} (epoch {t.stream.epoch})")
+
+
+def setup(args: argparse.Namespace, info: DistInfo) -> Trainer:
+    """Everything before the first step; every bad input stops here with a one-line ValueError."""
+    configure_torch(args, info)
+    store = open_training_store(args)
+    model = create_model(args)
+    run_dir = prepare_run_dir(args, info)
+    source = broadcast_object(resume_source(args, run_dir) if info.is_main else None)  # one decision for all
+    stream = build_stream(args, store, info, model)
+    args.total_steps = args.max_steps or args.epochs * stream.steps_per_epoch
+    flops = flop_params(model)
+    model.to(info.device)
+    module = parallelize(model, args, info)
+    optimizer = create_optimizer(model, args, info)
+    scaler = torch.amp.GradScaler("cuda") if args.mixed_precision == "fp16" else None
+    t = Trainer(args, info, run_dir, model, module, optimizer, scaler, stream, torch.Generator(), args.total_steps)
+    ckpt.seed_rng(args.seed, info.rank, t.generator)
+    t.logger = TrainLogger(run_dir, args, info, t.total_steps, flops)
+    if source is not None:
+        restore(t, source)
+        if info.is_main:
+            truncate_log(run_dir / "log.jsonl", t.step)
+    if info.is_main:
+        (run_dir / "args.json").write_text(json.dumps(ckpt.plain_args(args), indent=2) + "\n")
+    return t
+
+
+# ---------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------
+def train_step(t: Trainer, batches: list) -> tuple:
+    """Forward/backward over the step's micro-batches (gradient sync on the last only), clip,
+    optimizer step. Returns (mean loss, grad norm, weight) as device tensors; weight is 0 when
+    --skip-nonfinite skipped the update."""
+    n = len(batches)
+    total = torch.zeros((), device=t.info.device)
+    for i, batch in enumerate(batches):
+        with gradient_sync(t.module, sync=i == n - 1):
+            with autocast_context(t.args, t.info):
+                _, loss = t.module(**batch.inputs)
+            scaled = loss / n
+            (t.scaler.scale(scaled) if t.scaler is not None else scaled).backward()
+        total += loss.detach().float()
+    if t.scaler is not None:
+        t.scaler.unscale_(t.optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(t.model.parameters(), t.args.max_grad_norm or float("inf"))
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    loss = total / n
+    weight = torch.ones((), device=t.info.device)
+    if t.args.skip_nonfinite and not _all_finite(loss, grad_norm, t.scaler is not None):
+        t.optimizer.zero_grad(set_to_none=True)
+        return loss, grad_norm, weight.zero_()
+    if t.scaler is not None:
+        t.scaler.step(t.optimizer)
+        t.scaler.update()
+    else:
+        t.optimizer.step()
+    t.optimizer.zero_grad(set_to_none=True)
+    return loss, grad_norm, weight
+
+
+def _all_finite(loss: torch.Tensor, grad_norm: torch.Tensor, scaled: bool) -> bool:
+    """Synchronous check over all ranks (--skip-nonfinite); with fp16 the scaler handles
+    non-finite gradients itself, so only the loss counts."""
+    from utils.distributed import all_reduce
+
+    finite = torch.isfinite(loss) if scaled else torch.isfinite(loss) & torch.isfinite(grad_norm)
+    return bool(all_reduce(finite.float(), "min").item())
+
+
+def save(t: Trainer) -> None:
+    pos = t.stream.position()
+    state = {"step": t.step, "epoch": pos["epoch"], "data_position": pos, "args": ckpt.plain_args(t.args),
+             "skipped": t.skipped}
+    if t.scaler is not None:
+        state["scaler"] = t.scaler.state_dict()
+    sharded = uses_fsdp(t.args, t.info)
+    ckpt_dir = ckpt.checkpoint_dir(t.run_dir)
+    path = ckpt.save_training_checkpoint(ckpt_dir, t.model, t.optimizer, state, t.info, sharded, t.generator)
+    if sharded and t.args.export_consolidated:
+        export = t.run_dir / "exports" / f"{t.step:07d}.pt"
+        ckpt.export_weights(t.model, {k: v for k, v in state.items() if k != "optimizer"}, export, t.info)
+    if t.info.is_main:
+        ckpt.prune_checkpoints(ckpt_dir, t.args.keep_last, t.args.keep_every)
+    t.logger.print(f"saved checkpoint {path}")
+
+
+def _test_faults(step: int, rank: int) -> None:
+    if os.environ.get("DPAR_TEST_SIGTERM_AT_STEP") == str(step) and rank == 0:
+        os.kill(os.getpid(), signal.SIGTERM)
+    marker = os.environ.get("DPAR_TEST_EXIT_MARKER")
+    exit_rank = int(os.environ.get("DPAR_TEST_EXIT_RANK", "0"))
+    if os.environ.get("DPAR_TEST_EXIT_AT_STEP") == str(step) and rank == exit_rank and marker \
+            and not os.path.exists(marker):
+        Path(marker).touch()
+        os._exit(17)
+
+
+def train(t: Trainer, stop: StopRequest) -> None:
+    args, guard = t.args, StepGuard(stop)
+    if t.step >= t.total_steps:
+        t.logger.print(f"already at step {t.step} of {t.total_steps}; nothing to train")
+        return
+    parallel = args.data_parallel if t.info.distributed else "single process"
+    t.logger.print(f"training {args.gpt_model} ({sum(p.numel() for p in t.model.parameters()):,} parameters), "
+                   f"steps {t.step} -> {t.total_steps} ({t.stream.steps_per_epoch} per epoch) on {t.info.world_size} x "
+                   f"{t.info.device.type} ({parallel}, {args.mixed_precision}), batch {args.per_rank_batch_size} x "
+                   f"{args.grad_accum_steps} accumulation per rank; run folder {t.run_dir}")
+    t.module.train()
+    while t.step < t.total_steps:
+        lr = learning_rate(t.step, args, t.total_steps)
+        for group in t.optimizer.param_groups:
+            group["lr"] = lr
+        batches = t.stream.next_step(t.generator)
+        loss, grad_norm, weight = train_step(t, batches)
+        t.skipped += int(weight.item() == 0) if args.skip_nonfinite else 0
+        if t.skipped > args.skip_nonfinite:
+            raise TrainingError(f"more than {args.skip_nonfinite} non-finite steps (the last at step {t.step + 1})")
+        t.step += 1
+        finite = torch.isfinite(loss) if t.scaler is not None else torch.isfinite(loss) & torch.isfinite(grad_norm)
+        stopping = guard.after_step(t.step, finite | (weight == 0))
+        t.logger.update(t.step, t.stream.epoch, lr, loss, grad_norm, weight, batches)
+        if stopping or t.step == t.total_steps or t.step % args.ckpt_every == 0:
+            stopping = guard.flush() or stopping
+            save(t)
+        if stopping:
+            name = signal.Signals(stop.signum).name if stop.signum else "a signal on another rank"
+            t.logger.print(f"stopped by {name} at step {t.step}; rerun the same command to continue")
+            return
+        _test_faults(t.step, t.info.rank)
+    t.logger.print(f"done: {t.step} steps")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Parse, set up, train, tear down. Bad input and deliberate stops end with one line on
+    stderr and exit status 1; a signal ends with a checkpoint and status 0."""
+    args = parse_args(argv)
+    stop = StopRequest().install()
+    info, t = None, None
+    try:
+        try:
+            info = init_distributed(args.device)
+            t = setup(args, info)
+        except (ValueError, FileNotFoundError) as e:
+            raise SystemExit(_error_line(e, info))
+        try:
+            train(t, stop)
+        except TrainingError as e:
+            raise SystemExit(_error_line(e, info))
+    finally:
+        if t is not None and t.logger is not None:
+            t.logger.close()
+        stop.restore()
+        teardown_distributed()
+
+
+def _error_line(e: Exception, info: Optional[DistInfo]) -> str:
+    where = f" (rank {info.rank})" if info is not None and info.distributed else ""
+    return f"error{where}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"

@@ -1,0 +1,185 @@
+"""sample_c2i.py: grids from tiny random GPT / DPAR models, the resumable, rank-independent
+FID mode (torchrun, gloo) and its .npz, and one-line errors."""
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from autoregressive.models.gpt import GPT_models
+from autoregressive.sample import main, parse_args
+from autoregressive.sample.cli import fid_cfg_scale
+from autoregressive.sample.fid import plan_chunks
+from autoregressive.sample.loading import PatchingOverrides, resolve_patching
+from autoregressive.sample.sampler import image_seed, to_uint8
+from dpar_helpers import CLASSES, GRID, T, VOCAB, quantile_patching, random_dpar, random_entropy_model
+from entropy_model.patching import PatchingConfig
+from tokenizer.vq_model import VQ_models
+from utils.checkpoint import file_sha256
+
+ROOT = Path(__file__).resolve().parents[1]
+VQ_OVERRIDES = dict(ch=16, norm_groups=8, z_channels=32, num_res_blocks=1, codebook_size=VOCAB, codebook_embed_dim=8)
+IMAGE = GRID * 16  # VQ-16 on a 6x6 grid
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Same arithmetic as the torchrun workers (OMP_NUM_THREADS=1), so runs compare byte for byte."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def save(obj: dict, path: Path) -> str:
+    torch.save(obj, path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    """Tiny random checkpoints in the project's formats: VQ, GPT-T, entropy model, DPAR-T."""
+    d = tmp_path_factory.mktemp("ckpts")
+    torch.manual_seed(0)
+    vq = VQ_models["VQ-16"](**VQ_OVERRIDES)
+    vq_path = save({"model": vq.state_dict(),
+                    "args": {"vq_model": "VQ-16", "model_config": dataclasses.asdict(vq.config)}}, d / "vq.pt")
+    gpt = GPT_models["GPT-T"](vocab_size=VOCAB, block_size=T, num_classes=CLASSES)
+    torch.nn.init.normal_(gpt.output.weight, std=0.5)
+    gpt_path = save({"model": gpt.state_dict(), "args": {"gpt_model": "GPT-T", "model_config": dataclasses.asdict(
+        gpt.config), "image_size": IMAGE}}, d / "gpt.pt")
+    ent = random_entropy_model()
+    ent_path = save({"model": ent.state_dict(), "args": {"gpt_model": "GPT-T", "model_config": dataclasses.asdict(
+        ent.config)}}, d / "entropy.pt")
+    other_ent = random_entropy_model(seed=7)
+    other_ent_path = save({"model": other_ent.state_dict(), "args": {
+        "gpt_model": "GPT-T", "model_config": dataclasses.asdict(other_ent.config)}}, d / "entropy_other.pt")
+    dpar = random_dpar()
+    patching = quantile_patching(ent)
+    dpar_path = save({"model": dpar.state_dict(), "args": {
+        "gpt_model": "DPAR-T", "model_config": dataclasses.asdict(dpar.config), "patching": patching.to_dict(),
+        "entropy_model_hash": file_sha256(ent_path), "image_size": IMAGE}}, d / "dpar.pt")
+    return {"vq": vq_path, "gpt": gpt_path, "entropy": ent_path, "entropy_other": other_ent_path, "dpar": dpar_path}
+
+
+def common(ckpts, model: str) -> list:
+    args = ["--gpt-ckpt", ckpts[model], "--vq-ckpt", ckpts["vq"], "--device", "cpu"]
+    return args + (["--entropy-ckpt", ckpts["entropy"]] if model == "dpar" else [])
+
+
+@pytest.mark.parametrize("model", ["gpt", "dpar"])
+def test_grid_png(ckpts, model, tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    main(common(ckpts, model) + ["--class-labels", "0", "1", "4", "2", "--nrow", "2", "--out", str(out),
+                                 "--per-proc-batch-size", "3"])
+    printed = capsys.readouterr().out
+    assert "images/s" in printed and "tokens/s" in printed
+    assert ("patches/image" in printed) == (model == "dpar")
+    grid = np.asarray(Image.open(out))
+    # torchvision grid: 2 x 2 images of IMAGE px with 2 px padding
+    assert grid.shape == (2 * IMAGE + 6, 2 * IMAGE + 6, 3)
+    assert grid.std() > 1.0  # real decoded images, not a blank canvas
+
+
+def test_seeds_and_pixels():
+    assert image_seed(0, 5) == image_seed(0, 5)
+    assert len({image_seed(s, i) for s in range(3) for i in range(100)}) == 300
+    x = torch.tensor([-1.0, -0.5, 0.0, 0.999, 1.0, 2.0]).view(1, 1, 1, 6).expand(1, 3, 6, 6)
+    px = to_uint8(x, 6)
+    assert px.shape == (1, 6, 6, 3) and px.dtype == np.uint8
+    assert px[0, 0, :, 0].tolist() == [0, 64, 128, 255, 255, 255]  # clamp(127.5 x + 128) truncated
+    # chunks are fixed by index, dealt to ranks in turn; together the ranks cover each index once
+    missing = [i for i in range(40) if i not in (3, 17)]
+    plans = [plan_chunks(missing, 8, r, 2) for r in range(2)]
+    assert plans[0][0] == [0, 1, 2, 4, 5, 6, 7] and plans[1][0] == list(range(8, 16))
+    assert sorted(i for p in plans for c in p for i in c) == missing
+
+
+def test_defaults_and_patching_overrides():
+    assert [fid_cfg_scale(m) for m in ("GPT-B", "GPT-L", "GPT-XL", "DPAR-XL", "DPAR-XXL", "GPT-3B", "DPAR-T")] == \
+        [2.0, 2.0, 1.75, 1.75, 1.75, 1.65, 1.5]
+    stored = {"patching": PatchingConfig("entropy", 7.8, 4, True).to_dict()}
+    assert resolve_patching(stored, PatchingOverrides()) == PatchingConfig("entropy", 7.8, 4, True)
+    changed = resolve_patching(stored, PatchingOverrides(threshold=6.5, max_patch_length=0, row_reset=False))
+    assert changed == PatchingConfig("entropy", 6.5, None, False)
+    args = parse_args(["--gpt-ckpt", "g", "--vq-ckpt", "v", "--max-patch-length", "none"])
+    assert args.max_patch_length == 0 and args.cfg_scale is None and args.top_k is None
+
+
+def fid_args(ckpts, sample_dir: Path, n: int = 40) -> list:
+    return common(ckpts, "dpar") + ["--num-fid-samples", str(n), "--sample-dir", str(sample_dir),
+                                    "--per-proc-batch-size", "8", "--image-size-eval", "64", "--cfg-scale", "1.5"]
+
+
+def torchrun(args: list, nproc: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(ROOT / "sample_c2i.py"), *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_fid_mode_ranks_resume_and_npz(ckpts, tmp_path, capsys):
+    two, one = tmp_path / "two", tmp_path / "one"
+    proc = torchrun(fid_args(ckpts, two), nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    main(fid_args(ckpts, one))
+    capsys.readouterr()
+
+    with np.load(f"{one}.npz") as f1, np.load(f"{two}.npz") as f2:
+        images, labels = f1["arr_0"], f1["arr_1"]
+        assert images.shape == (40, 64, 64, 3) and images.dtype == np.uint8
+        assert labels.tolist() == [i % CLASSES for i in range(40)]
+        assert np.bincount(labels).tolist() == [8] * CLASSES
+        assert np.array_equal(images, f2["arr_0"]) and np.array_equal(labels, f2["arr_1"])
+    assert len({images[i].tobytes() for i in range(40)}) == 40  # distinct images
+    for i in range(40):
+        assert (one / f"{i:06d}.png").read_bytes() == (two / f"{i:06d}.png").read_bytes()
+
+    # interrupt: delete a few images (and leave a stale temporary file); a rerun regenerates exactly those
+    deleted = [3, 17, 18, 39]
+    before = {i: (one / f"{i:06d}.png").read_bytes() for i in deleted}
+    for i in deleted:
+        (one / f"{i:06d}.png").unlink()
+    (one / ".000003.png.tmp999").write_bytes(b"partial")
+    mtimes = {i: (one / f"{i:06d}.png").stat().st_mtime_ns for i in range(40) if i not in deleted}
+    main(fid_args(ckpts, one))
+    printed = capsys.readouterr().out
+    assert "36 of 40 images present, generating 4" in printed
+    assert sorted(p.name for p in one.iterdir()) == sorted([f"{i:06d}.png" for i in range(40)] + ["sampling.json"])
+    assert {i: (one / f"{i:06d}.png").stat().st_mtime_ns for i in mtimes} == mtimes
+    for i in deleted:  # same seed and class; only the batch shape differs from the first run
+        again = np.asarray(Image.open(one / f"{i:06d}.png"))
+        assert np.abs(again.astype(int) - np.asarray(Image.open(two / f"{i:06d}.png")).astype(int)).max() <= 1
+        assert Image.open(one / f"{i:06d}.png").text["class"] == str(i % CLASSES)
+    with np.load(f"{one}.npz") as f1:
+        assert f1["arr_0"].shape == (40, 64, 64, 3)
+
+    # a folder made with other settings is refused
+    with pytest.raises(SystemExit):
+        main(fid_args(ckpts, one)[:-1] + ["2.0"])
+    assert "cfg_scale" in capsys.readouterr().err
+
+
+def one_line_error(capsys, argv) -> str:
+    with pytest.raises(SystemExit):
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error:"), err
+    return err
+
+
+def test_one_line_errors(ckpts, tmp_path, capsys):
+    out = ["--out", str(tmp_path / "x.png")]
+    wrong = common(ckpts, "gpt")[:-4] + ["--gpt-ckpt", ckpts["dpar"], "--vq-ckpt", ckpts["vq"],
+                                         "--entropy-ckpt", ckpts["entropy_other"]]
+    assert "is not the entropy model" in one_line_error(capsys, wrong + out)
+    gpt = common(ckpts, "gpt") + out
+    assert "class 5 is out of range" in one_line_error(capsys, gpt + ["--class-labels", "1", "5"])
+    assert "--image-size 128 does not match" in one_line_error(capsys, gpt + ["--image-size", "128"])
+    assert "apply to DPAR" in one_line_error(capsys, gpt + ["--threshold", "3"])
+    assert not (tmp_path / "x.png").exists()
