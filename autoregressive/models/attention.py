@@ -1,13 +1,305 @@
 """Attention kernels behind one small interface used by every transformer block.
 
-`attend(q, k, v, ...)` takes q (B, H, S, D), k/v (B, H, S_kv, D) and returns (B, H, S, D).
-Without a mask the attention is causal over aligned positions (training); with a boolean
-mask (True = may attend) it is whatever the mask says (KV-cached decoding).
+`attend(q, k, v, mask=None, dropout_p=0.0, documents=None)` takes q (B, H, S, D) and k/v
+(B, H, S_kv, D) and returns (B, H, S, D):
+  - no mask, no documents: causal over aligned positions (teacher forcing);
+  - a boolean mask (True = may attend): whatever the mask says (KV-cached decoding; always SDPA);
+  - documents (a `Documents`): B = 1 and the S positions are a packed sequence of independent
+    causal documents (DPAR's patch transformer over all images' patches): position i attends
+    to the positions j <= i of its own document only. Slots past the last real document
+    (padding up to a bucket) get finite but unspecified outputs.
+
+Backends:
+  sdpa    F.scaled_dot_product_attention, the portable fallback. Packed documents are gathered
+          into a (documents, longest) grid, run causally and gathered back: no padding slot
+          enters a linear layer and no (S, S) mask is built.
+  flex    torch.nn.attention.flex_attention (compiled kernel) with a causal block mask cached
+          per shape, or a document-causal block mask built once per batch from the document
+          offsets. CPU and CUDA (this torch's flex attention has no backward on CPU).
+  varlen  packed variable-length flash attention on CUDA: torch.nn.attention.varlen where the
+          installed torch has it, else the flash-attn package. Dense causal attention uses
+          SDPA (whose CUDA kernel is the same flash attention).
+The backend is chosen per device: CUDA with a varlen kernel -> varlen, else CUDA with flex ->
+flex, else sdpa. DPAR_ATTENTION=sdpa|flex|varlen (read on first use) or
+set_attention_backend(name) overrides the choice. A backend that cannot run a call (dropout
+in flex/varlen, float32 in varlen) hands that call to SDPA; the result is the same attention.
+
+`segment_attend` is the one-query-per-segment attention of DPAR's patch pooling.
 """
-from typing import Optional
+import functools
+import inspect
+import math
+import os
+from dataclasses import dataclass, fields, replace
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+
+BACKENDS = ("sdpa", "flex", "varlen")
+ENV_VAR = "DPAR_ATTENTION"
+FLEX_BLOCK = 128
+
+_override: Optional[str] = None
+_chosen: Dict[str, str] = {}  # device type -> backend, filled on first use
+
+
+# --------------------------------------------------------------------------------------
+# Feature checks (every API newer than torch 2.6 is optional)
+# --------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _flex_module():
+    try:
+        from torch.nn.attention import flex_attention
+    except ImportError:
+        return None
+    return flex_attention if hasattr(flex_attention.BlockMask, "from_kv_blocks") else None
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_flex() -> Callable:
+    """flex_attention compiled once (recompiled, dynamic, for a second sequence length);
+    inlined when the caller is itself being compiled."""
+    return torch.compile(_flex_module().flex_attention)
+
+
+@functools.lru_cache(maxsize=None)
+def _varlen_kernel() -> Optional[Tuple[str, Callable, dict]]:
+    """(source, function, causal keyword arguments) of a packed varlen flash kernel, or None.
+    torch's varlen_attn took is_causal=True up to 2.10 and window_size=(-1, 0) from 2.11."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        varlen_attn = None
+    if varlen_attn is not None:
+        params = inspect.signature(varlen_attn).parameters
+        if "is_causal" in params:
+            return "torch", varlen_attn, {"is_causal": True}
+        if "window_size" in params:
+            return "torch", varlen_attn, {"window_size": (-1, 0)}
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        return None
+    return "flash_attn", flash_attn_varlen_func, {"causal": True}
+
+
+def available_backends(device: torch.device | str) -> Tuple[str, ...]:
+    """Backends that can run on `device` with this torch (flex on CPU: forward only)."""
+    device = torch.device(device)
+    out = ["sdpa"]
+    if _flex_module() is not None:
+        out.append("flex")
+    if device.type == "cuda" and _varlen_kernel() is not None:
+        out.append("varlen")
+    return tuple(out)
+
+
+def set_attention_backend(name: Optional[str]) -> None:
+    """Force one backend for every device ("sdpa", "flex", "varlen"); None restores the
+    automatic choice (and re-reads DPAR_ATTENTION)."""
+    global _override
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"attention backend must be one of {BACKENDS}, got {name!r}")
+    _override = name
+    _chosen.clear()
+
+
+def attention_backend(device: torch.device | str = "cpu") -> str:
+    """The backend attend() uses on `device`."""
+    return _backend_for(torch.device(device).type)
+
+
+def _constant_result(fn: Callable) -> Callable:
+    """torch.compiler.assume_constant_result where this torch has it."""
+    compiler = getattr(torch, "compiler", None)
+    return getattr(compiler, "assume_constant_result", lambda f: f)(fn)
+
+
+@_constant_result
+def _backend_for(device_type: str) -> str:
+    """Resolved once per device type; compiled code takes the answer as a constant."""
+    device = torch.device(device_type)
+    if _override is not None:
+        return _override
+    if device.type not in _chosen:
+        requested = os.environ.get(ENV_VAR, "").strip().lower()
+        if requested and requested not in BACKENDS:
+            raise ValueError(f"{ENV_VAR} must be one of {BACKENDS}, got {requested!r}")
+        if requested:
+            _chosen[device.type] = requested
+        elif device.type == "cuda":
+            available = available_backends(device)
+            _chosen[device.type] = "varlen" if "varlen" in available else "flex" if "flex" in available else "sdpa"
+        else:
+            _chosen[device.type] = "sdpa"
+    return _chosen[device.type]
+
+
+# --------------------------------------------------------------------------------------
+# Packed documents
+# --------------------------------------------------------------------------------------
+@dataclass
+class Documents:
+    """N packed slots split into contiguous causal documents; the slots after the last real
+    document (padding of the packed length) form one extra document of their own.
+
+    cu_seqlens  (n + 1,) int32 offsets: document d holds slots cu_seqlens[d]..cu_seqlens[d+1]-1
+    max_seqlen  bound on a document's length for the varlen kernels (kept static, so compiled
+                code does not specialise on each batch's longest document)
+    doc_ids     (N,) int64 document of every slot
+    grid_index  (n_real, L) slot at (real document, position) for the SDPA path, L = the
+                longest real document; positions past a document's end repeat its last slot
+    slot_index  (N,) int64 flat grid position (document * L + position) of every slot
+                (padding slots: 0)
+    block_mask  flex attention's document-causal BlockMask, built by prepare()
+    """
+
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    doc_ids: torch.Tensor
+    grid_index: torch.Tensor
+    slot_index: torch.Tensor
+    block_mask: Any = None
+
+    @property
+    def num_slots(self) -> int:
+        return self.doc_ids.shape[0]
+
+    @property
+    def num_docs(self) -> int:
+        return self.cu_seqlens.shape[0] - 1
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "Documents":
+        names = [f.name for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)]
+        return replace(self, **{name: fn(getattr(self, name)) for name in names})
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Documents":
+        mask = self.block_mask.to(device) if self.block_mask is not None else None
+        return replace(self._map(lambda t: t.to(device, non_blocking=non_blocking)), block_mask=mask)
+
+    def pin_memory(self) -> "Documents":
+        """Page-locked copies (DataLoader(pin_memory=True) calls this), for non_blocking .to()."""
+        return self._map(lambda t: t.pin_memory())
+
+    def prepare(self) -> "Documents":
+        """Build what the current backend needs on these tensors' device (flex: the block
+        mask). Call outside compiled code, once per batch."""
+        if self.block_mask is None and _backend_for(self.doc_ids.device.type) == "flex":
+            return replace(self, block_mask=document_block_mask(self.doc_ids))
+        return self
+
+
+def mark_dynamic(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Tell torch.compile that `dim` varies between batches (no recompile per size)."""
+    mark = getattr(torch._dynamo, "maybe_mark_dynamic", None)
+    if mark is not None:
+        mark(t, dim)
+    return t
+
+
+def build_documents(lengths: torch.Tensor, total: Optional[int] = None, max_seqlen: Optional[int] = None) -> Documents:
+    """Documents of the given lengths (n,) (each >= 1) packed from slot 0, followed by
+    `total - sum(lengths)` padding slots (default none). max_seqlen defaults to the longest
+    document. Reads the lengths on the host: build it where they live (e.g. a data worker)."""
+    if lengths.ndim != 1 or lengths.numel() == 0 or bool((lengths < 1).any()):
+        raise ValueError(f"document lengths must be a non-empty (n,) tensor of values >= 1, got {lengths.tolist()}")
+    lengths = lengths.long()
+    device, n = lengths.device, lengths.shape[0]
+    real = int(lengths.sum())
+    total = real if total is None else total
+    if total < real:
+        raise ValueError(f"{total} packed slots cannot hold documents of {real} slots")
+    longest = int(lengths.max())
+    if total > real:
+        lengths = torch.cat([lengths, lengths.new_tensor([total - real])])
+    cu = F.pad(lengths.cumsum(0), (1, 0))  # (docs + 1,)
+    doc_ids = torch.repeat_interleave(torch.arange(lengths.shape[0], device=device), lengths)  # (N,)
+    position = torch.arange(total, device=device) - cu[doc_ids]  # (N,)
+    offset = torch.arange(longest, device=device)
+    grid_index = cu[:n, None] + torch.minimum(offset, lengths[:n, None] - 1)  # (n, L)
+    slot_index = torch.where(doc_ids < n, doc_ids * longest + position, 0)  # (N,)
+    return Documents(
+        cu_seqlens=cu.to(torch.int32),
+        max_seqlen=longest if max_seqlen is None else max_seqlen,
+        doc_ids=mark_dynamic(doc_ids, 0),
+        grid_index=mark_dynamic(grid_index, 1),
+        slot_index=mark_dynamic(slot_index, 0),
+    )
+
+
+def document_block_mask(doc_ids: torch.Tensor, block: int = FLEX_BLOCK):
+    """Flex attention BlockMask for document-causal attention over N slots whose document
+    ids (N,) are non-decreasing. Built from per-block document ranges in O((N/block)^2),
+    never materialising the (N, N) mask."""
+    flex = _flex_module()
+    N = doc_ids.shape[0]
+    nb = -(-N // block)
+    first = doc_ids[torch.arange(nb, device=doc_ids.device) * block]  # (nb,) lowest document in a block
+    last = doc_ids[torch.clamp(torch.arange(1, nb + 1, device=doc_ids.device) * block, max=N) - 1]
+    i = torch.arange(nb, device=doc_ids.device)
+    below = i[None, :] <= i[:, None]  # (q block, kv block) causal at block level
+    touches = below & (first[None, :] <= last[:, None]) & (last[None, :] >= first[:, None])
+    single = first == last  # the block lies inside one document
+    full = (i[None, :] < i[:, None]) & single[:, None] & single[None, :] & (first[:, None] == first[None, :])
+    partial = touches & ~full
+
+    def as_blocks(selected: torch.Tensor):
+        count = selected.sum(-1).to(torch.int32)[None, None]  # (1, 1, nb)
+        order = torch.argsort((~selected).to(torch.int8), dim=-1, stable=True).to(torch.int32)[None, None]
+        return count, order  # selected kv blocks first, in increasing order
+
+    doc = doc_ids.to(torch.int32)  # int64 captured tensors break this torch's CPU flex kernel
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (doc[q_idx] == doc[kv_idx]) & (kv_idx <= q_idx)
+
+    kv_num, kv_idx = as_blocks(partial)
+    full_num, full_idx = as_blocks(full)
+    return flex.BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block, mask_mod=mask_mod,
+                                         seq_lengths=(N, N))
+
+
+@functools.lru_cache(maxsize=32)
+def _causal_block_mask(length: int, device: str):
+    """Causal BlockMask per (sequence length, device), cached across calls."""
+    flex = _flex_module()
+    return flex.create_block_mask(lambda b, h, q, kv: kv <= q, None, None, length, length, device=device)
+
+
+# --------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------
+def _sdpa_documents(q, k, v, documents: Documents, dropout_p: float) -> torch.Tensor:
+    """Gather the packed slots into a (documents, longest) grid, run causally, gather back.
+    Real positions only see earlier positions of their row, which are all real."""
+    n, L = documents.grid_index.shape
+    H, D = q.shape[1], q.shape[3]
+    grid = [t[0].index_select(1, documents.grid_index.flatten()).view(H, n, L, D).transpose(0, 1) for t in (q, k, v)]
+    out = F.scaled_dot_product_attention(*grid, is_causal=True, dropout_p=dropout_p)  # (n, H, L, D)
+    out = out.transpose(0, 1).reshape(H, n * L, D).index_select(1, documents.slot_index)  # (H, N, D)
+    return out[None]
+
+
+def _flex_attend(q, k, v, documents: Optional[Documents]) -> torch.Tensor:
+    if documents is None:
+        block_mask = _causal_block_mask(q.shape[2], str(q.device))
+    else:
+        block_mask = documents.block_mask
+        if block_mask is None:
+            block_mask = document_block_mask(documents.doc_ids)
+    return _compiled_flex()(q, k, v, block_mask=block_mask)
+
+
+def _varlen_attend(q, k, v, documents: Documents, dropout_p: float) -> torch.Tensor:
+    source, kernel, causal = _varlen_kernel()
+    packed = [t[0].transpose(0, 1).contiguous() for t in (q, k, v)]  # (N, H, D)
+    cu, bound = documents.cu_seqlens, documents.max_seqlen
+    if source == "torch":
+        out = kernel(*packed, cu, cu, bound, bound, **causal)
+    else:
+        out = kernel(*packed, cu, cu, bound, bound, dropout_p=dropout_p, **causal)
+    return out.transpose(0, 1)[None]  # (1, H, N, D)
 
 
 def attend(
@@ -16,7 +308,45 @@ def attend(
     v: torch.Tensor,
     mask: Optional[torch.Tensor] = None,
     dropout_p: float = 0.0,
+    documents: Optional[Documents] = None,
 ) -> torch.Tensor:
-    if mask is None:
+    """Causal, masked or document-causal attention (see the module docstring).
+    q (B, H, S, D), k/v (B, H, S_kv, D) -> (B, H, S, D)."""
+    if mask is not None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    if documents is not None and q.shape[0] != 1:
+        raise ValueError(f"packed documents need a batch of one packed row, got {q.shape[0]} rows")
+    backend = _backend_for(q.device.type)
+    if backend == "flex" and dropout_p == 0.0:
+        if q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad:
+            raise ValueError(f"flex attention has no backward on CPU; train on CPU with {ENV_VAR}=sdpa")
+        return _flex_attend(q, k, v, documents)
+    if documents is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    if backend == "varlen":
+        if q.device.type != "cuda":
+            raise ValueError(f"varlen attention runs on CUDA only, not {q.device.type}; set {ENV_VAR}=sdpa or flex")
+        source = _varlen_kernel()[0]
+        if q.dtype in (torch.float16, torch.bfloat16) and (dropout_p == 0.0 or source == "flash_attn"):
+            return _varlen_attend(q, k, v, documents, dropout_p)
+    return _sdpa_documents(q, k, v, documents, dropout_p)
+
+
+def segment_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment: torch.Tensor) -> torch.Tensor:
+    """One query per segment attends to its members' keys/values (scaled dot product,
+    softmax over the members, in at least float32).
+    q (n, H, D) one query per segment; k, v (K, H, D) member keys/values; segment (K,) int64
+    in [0, n], where n marks keys that belong to no segment. Returns (n, H, D); a segment
+    without members gets zeros."""
+    n, H, D = q.shape
+    q = F.pad(q, (0, 0, 0, 0, 0, 1))  # (n + 1, H, D): row n collects the unassigned keys
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    scores = (q.index_select(0, segment).to(dtype) * k.to(dtype)).sum(-1) * (1.0 / math.sqrt(D))  # (K, H)
+    index = segment[:, None].expand_as(scores)
+    # the softmax is shift invariant: the per-segment maximum needs no gradient
+    peak = scores.new_full((n + 1, H), float("-inf")).scatter_reduce(0, index, scores.detach(), "amax")
+    weights = torch.exp(scores - peak.index_select(0, segment))  # (K, H)
+    total = scores.new_zeros(n + 1, H).index_add(0, segment, weights)
+    weights = (weights / total.index_select(0, segment)).to(v.dtype)
+    out = v.new_zeros(n + 1, H, D).index_add(0, segment, weights[..., None] * v)  # (n + 1, H, D)
+    return out[:n]

@@ -9,16 +9,23 @@ Alignment (DESIGN.md section 3), for targets x_0..x_{T-1} in patches P_0..P_{M-1
   decoder   slots i = 0..T-1 hold u_0 = start vector, u_i = h_{i-1}; before each of the D token
             layers u_i += Linear(Norm(g_{m(i)})); final norm + head give the logits of x_i.
 The logits of x_i therefore depend on x_<i only.
+
+Training layout (PatchLayout, built once per batch): the patch transformer's slots are either
+padded (one row of M_max slots per image) or packed (every image's M_b slots back to back in one
+row, padded to a multiple of `pack_multiple` with slots that form their own document; attention
+is document-causal). Pooling tokens into patches and broadcasting patch states back to tokens
+are index_add / index_select over flat slot indices, never per-patch loops or (B, M, L, dim)
+copies.
 """
 import math
-from dataclasses import dataclass
-from typing import List, Optional
+from dataclasses import dataclass, fields, replace
+from typing import List, Optional, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from autoregressive.models.attention import attend
+from autoregressive.models.attention import Documents, build_documents, mark_dynamic, segment_attend
 from autoregressive.models.modules import (
     LabelEmbedder,
     RMSNorm,
@@ -34,6 +41,7 @@ from autoregressive.models.modules import (
 )
 
 PATCH_ROPE = ("dynamic", "2d", "1d")
+PATCH_PACKING = ("auto", "packed", "padded")
 
 
 @dataclass
@@ -49,6 +57,8 @@ class DPARConfig(TransformerDefaults):
     cls_token_num: int = 1
     block_size: int = 256
     patch_rope: str = "dynamic"
+    patch_packing: str = "auto"  # patch-transformer layout; auto = whichever runs fewer slots
+    pack_multiple: int = 128  # packed length is padded to a multiple of this (few compiled shapes)
 
     def __post_init__(self):
         if self.n_kv_head is None:
@@ -57,6 +67,10 @@ class DPARConfig(TransformerDefaults):
             raise ValueError("DPAR uses a single class slot (cls_token_num=1)")
         if self.patch_rope not in PATCH_ROPE:
             raise ValueError(f"patch_rope must be one of {PATCH_ROPE}, got {self.patch_rope!r}")
+        if self.patch_packing not in PATCH_PACKING:
+            raise ValueError(f"patch_packing must be one of {PATCH_PACKING}, got {self.patch_packing!r}")
+        if self.pack_multiple < 1:
+            raise ValueError(f"pack_multiple must be >= 1, got {self.pack_multiple}")
         if self.dim % self.n_head or (self.dim // self.n_head) % 16:
             raise ValueError(f"head dim {self.dim}/{self.n_head} must be a whole multiple of 16")
         if min(self.n_encoder_layer, self.n_patch_layer, self.n_decoder_layer) < 1:
@@ -91,15 +105,17 @@ class PatchCrossAttention(nn.Module):
         self.wkv = nn.Linear(config.dim, 2 * config.dim, bias=False)
         self.wo = nn.Linear(config.dim, config.dim, bias=False)
 
-    def forward(self, p: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """p (N, dim) patch vectors; tokens (N, L, dim) each patch's token states; valid (N, L)."""
-        N, L, _ = tokens.shape
-        q = self.wq(self.query_norm(p)).view(N, self.n_head, 1, self.head_dim)  # (N, H, 1, Dh)
+    def forward(self, p: torch.Tensor, tokens: torch.Tensor, segment: torch.Tensor) -> torch.Tensor:
+        """p (n, dim) patch vectors; tokens (K, dim) token states; segment (K,) the patch
+        (row of p) each token belongs to, n for tokens of no patch (their keys/values are
+        computed but unused). Returns the updated p (n, dim)."""
+        n, K = p.shape[0], tokens.shape[0]
+        q = self.wq(self.query_norm(p)).view(n, self.n_head, self.head_dim)  # (n, H, Dh)
         k, v = self.wkv(self.kv_norm(tokens)).chunk(2, dim=-1)
-        k = k.view(N, L, self.n_head, self.head_dim).transpose(1, 2)  # (N, H, L, Dh)
-        v = v.view(N, L, self.n_head, self.head_dim).transpose(1, 2)
-        out = attend(q, k, v, mask=valid[:, None, None, :])  # (N, H, 1, Dh)
-        return p + self.wo(out.reshape(N, self.n_head * self.head_dim))
+        k = k.reshape(K, self.n_head, self.head_dim)  # (K, H, Dh)
+        v = v.reshape(K, self.n_head, self.head_dim)
+        out = segment_attend(q, k, v, segment)  # (n, H, Dh)
+        return p + self.wo(out.reshape(n, self.n_head * self.head_dim))
 
 
 class PatchInjection(nn.Module):
@@ -114,15 +130,127 @@ class PatchInjection(nn.Module):
         return self.proj(self.norm(g))
 
 
-def patch_layout(patch_lengths: torch.Tensor, T: int, row_width: int):
-    """patch_lengths (B, M) zero padded, each row summing to T -> starts (B, M), patch_ids (B, T)
-    and the geometry (row, col_start, col_end) (B, M) of every patch."""
-    ends = patch_lengths.cumsum(-1)  # (B, M) one past each patch's last token
-    starts = ends - patch_lengths
-    token = torch.arange(T, device=patch_lengths.device)
-    patch_ids = torch.searchsorted(ends, token.expand(ends.shape[0], T).contiguous(), right=True)  # (B, T)
+@dataclass
+class PatchLayout:
+    """Where every token and patch of one batch goes; built once per batch by
+    build_patch_layout (on the host, e.g. in a data worker) and shared by every layer.
+
+    The patch transformer runs on slots laid out as `slot_geometry`'s (R, S): padded, R = B rows
+    of S = M_max slots (image b's sequence [C, p_0, ..., p_{M_b-2}] from slot 0 of row b), or
+    packed, R = 1 row of S = N slots holding the images' sequences back to back (then
+    `documents` describes them). Flat slot index = row * S + position.
+
+    token_slot     (B, T-1) flat slot pooling encoder token x_j (slot of p_{m(j)}), or n_slots
+                   for tokens of an image's last patch (never pooled)
+    decoder_slot   (B, T) flat slot whose output g_{m(i)} conditions token i
+    class_slot     (B,) flat slot holding each image's class embedding
+    slot_geometry  (R, S, 4) int64 per slot: index within its image's sequence (0 = class),
+                   then row, col_start, col_end of the patch it holds (zeros for slot 0/padding)
+    documents      packed layouts only
+    """
+
+    token_slot: torch.Tensor
+    decoder_slot: torch.Tensor
+    class_slot: torch.Tensor
+    slot_geometry: torch.Tensor
+    documents: Optional[Documents] = None
+
+    @property
+    def n_slots(self) -> int:
+        return self.slot_geometry.shape[0] * self.slot_geometry.shape[1]
+
+    @property
+    def packed(self) -> bool:
+        return self.documents is not None
+
+    def to(self, device: Union[torch.device, str], non_blocking: bool = False) -> "PatchLayout":
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "PatchLayout":
+        """Page-locked copies (DataLoader(pin_memory=True) calls this), for non_blocking .to()."""
+        return self._map(lambda t: t.pin_memory())
+
+    def _map(self, fn) -> "PatchLayout":
+        names = [f.name for f in fields(self) if getattr(self, f.name) is not None]
+        return replace(self, **{name: fn(getattr(self, name)) for name in names})
+
+
+def _round_up(n: int, k: int) -> int:
+    return -(-n // k) * k
+
+
+def packed_slots(counts: torch.Tensor, multiple: int) -> int:
+    """Slots of the packed layout for images with `counts` (B,) patch-transformer slots each:
+    their sum plus at least one padding slot, rounded up to a multiple."""
+    return _round_up(int(counts.sum()) + 1, multiple)
+
+
+def uses_packing(config: DPARConfig, patch_lengths: torch.Tensor) -> bool:
+    """Whether a batch with patch lengths (B, M) uses the packed layout. "auto" takes the layout
+    that runs fewer patch-transformer slots: packed for real batches, whose patch counts differ,
+    padded for a single image or equal counts (where packing would only add bucket padding)."""
+    if config.patch_packing != "auto":
+        return config.patch_packing == "packed"
+    counts = (patch_lengths > 0).sum(-1)
+    return packed_slots(counts, config.pack_multiple) < patch_lengths.numel()
+
+
+def build_patch_layout(
+    patch_lengths: torch.Tensor,
+    config: DPARConfig,
+    packed: Optional[bool] = None,
+) -> PatchLayout:
+    """Layout of a batch with zero-padded patch lengths (B, M) over T targets (each row sums to T).
+    packed: None = as config.patch_packing says (uses_packing). Packed layouts hold sum_b M_b slots
+    padded up to a multiple of config.pack_multiple (at least one padding slot). Reads the
+    lengths on the host, so build it where they live (CPU, e.g. in a data worker) and move the
+    result with .to(device, non_blocking=True)."""
+    W = config.grid_size
+    if patch_lengths.ndim != 2 or patch_lengths.shape[1] < 1:
+        raise ValueError(f"patch_lengths must be (B, M) with M >= 1, got {tuple(patch_lengths.shape)}")
+    lengths = patch_lengths.long()
+    B, M = lengths.shape
+    totals = lengths.sum(-1)  # (B,)
+    T = int(totals[0])
+    if bool((totals != T).any()) or bool((lengths < 0).any()):
+        raise ValueError(f"patch lengths must be >= 0 and cover the same tokens in every row, got {totals.tolist()}")
+    dev = lengths.device
+    if packed is None:
+        packed = uses_packing(config, lengths)
+    counts = (lengths > 0).sum(-1)  # (B,) M_b: slots of image b
+    ends = lengths.cumsum(-1)  # (B, M) one past each patch's last token
+    starts = ends - lengths
+    token = torch.arange(T, device=dev)
+    patch_ids = torch.searchsorted(ends, token.expand(B, T).contiguous(), right=True)  # (B, T) m(i)
     last = (ends - 1).clamp(min=0)
-    return starts, patch_ids, (starts // row_width, starts % row_width, last % row_width)
+    geometry = torch.stack([starts // W, starts % W, last % W], dim=-1)  # (B, M, 3) of each patch
+    if packed:
+        n_real = int(counts.sum())
+        n_slots = packed_slots(counts, config.pack_multiple)
+        base = counts.cumsum(0) - counts  # (B,) first slot of each image
+        image = torch.repeat_interleave(torch.arange(B, device=dev), counts)  # (n_real,)
+        index = torch.arange(n_real, device=dev) - base[image]  # (n_real,) slot within its image
+        held = geometry[image, (index - 1).clamp(min=0)] * (index > 0)[:, None]  # (n_real, 3)
+        slot_geometry = torch.zeros(n_slots, 4, dtype=torch.long, device=dev)
+        slot_geometry[:n_real] = torch.cat([index[:, None], held], dim=-1)
+        slot_geometry = mark_dynamic(slot_geometry[None], 1)  # (1, N, 4)
+        documents = build_documents(counts, n_slots, max_seqlen=T)
+    else:
+        n_slots = B * M
+        base = torch.arange(B, device=dev) * M
+        held = F.pad(geometry[:, : M - 1], (0, 0, 1, 0))  # (B, M, 3): slot s holds patch s-1
+        slot = torch.arange(M, device=dev).expand(B, M)
+        slot_geometry = mark_dynamic(torch.cat([slot[..., None], held], dim=-1), 1)  # (B, M, 4)
+        documents = None
+    m = patch_ids[:, : T - 1]  # (B, T-1) patch of encoder token x_j
+    token_slot = torch.where(m < counts[:, None] - 1, base[:, None] + m + 1, n_slots)
+    return PatchLayout(
+        token_slot=token_slot,
+        decoder_slot=base[:, None] + patch_ids,
+        class_slot=base,
+        slot_geometry=slot_geometry,
+        documents=documents,
+    )
 
 
 def gather_patch_tokens(states: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor):
@@ -174,14 +302,26 @@ class DPAR(nn.Module):
         return self.config.num_classes
 
     # ---- pieces shared by teacher forcing and generation --------------------------------
+    def pool(self, states: List[torch.Tensor], segment: torch.Tensor, n: int) -> torch.Tensor:
+        """Patch vectors from token states. states: per encoder layer l, h^l of K tokens (K, dim);
+        segment (K,) the patch (0..n-1) of each token, or n for tokens pooled nowhere.
+        Returns p (n, dim): max of h^1 over the patch, then one cross-attention per layer
+        (zeros for patches without tokens)."""
+        first = states[0]
+        index = segment[:, None].expand_as(first)
+        p = first.new_zeros(n + 1, first.shape[1]).scatter_reduce(0, index, first, "amax", include_self=False)
+        p = p[:n]  # (n, dim); row n collected the tokens of no patch
+        for cross_attn, tokens in zip(self.patch_cross_attn, states):
+            p = cross_attn(p, tokens, segment)
+        return p
+
     def pool_patches(self, layer_tokens: List[torch.Tensor], valid: torch.Tensor) -> torch.Tensor:
         """layer_tokens: per encoder layer l, h^l over each patch (N, L, dim); valid (N, L).
         Returns the patch vectors p (N, dim)."""
-        first = layer_tokens[0].masked_fill(~valid[..., None], float("-inf"))
-        p = first.max(dim=1).values  # (N, dim)
-        for cross_attn, tokens in zip(self.patch_cross_attn, layer_tokens):
-            p = cross_attn(p, tokens, valid)
-        return p
+        N, L = valid.shape
+        rows = torch.arange(N, device=valid.device)[:, None].expand(N, L)
+        segment = torch.where(valid, rows, N).flatten()  # (N*L,)
+        return self.pool([t.flatten(0, 1) for t in layer_tokens], segment, N)
 
     def patch_rope(self, slot: torch.Tensor, row, col_start, col_end) -> torch.Tensor:
         """RoPE of patch-transformer slots. slot (B, S) slot index (0 = class); geometry
@@ -195,53 +335,56 @@ class DPAR(nn.Module):
             table = rope_1d(slot - 1, hd, base)
         return table.masked_fill((slot == 0)[..., None, None], 0.0)
 
+    def patch_layout(self, patch_lengths: torch.Tensor, packed: Optional[bool] = None) -> PatchLayout:
+        """build_patch_layout for this model's config."""
+        return build_patch_layout(patch_lengths, self.config, packed)
+
     # ---- teacher forcing ---------------------------------------------------------------
     def forward(
         self,
         idx: torch.Tensor,
         cond_idx: torch.Tensor,
-        patch_lengths: torch.Tensor,
+        patch_lengths: Union[torch.Tensor, PatchLayout],
         targets: Optional[torch.Tensor] = None,
     ):
         """idx (B, T-1) inputs x_0..x_{T-2}; cond_idx (B,); patch_lengths (B, M) zero-padded
-        lengths over the T targets. Returns logits (B, T, V) float32 and the mean cross-entropy
-        against targets (B, T) (None without targets)."""
-        B, T = idx.shape[0], idx.shape[1] + 1
-        W = self.config.grid_size
-        starts, patch_ids, (row, col_start, col_end) = patch_layout(patch_lengths, T, W)
-        M = patch_lengths.shape[1]
+        lengths over the T targets, or their PatchLayout (build_patch_layout; lets the trainer
+        build it off the critical path). Returns logits (B, T, V) float32 and the mean
+        cross-entropy against targets (B, T) (None without targets)."""
+        layout = patch_lengths
+        if not isinstance(layout, PatchLayout):  # built on the host, where the lengths are read
+            layout = self.patch_layout(patch_lengths.cpu()).to(idx.device)
+        B, T, dim = idx.shape[0], idx.shape[1] + 1, self.config.dim
 
-        # encoder over x_0..x_{T-2}, pooling after every layer
+        # encoder over x_0..x_{T-2}
         h = self.tok_dropout(self.tok_embeddings(idx))  # (B, T-1, dim)
         enc_freqs = self.freqs_cis[None, 1:T]
         layer_states = []
         for layer in self.encoder_layers if T > 1 else []:
             h = layer(h, enc_freqs)
-            layer_states.append(h)
-        if layer_states:
-            gathered = [gather_patch_tokens(s, starts, patch_lengths) for s in layer_states]
-            valid = gathered[0][1].flatten(0, 1)  # (B*M, L)
-            tokens = [g.flatten(0, 1) for g, _ in gathered]  # per layer (B*M, L, dim)
-            p = self.pool_patches(tokens, valid).view(B, M, -1)  # (B, M, dim)
-        else:
-            p = h.new_zeros(B, M, self.config.dim)
+            layer_states.append(h.reshape(B * (T - 1), dim))
 
-        # patch transformer over [C, p_0, ..., p_{M-2}]
-        x = torch.cat([self.cls_embedding(cond_idx), p[:, : M - 1]], dim=1)  # (B, M, dim)
-        x = self.tok_dropout(x)
-        slot = torch.arange(M, device=idx.device).expand(B, M)
-        prev = lambda t: F.pad(t[:, : M - 1], (1, 0))  # slot m holds patch m-1
-        patch_freqs = self.patch_rope(slot, prev(row), prev(col_start), prev(col_end))
+        # pooling straight into the patch transformer's slots [C, p_0, ..., p_{M-2}]
+        R, S = layout.slot_geometry.shape[:2]
+        n = layout.n_slots
+        if layer_states:
+            x = self.pool(layer_states, layout.token_slot.flatten(), n)  # (n, dim)
+        else:
+            x = h.new_zeros(n, dim)
+        x = x.index_copy(0, layout.class_slot, self.cls_embedding(cond_idx)[:, 0].to(x.dtype))
+        x = mark_dynamic(self.tok_dropout(x.view(R, S, dim)), 1)  # (R, S, dim)
+        patch_freqs = mark_dynamic(self.patch_rope(*layout.slot_geometry.unbind(-1)), 1)  # (R, S, hd/2, 2)
+        documents = layout.documents.prepare() if layout.documents is not None else None
         for layer in self.patch_layers:
-            x = layer(x, patch_freqs)
-        g = x  # (B, M, dim)
+            x = layer(x, patch_freqs, documents)
+        g = x.reshape(n, dim)
 
         # decoder over [start, h_0, ..., h_{T-2}]
         u = torch.cat([self.decoder_start.expand(B, 1, -1).to(h.dtype), h], dim=1)  # (B, T, dim)
         dec_freqs = self.freqs_cis[None, :T]
-        gather_ids = patch_ids[..., None].expand(B, T, self.config.dim)
+        slots = layout.decoder_slot.flatten()  # (B*T,)
         for inject, layer in zip(self.patch_injections, self.decoder_layers):
-            u = u + torch.gather(inject(g), 1, gather_ids)  # (B, T, dim)
+            u = u + inject(g).index_select(0, slots).view(B, T, dim)
             u = layer(u, dec_freqs)
         logits = self.output(self.norm(u)).float()  # (B, T, V)
         loss = None
@@ -267,19 +410,23 @@ class DPAR(nn.Module):
         freqs = self.freqs_cis[pos + 1]  # (n, 1, head_dim/2, 2)
         states = []
         for layer in self.encoder_layers:
-            h = layer.decode(h, freqs, pos)
+            h = layer.decode(h, freqs, pos, length=step + 1)
             states.append(h[:, 0])
         return torch.stack(states, dim=1)
 
-    def patch_step(self, x: torch.Tensor, rows: torch.Tensor, slot: torch.Tensor, geometry) -> torch.Tensor:
+    def patch_step(
+        self, x: torch.Tensor, rows: torch.Tensor, slot: torch.Tensor, geometry, length: Optional[int] = None
+    ) -> torch.Tensor:
         """Advance the patch transformer by one slot for the cache rows `rows` (n,), each at its
         own slot (n,). x (n, dim) is the class embedding (slot 0) or the finished patch vector;
-        geometry = (row, col_start, col_end) (n,) of that patch. Returns g (n, dim)."""
+        geometry = (row, col_start, col_end) (n,) of that patch. length: optional host-side bound
+        above every slot (e.g. step + 1): attention reads only that prefix of the caches.
+        Returns g (n, dim)."""
         slot = slot[:, None]  # (n, 1)
         freqs = self.patch_rope(slot, *(t[:, None] for t in geometry))
         h = x[:, None]
         for layer in self.patch_layers:
-            h = layer.decode(h, freqs, slot, rows)
+            h = layer.decode(h, freqs, slot, rows, length)
         return h[:, 0]
 
     def injections(self, g: torch.Tensor) -> torch.Tensor:
@@ -292,7 +439,7 @@ class DPAR(nn.Module):
         freqs = self.freqs_cis[pos]
         h = u[:, None]
         for l, layer in enumerate(self.decoder_layers):
-            h = layer.decode(h + injections[:, l, None], freqs, pos)
+            h = layer.decode(h + injections[:, l, None], freqs, pos, length=step + 1)
         return self.output(self.norm(h[:, 0])).float()
 
 

@@ -224,7 +224,9 @@ def generate_dpar(
         patch_start = torch.zeros(B, dtype=torch.long, device=dev)
         num_patches = torch.ones(B, dtype=torch.long, device=dev)
         zeros = torch.zeros(R, dtype=torch.long, device=dev)
-        g = model.patch_step(model.cls_embedding(cond_all)[:, 0], torch.arange(R, device=dev), zeros, (zeros,) * 3)
+        g = model.patch_step(
+            model.cls_embedding(cond_all)[:, 0], torch.arange(R, device=dev), zeros, (zeros,) * 3, length=1
+        )
         injections = model.injections(g)  # (R, D, dim)
         prev_entropy = scorer.start() if scorer else None
         logits = model.decode_step(model.decoder_start.to(dtype).expand(R, -1), injections, 0)
@@ -241,7 +243,8 @@ def generate_dpar(
                 p, geometry = _finish_patches(model, states, rows, patch_start[rows], i)
                 cache_rows = torch.cat([rows + k * B for k in range(copies)])
                 slot = num_patches[rows].repeat(copies)
-                g = model.patch_step(p.repeat(copies, 1), cache_rows, slot, tuple(t.repeat(copies) for t in geometry))
+                geometry = tuple(t.repeat(copies) for t in geometry)
+                g = model.patch_step(p.repeat(copies, 1), cache_rows, slot, geometry, length=i + 1)
                 injections[cache_rows] = model.injections(g)
                 patch_start[rows] = i
                 num_patches[rows] += 1

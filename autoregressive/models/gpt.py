@@ -117,10 +117,11 @@ class Transformer(nn.Module):
     def remove_caches(self) -> None:
         remove_kv_caches(self.layers)
 
-    def _decode(self, h: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+    def _decode(self, h: torch.Tensor, input_pos: torch.Tensor, length: int) -> torch.Tensor:
+        """length: host-side bound above every position, so attention reads only the filled cache."""
         freqs_cis = self.freqs_cis[input_pos]  # (B, S, head_dim/2, 2)
         for layer in self.layers:
-            h = layer.decode(h, freqs_cis, input_pos)
+            h = layer.decode(h, freqs_cis, input_pos, length=length)
         return self.output(self.norm(h[:, -1])).float()  # (B, V)
 
     def prefill(self, cond_idx: Optional[torch.Tensor], batch: Optional[int] = None) -> torch.Tensor:
@@ -129,12 +130,13 @@ class Transformer(nn.Module):
         device = self.tok_embeddings.weight.device
         h = self._start_embeddings(cond_idx, B, device)
         input_pos = torch.arange(self.config.cls_token_num, device=device).expand(B, -1)
-        return self._decode(h, input_pos)
+        return self._decode(h, input_pos, self.config.cls_token_num)
 
     def decode_step(self, tokens: torch.Tensor, step: int) -> torch.Tensor:
         """tokens (B,) = x_{step-1}; returns the logits for x_step, (B, V)."""
-        pos = torch.full((tokens.shape[0], 1), self.config.cls_token_num + step - 1, device=tokens.device)
-        return self._decode(self.tok_embeddings(tokens[:, None]), pos)
+        slot = self.config.cls_token_num + step - 1
+        pos = torch.full((tokens.shape[0], 1), slot, device=tokens.device)
+        return self._decode(self.tok_embeddings(tokens[:, None]), pos, slot + 1)
 
 
 def _factory(n_layer: int, n_head: int, dim: int):

@@ -4,9 +4,12 @@ Parameter names follow LlamaGen (attention.wqkv, attention.wo, feed_forward.w1/w
 attention_norm, ffn_norm, cls_embedding.embedding_table) so released checkpoints load strict.
 
 Every block has two explicit modes:
-  forward(x, freqs_cis)                      teacher-forced, causal over the S positions of x;
-  decode(x, freqs_cis, input_pos, rows)      KV-cached: writes keys/values at input_pos (per row)
-                                             into the cache rows `rows` and attends to the cache.
+  forward(x, freqs_cis, documents=None)      teacher-forced, causal over the S positions of x, or,
+                                             with `documents`, over each packed document of x (1, N);
+  decode(x, freqs_cis, input_pos, rows, length)
+                                             KV-cached: writes keys/values at input_pos (per row)
+                                             into the cache rows `rows` and attends to the cache
+                                             (its first `length` slots when that bound is given).
 Positions, RoPE tables and masks are per row, because DPAR rows advance independently.
 """
 from dataclasses import dataclass
@@ -16,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from autoregressive.models.attention import attend
+from autoregressive.models.attention import Documents, attend
 
 
 def find_multiple(n: int, k: int) -> int:
@@ -148,21 +151,31 @@ class KVCache(nn.Module):
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: Optional[torch.Tensor]):
-        """input_pos (n, S) positions; k, v (n, S, H, D); rows (n,) cache rows or None for rows 0..n-1.
-        Returns the keys/values of those rows (n, S_max, H, D) and the mask (n, 1, S, S_max)."""
+    def update(
+        self,
+        input_pos: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        rows: Optional[torch.Tensor],
+        length: Optional[int] = None,
+    ):
+        """input_pos (n, S) positions; k, v (n, S, H, D); rows (n,) cache rows or None for rows 0..n-1;
+        length: attend to cache slots 0..length-1 only (a host-side bound above every position in
+        input_pos: eager decoding reads a prefix of the cache instead of all of it; None = all).
+        Returns the keys/values of those rows (n, L, H, D) and the mask (n, 1, S, L), L = length or S_max."""
         n = k.shape[0]
+        L = self.k_cache.shape[1] if length is None else length
         if rows is None:
             batch = torch.arange(n, device=k.device)[:, None]  # (n, 1)
             self.k_cache[batch, input_pos] = k
             self.v_cache[batch, input_pos] = v
-            keys, values = self.k_cache[:n], self.v_cache[:n]
+            keys, values = self.k_cache[:n, :L], self.v_cache[:n, :L]
         else:
             self.k_cache[rows[:, None], input_pos] = k
             self.v_cache[rows[:, None], input_pos] = v
-            keys, values = self.k_cache[rows], self.v_cache[rows]
-        slots = torch.arange(self.k_cache.shape[1], device=k.device)
-        mask = slots[None, None, :] <= input_pos[:, :, None]  # (n, S, S_max)
+            keys, values = self.k_cache[rows, :L], self.v_cache[rows, :L]
+        slots = torch.arange(L, device=k.device)
+        mask = slots[None, None, :] <= input_pos[:, :, None]  # (n, S, L)
         return keys, values, mask[:, None]
 
 
@@ -188,38 +201,44 @@ class Attention(nn.Module):
         k = apply_rotary_emb(k.view(B, S, self.n_kv_head, self.head_dim), freqs_cis)  # (B, S, Hkv, D)
         return q, k, v.view(B, S, self.n_kv_head, self.head_dim)
 
-    def _attend(self, q, k, v, mask) -> torch.Tensor:
+    def _attend(self, q, k, v, mask, documents: Optional[Documents] = None) -> torch.Tensor:
         B, S = q.shape[:2]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, D)
         if self.n_kv_head != self.n_head:
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
         dropout = self.attn_dropout_p if self.training else 0.0
-        out = attend(q, k, v, mask=mask, dropout_p=dropout)  # (B, H, S, D)
+        out = attend(q, k, v, mask=mask, dropout_p=dropout, documents=documents)  # (B, H, S, D)
         out = out.transpose(1, 2).reshape(B, S, self.n_head * self.head_dim)  # (B, S, dim)
         return self.resid_dropout(self.wo(out))
 
-    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, documents: Optional[Documents] = None) -> torch.Tensor:
         q, k, v = self._qkv(x, freqs_cis)
-        return self._attend(q, k, v, mask=None)
+        return self._attend(q, k, v, mask=None, documents=documents)
 
-    def decode(self, x, freqs_cis, input_pos: torch.Tensor, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def decode(
+        self, x, freqs_cis, input_pos: torch.Tensor, rows: Optional[torch.Tensor] = None, length: Optional[int] = None
+    ) -> torch.Tensor:
         q, k, v = self._qkv(x, freqs_cis)
-        k, v, mask = self.kv_cache.update(input_pos, k, v, rows)
+        k, v, mask = self.kv_cache.update(input_pos, k, v, rows, length)
         return self._attend(q, k, v, mask=mask)
 
 
 class DropPath(nn.Module):
-    """Stochastic depth per sample (identity at rate 0 or in eval mode)."""
+    """Stochastic depth per sample (identity at rate 0 or in eval mode); with packed
+    documents, per document (a sample's slots are dropped together)."""
 
     def __init__(self, rate: float):
         super().__init__()
         self.rate = rate
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, documents: Optional[Documents] = None) -> torch.Tensor:
         if self.rate == 0.0 or not self.training:
             return x
-        keep = x.new_empty(x.shape[0], *([1] * (x.dim() - 1))).bernoulli_(1 - self.rate)
+        if documents is None:
+            keep = x.new_empty(x.shape[0], *([1] * (x.dim() - 1))).bernoulli_(1 - self.rate)
+        else:
+            keep = x.new_empty(documents.num_docs).bernoulli_(1 - self.rate)[documents.doc_ids][None, :, None]
         return x * keep / (1 - self.rate)
 
 
@@ -232,15 +251,19 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(config.dim, eps=config.norm_eps)
         self.drop_path = DropPath(drop_path)
 
-    def _ffn(self, h: torch.Tensor) -> torch.Tensor:
-        return h + self.drop_path(self.feed_forward(self.ffn_norm(h)))
+    def _ffn(self, h: torch.Tensor, documents: Optional[Documents] = None) -> torch.Tensor:
+        return h + self.drop_path(self.feed_forward(self.ffn_norm(h)), documents)
 
-    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
-        h = x + self.drop_path(self.attention(self.attention_norm(x), freqs_cis))
-        return self._ffn(h)
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, documents: Optional[Documents] = None) -> torch.Tensor:
+        """x (B, S, dim) -> (B, S, dim); with documents, x (1, N, dim) holds packed documents."""
+        h = x + self.drop_path(self.attention(self.attention_norm(x), freqs_cis, documents), documents)
+        return self._ffn(h, documents)
 
-    def decode(self, x, freqs_cis, input_pos: torch.Tensor, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
-        h = x + self.attention.decode(self.attention_norm(x), freqs_cis, input_pos, rows)
+    def decode(
+        self, x, freqs_cis, input_pos: torch.Tensor, rows: Optional[torch.Tensor] = None, length: Optional[int] = None
+    ) -> torch.Tensor:
+        """KV-cached step (see KVCache.update for rows and length)."""
+        h = x + self.attention.decode(self.attention_norm(x), freqs_cis, input_pos, rows, length)
         return self._ffn(h)
 
 

@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 from torch.utils.data.dataloader import default_collate
 
+from autoregressive.models.dpar import DPARConfig, build_patch_layout
 from autoregressive.models.modules import drop_labels
 from autoregressive.train.guards import TrainingError
 from dataset.code_store import CodeDataset, CodeStore, check_code_store, code_store_hash, open_code_store
@@ -169,10 +170,11 @@ class DPARBatches(GPTBatches):
     """As GPTBatches plus patch_lengths (B, M) int64 from the entropies (B, T) and the patching rule."""
 
     def __init__(self, vocab_size: int, num_classes: int, class_dropout_prob: float, patching: PatchingConfig,
-                 grid_width: int):
+                 grid_width: int, model_config: DPARConfig):
         super().__init__(vocab_size, num_classes, class_dropout_prob, conditional=True)
         self.patching = patching
         self.grid_width = grid_width
+        self.model_config = model_config
 
     def collate(self, samples: Sequence[tuple]) -> dict:
         stacked = default_collate(samples)
@@ -183,7 +185,8 @@ class DPARBatches(GPTBatches):
     def __call__(self, raw: dict, generator: torch.Generator) -> Batch:
         batch = super().__call__(raw, generator)
         lengths = raw["patch_lengths"]  # (B, M)
-        batch.inputs["patch_lengths"] = lengths
+        # index tensors of the packed/padded layout, built once per batch on the host
+        batch.inputs["patch_lengths"] = build_patch_layout(lengths, self.model_config)
         batch.patches = int((lengths > 0).sum())
         return batch
 
@@ -261,7 +264,7 @@ def build_stream(args: argparse.Namespace, store: CodeStore, info: DistInfo, mod
     if getattr(model, "is_dpar", False):
         entropies = open_entropies(args, store, info) if args.patching_mode in GATED_MODES else None
         patching = resolve_patching(args, entropies, store.grid_width)
-        builder = DPARBatches(args.vocab_size, args.num_classes, drop, patching, store.grid_width)
+        builder = DPARBatches(args.vocab_size, args.num_classes, drop, patching, store.grid_width, model.config)
         dataset = CodeDataset(store, seed=args.seed, entropies=entropies)
     else:
         builder = GPTBatches(args.vocab_size, args.num_classes, drop, conditional=not args.unconditional)
