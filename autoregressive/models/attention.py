@@ -111,9 +111,10 @@ def attention_backend(device: torch.device | str = "cpu") -> str:
 
 
 def _constant_result(fn: Callable) -> Callable:
-    """torch.compiler.assume_constant_result where this torch has it."""
-    compiler = getattr(torch, "compiler", None)
-    return getattr(compiler, "assume_constant_result", lambda f: f)(fn)
+    """What torch.compiler.assume_constant_result does (mark the function for Dynamo), without
+    importing Dynamo when this module is imported (that import costs seconds per process)."""
+    fn._dynamo_marked_constant = True
+    return fn
 
 
 @_constant_result
