@@ -10,24 +10,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from llamagen_fixtures import rule_state_dict
 from tokenizer.train_vq import main as train_main
 from tokenizer.vq_model import VQ_models, VQModel, load_vq_checkpoint, vq_config
 
 FIXTURES = Path(__file__).parent / "fixtures" / "llamagen"
 TINY = dict(ch=16, ch_mult=[1, 2, 2], num_res_blocks=1, z_channels=16, codebook_size=32, codebook_embed_dim=4,
             norm_groups=8)
-
-
-def fixture_state_dict(keys: list[tuple[str, tuple[int, ...]]]) -> dict[str, torch.Tensor]:
-    """Weights by the fixture's public weight_rule."""
-    state = {}
-    for i, (key, shape) in enumerate(keys):
-        if key == "quantize.codebook_used":
-            state[key] = torch.zeros(shape)
-            continue
-        w = torch.randn(shape, generator=torch.Generator().manual_seed(1000 + i)) * 0.05
-        state[key] = w + 1.0 if "norm" in key and len(shape) == 1 else w
-    return state
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +28,7 @@ def narrow():
     model = VQ_models["VQ-16"](ch=cfg["ch"], z_channels=cfg["z_channels"], codebook_size=cfg["codebook_size"],
                                codebook_embed_dim=cfg["codebook_embed_dim"], num_res_blocks=cfg["num_res_blocks"])
     assert [(k, tuple(v.shape)) for k, v in model.state_dict().items()] == [(k, tuple(s)) for k, s in fx["keys"]]
-    model.load_state_dict(fixture_state_dict(fx["keys"]), strict=True)
+    model.load_state_dict(rule_state_dict(fx["keys"]), strict=True)
     return fx, model.eval()
 
 
@@ -101,7 +90,7 @@ def test_encode_to_indices_matches_float64_nearest_code():
 
 
 def save_narrow(tmp_path: Path, fx: dict, wrap: str) -> Path:
-    state = fixture_state_dict(fx["keys"])
+    state = rule_state_dict(fx["keys"])
     if wrap == "bare":
         obj = state
     elif wrap == "model":
