@@ -9,4 +9,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=$(bash scripts/setup_env.sh | tail -n 1)
+# idle OpenMP threads sleep instead of spinning (a spinning team slows every stage on a shared machine)
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 exec "$py" -m demo "$@"
