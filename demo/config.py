@@ -60,7 +60,7 @@ class DemoConfig:
     temperature: float = 1.0
     top_k: int = 0
     sample_batch: int = 60
-    classifier_epochs: int = 8
+    classifier_epochs: int = 20
     # --full only
     static_model: bool = False
     static_patch_length: int = 2
