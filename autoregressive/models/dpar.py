@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from autoregressive.models.attention import Documents, build_documents, mark_dynamic, segment_attend
+from autoregressive.models.attention import Documents, build_documents, segment_attend
 from autoregressive.models.modules import (
     LabelEmbedder,
     RMSNorm,
@@ -42,6 +42,7 @@ from autoregressive.models.modules import (
 
 PATCH_ROPE = ("dynamic", "2d", "1d")
 PATCH_PACKING = ("auto", "packed", "padded")
+DOCUMENT_GRID_MULTIPLE = 64  # SDPA's document grid length is bucketed to this (few compiled shapes)
 
 
 @dataclass
@@ -164,7 +165,10 @@ class PatchLayout:
         return self.documents is not None
 
     def to(self, device: Union[torch.device, str], non_blocking: bool = False) -> "PatchLayout":
-        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+        """The layout on `device`, its documents prepared for that device's attention backend
+        (flex: the block mask is built here, outside any compiled forward)."""
+        moved = self._map(lambda t: t.to(device, non_blocking=non_blocking))
+        return replace(moved, documents=moved.documents.prepare()) if moved.packed else moved
 
     def pin_memory(self) -> "PatchLayout":
         """Page-locked copies (DataLoader(pin_memory=True) calls this), for non_blocking .to()."""
@@ -233,14 +237,14 @@ def build_patch_layout(
         held = geometry[image, (index - 1).clamp(min=0)] * (index > 0)[:, None]  # (n_real, 3)
         slot_geometry = torch.zeros(n_slots, 4, dtype=torch.long, device=dev)
         slot_geometry[:n_real] = torch.cat([index[:, None], held], dim=-1)
-        slot_geometry = mark_dynamic(slot_geometry[None], 1)  # (1, N, 4)
-        documents = build_documents(counts, n_slots, max_seqlen=T)
+        slot_geometry = slot_geometry[None]  # (1, N, 4)
+        documents = build_documents(counts, n_slots, max_seqlen=T, grid_multiple=DOCUMENT_GRID_MULTIPLE)
     else:
         n_slots = B * M
         base = torch.arange(B, device=dev) * M
         held = F.pad(geometry[:, : M - 1], (0, 0, 1, 0))  # (B, M, 3): slot s holds patch s-1
         slot = torch.arange(M, device=dev).expand(B, M)
-        slot_geometry = mark_dynamic(torch.cat([slot[..., None], held], dim=-1), 1)  # (B, M, 4)
+        slot_geometry = torch.cat([slot[..., None], held], dim=-1)  # (B, M, 4)
         documents = None
     m = patch_ids[:, : T - 1]  # (B, T-1) patch of encoder token x_j
     token_slot = torch.where(m < counts[:, None] - 1, base[:, None] + m + 1, n_slots)
@@ -372,8 +376,8 @@ class DPAR(nn.Module):
         else:
             x = h.new_zeros(n, dim)
         x = x.index_copy(0, layout.class_slot, self.cls_embedding(cond_idx)[:, 0].to(x.dtype))
-        x = mark_dynamic(self.tok_dropout(x.view(R, S, dim)), 1)  # (R, S, dim)
-        patch_freqs = mark_dynamic(self.patch_rope(*layout.slot_geometry.unbind(-1)), 1)  # (R, S, hd/2, 2)
+        x = self.tok_dropout(x.view(R, S, dim))  # (R, S, dim)
+        patch_freqs = self.patch_rope(*layout.slot_geometry.unbind(-1))  # (R, S, hd/2, 2), shared by every layer
         documents = layout.documents.prepare() if layout.documents is not None else None
         for layer in self.patch_layers:
             x = layer(x, patch_freqs, documents)

@@ -92,7 +92,10 @@ def _system_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mixed-precision", choices=("auto", "none", "bf16", "fp16"), default="auto",
                    help="auto: bf16 on CUDA, none on CPU; FSDP + bf16 keeps fp32 master weights and fp32 reduce")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile each transformer block (default: on CUDA only)")
+                   help="torch.compile the training forward/backward (default: on CUDA only)")
+    g.add_argument("--compile-scope", choices=("model", "blocks"), default="model",
+                   help="with --compile: the whole model as one graph (packed patch counts are bucketed, so a "
+                        "run compiles a few graphs), or each transformer block separately")
     g.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each transformer block in backward")
 
@@ -113,6 +116,8 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--log-every", type=int, default=100, help="log line every N optimizer steps")
     g.add_argument("--peak-tflops", type=float, default=989.0,
                    help="per-GPU peak TFLOP/s for the MFU estimate (H100/H200 dense bf16: 989)")
+    g.add_argument("--speed-warmup-steps", type=int, default=10,
+                   help="steps (from this run's start) left out of images/s and MFU: compilation and warm-up")
     g.add_argument("--wandb", action="store_true",
                    help="also log to Weights & Biases (offline unless WANDB_MODE is set)")
     g.add_argument("--wandb-project", default="dpar", help="wandb project name")

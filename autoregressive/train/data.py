@@ -117,7 +117,8 @@ def resolve_patching(args: argparse.Namespace, entropies: Optional[np.ndarray], 
 
 
 # ---------------------------------------------------------------------------------------
-# Batch builders: collate() runs in DataLoader workers (pure), __call__ in the main process
+# Batch builders: collate() runs in DataLoader workers (pure; it also builds DPAR's patch
+# layout, so the training step reads no lengths on the host), __call__ in the main process
 # (label dropout draws from a checkpointed generator).
 # ---------------------------------------------------------------------------------------
 @dataclass
@@ -126,11 +127,13 @@ class Batch:
 
     inputs: dict
     tokens: int
+    images: int
     patches: Optional[int] = None
 
     def to(self, device: torch.device) -> "Batch":
+        """Copies queued with non_blocking=True (from pinned memory when the loader pins it)."""
         inputs = {k: v.to(device, non_blocking=True) if v is not None else None for k, v in self.inputs.items()}
-        return Batch(inputs, self.tokens, self.patches)
+        return Batch(inputs, self.tokens, self.images, self.patches)
 
 
 class GPTBatches:
@@ -163,11 +166,12 @@ class GPTBatches:
             raise TrainingError(f"code {int(codes.max())} in the code store is outside the codebook "
                                 f"0..{self.vocab_size - 1}")
         inputs = {"idx": codes[:, :-1], "cond_idx": self.labels(raw["labels"], generator), "targets": codes}
-        return Batch(inputs, tokens=codes.numel())
+        return Batch(inputs, tokens=codes.numel(), images=codes.shape[0])
 
 
 class DPARBatches(GPTBatches):
-    """As GPTBatches plus patch_lengths (B, M) int64 from the entropies (B, T) and the patching rule."""
+    """As GPTBatches plus the batch's PatchLayout (model input `patch_lengths`), built in the
+    worker from the patch lengths (B, M) that the entropies (B, T) and the patching rule give."""
 
     def __init__(self, vocab_size: int, num_classes: int, class_dropout_prob: float, patching: PatchingConfig,
                  grid_width: int, model_config: DPARConfig):
@@ -180,14 +184,14 @@ class DPARBatches(GPTBatches):
         stacked = default_collate(samples)
         batch = {"codes": stacked[0], "labels": stacked[1], "entropy": stacked[2] if len(stacked) > 2 else None}
         out = build_patch_batch(batch, self.patching, self.grid_width)
-        return {"codes": out["tokens"], "labels": out["labels"], "patch_lengths": out["patch_lengths"]}
+        lengths = out["patch_lengths"]  # (B, M)
+        return {"codes": out["tokens"], "labels": out["labels"], "layout": build_patch_layout(lengths, self.model_config),
+                "patches": int((lengths > 0).sum())}
 
     def __call__(self, raw: dict, generator: torch.Generator) -> Batch:
         batch = super().__call__(raw, generator)
-        lengths = raw["patch_lengths"]  # (B, M)
-        # index tensors of the packed/padded layout, built once per batch on the host
-        batch.inputs["patch_lengths"] = build_patch_layout(lengths, self.model_config)
-        batch.patches = int((lengths > 0).sum())
+        batch.inputs["patch_lengths"] = raw["layout"]
+        batch.patches = raw["patches"]
         return batch
 
 
