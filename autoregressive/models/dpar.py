@@ -31,6 +31,7 @@ from autoregressive.models.modules import (
     RMSNorm,
     TransformerBlock,
     TransformerDefaults,
+    chunked_cross_entropy,
     grid_rope_table,
     init_weights,
     remove_kv_caches,
@@ -350,11 +351,16 @@ class DPAR(nn.Module):
         cond_idx: torch.Tensor,
         patch_lengths: Union[torch.Tensor, PatchLayout],
         targets: Optional[torch.Tensor] = None,
+        return_logits: bool = True,
     ):
         """idx (B, T-1) inputs x_0..x_{T-2}; cond_idx (B,); patch_lengths (B, M) zero-padded
-        lengths over the T targets, or their PatchLayout (build_patch_layout; lets the trainer
-        build it off the critical path). Returns logits (B, T, V) float32 and the mean
-        cross-entropy against targets (B, T) (None without targets)."""
+        lengths over the T targets, or their PatchLayout (build_patch_layout, in the data
+        workers: then the pass reads nothing on the host and compiles as one graph). Returns
+        logits (B, T, V) float32 and the mean cross-entropy against targets (B, T) (None without
+        targets); return_logits=False (training) returns (None, loss), the loss computed chunk by
+        chunk without the logits."""
+        if not return_logits and targets is None:
+            raise ValueError("return_logits=False needs targets (the loss is all it returns)")
         layout = patch_lengths
         if not isinstance(layout, PatchLayout):  # built on the host, where the lengths are read
             layout = self.patch_layout(patch_lengths.cpu()).to(idx.device)
@@ -390,6 +396,8 @@ class DPAR(nn.Module):
         for inject, layer in zip(self.patch_injections, self.decoder_layers):
             u = u + inject(g).index_select(0, slots).view(B, T, dim)
             u = layer(u, dec_freqs)
+        if not return_logits:
+            return None, chunked_cross_entropy(self.norm(u).reshape(B * T, dim), self.output.weight, targets.reshape(-1))
         logits = self.output(self.norm(u)).float()  # (B, T, V)
         loss = None
         if targets is not None:

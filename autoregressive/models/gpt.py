@@ -17,6 +17,7 @@ from autoregressive.models.modules import (
     RMSNorm,
     TransformerBlock,
     TransformerDefaults,
+    chunked_cross_entropy,
     grid_rope_table,
     init_weights,
     remove_kv_caches,
@@ -92,17 +93,27 @@ class Transformer(nn.Module):
         return self.cls_embedding(cond_idx)[:, : self.config.cls_token_num]  # (B, cls, dim)
 
     def forward(
-        self, idx: torch.Tensor, cond_idx: Optional[torch.Tensor], targets: Optional[torch.Tensor] = None
+        self,
+        idx: torch.Tensor,
+        cond_idx: Optional[torch.Tensor],
+        targets: Optional[torch.Tensor] = None,
+        return_logits: bool = True,
     ):
         """Teacher-forced pass. idx (B, T-1) codes, cond_idx (B,) classes (ignored when
         unconditional). Returns logits (B, T, V) float32 (logits[:, t] predicts x_t) and the
-        mean cross-entropy against targets (B, T), or None without targets."""
+        mean cross-entropy against targets (B, T), or None without targets. return_logits=False
+        (training) returns (None, loss), the loss computed chunk by chunk without the logits."""
+        if not return_logits and targets is None:
+            raise ValueError("return_logits=False needs targets (the loss is all it returns)")
         B = idx.shape[0]
         start = self._start_embeddings(cond_idx, B, idx.device)
         h = self.tok_dropout(torch.cat([start, self.tok_embeddings(idx)], dim=1))  # (B, cls + T-1, dim)
         freqs_cis = self.freqs_cis[None, : h.shape[1]]
         for layer in self.layers:
             h = layer(h, freqs_cis)
+        if not return_logits:
+            h = self.norm(h)[:, self.config.cls_token_num - 1 :]  # (B, T, dim)
+            return None, chunked_cross_entropy(h.reshape(-1, h.shape[-1]), self.output.weight, targets.reshape(-1))
         logits = self.output(self.norm(h)).float()[:, self.config.cls_token_num - 1 :]  # (B, T, V)
         loss = None
         if targets is not None:

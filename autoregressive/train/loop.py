@@ -157,7 +157,7 @@ def train_step(t: Trainer, batches: list) -> tuple:
     for i, batch in enumerate(batches):
         with gradient_sync(t.module, sync=i == n - 1):
             with autocast_context(t.args, t.info):
-                _, loss = t.module(**batch.inputs)
+                _, loss = t.module(**batch.inputs, return_logits=False)  # chunked loss, no (B, T, V) logits
             scaled = loss / n
             (t.scaler.scale(scaled) if t.scaler is not None else scaled).backward()
         total += loss.detach().float()
