@@ -18,9 +18,11 @@ store's stored entropies and --threshold instead. The FLOPs ratio comes from
 evaluations.flops over exactly the patch counts trained on: training FLOPs (3 x 2 x (linear +
 attention MACs)) of GPT / DPAR per image.
 
-Training step: forward, backward and AdamW step on random codes (LlamaGen's dropouts), the
-DPAR batch's PatchLayout built inside the step; --compile compiles each transformer block as
-train_c2i.py does. images/s = batch / median step time; tokens/s = images/s x T.
+Training step: forward, the trainer's chunked loss, backward and AdamW step on random codes
+(LlamaGen's dropouts); DPAR's PatchLayouts are built beforehand on the host (pinned on CUDA), as
+the trainer's data workers do, and copied with non_blocking=True inside the step. --compile
+model compiles the whole model (train_c2i.py's default), --compile blocks each transformer
+block. images/s = batch / median step time; tokens/s = images/s x T.
 Peak memory (bytes, one extra step per model after the timed ones): CUDA max_memory_allocated
 (weights, optimizer state and activations); CPU, after returning free heap pages to the system
 (malloc_trim), the growth of the resident set's high-water mark (VmHWM, reset through
@@ -37,8 +39,8 @@ cache than a whole image needs). DPAR's entropy model is a GPT (--entropy-model)
 head, its threshold calibrated to the target compression on random codes.
 
 Defaults: on the CPU GPT-XS vs DPAR-XS, vocabulary 1024, batch 8, 1 warm-up + 5 measured steps,
-float32, eager, entropy model GPT-T; on CUDA GPT-L vs DPAR-L, vocabulary 16384, batch 32, 3 + 10
-steps, bf16 autocast, compiled blocks, entropy model GPT-S.
+float32, eager, entropy model GPT-T; on CUDA GPT-L vs DPAR-L, vocabulary 16384, batch 32, 4 + 10
+steps, bf16 autocast, whole-model compile, entropy model GPT-S.
 """
 import argparse
 import ctypes
@@ -61,7 +63,7 @@ from autoregressive.models.attention import BACKENDS, set_attention_backend
 from autoregressive.models.dpar import DPAR_models, build_patch_layout
 from autoregressive.models.generate import Sampling, draw_uniforms, generate, reference_generate_dpar
 from autoregressive.models.gpt import GPT_models
-from autoregressive.models.modules import TransformerBlock
+from autoregressive.train.model import compile_model
 from entropy_model.calibrate import threshold_for_compression
 from entropy_model.entropy import teacher_forced_entropy
 from entropy_model.patching import PatchingConfig, patch_lengths_from_starts, patch_starts
@@ -222,30 +224,31 @@ class Trainee:
 
 def make_trainee(
     name: str, image_size: int, vocab_size: int, batch_size: int, device: torch.device, amp: Optional[torch.dtype],
-    compile_blocks: bool, patch_batches: Optional[List[torch.Tensor]] = None, num_classes: int = 1000, seed: int = 0,
-    **model_kwargs,
+    compile_scope: Optional[str] = None, patch_batches: Optional[List[torch.Tensor]] = None, num_classes: int = 1000,
+    seed: int = 0, compile_backend: str = "inductor", **model_kwargs,
 ) -> Trainee:
-    """A registry model on `device` with AdamW and a step(i) that trains on batch i (cycled)."""
+    """A registry model on `device` with AdamW and a step(i) that trains on batch i (cycled).
+    compile_scope: None, "model" or "blocks" (autoregressive.train.model.compile_model)."""
     T = (image_size // 16) ** 2
     torch.manual_seed(seed)
     model = build_model(name, vocab_size=vocab_size, block_size=T, num_classes=num_classes, **model_kwargs)
     model.to(device).train()
-    if compile_blocks:
-        for block in [m for m in model.modules() if isinstance(m, TransformerBlock)]:
-            block.compile()
+    if compile_scope is not None:
+        compile_model(model, compile_scope, compile_backend)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
     g = torch.Generator().manual_seed(seed)
     count = len(patch_batches) if patch_batches else 4
     codes = [torch.randint(0, vocab_size, (batch_size, T), generator=g).to(device) for _ in range(count)]
     labels = [torch.randint(0, num_classes, (batch_size,), generator=g).to(device) for _ in range(count)]
+    layouts = [build_patch_layout(b, model.config) for b in patch_batches or []]  # as the data workers do
+    if device.type == "cuda":
+        layouts = [layout.pin_memory() for layout in layouts]
 
     def step(i: int) -> None:
         k = i % count
-        extra = ()
-        if patch_batches is not None:  # the layout is built on the host, as a data worker would
-            extra = (build_patch_layout(patch_batches[k], model.config).to(device, non_blocking=True),)
+        extra = (layouts[k].to(device, non_blocking=True),) if layouts else ()
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            _, loss = model(codes[k][:, :-1], labels[k], *extra, targets=codes[k])
+            _, loss = model(codes[k][:, :-1], labels[k], *extra, targets=codes[k], return_logits=False)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -330,7 +333,7 @@ def compare(args: argparse.Namespace, image_size: int, device: torch.device) -> 
 
     amp = torch.bfloat16 if args.bf16 else None
     build = dict(image_size=image_size, vocab_size=args.vocab_size, batch_size=args.batch_size, device=device,
-                 amp=amp, compile_blocks=args.compile, num_classes=args.num_classes)
+                 amp=amp, compile_scope=None if args.compile == "none" else args.compile, num_classes=args.num_classes)
     gpt = make_trainee(args.gpt_model, **build)
     dpar = make_trainee(args.dpar_model, patch_batches=batches, patch_packing=args.packing, **build)
     times, peak = interleaved({"gpt": gpt.step, "dpar": dpar.step}, args.warmup, args.steps, device, True)
@@ -421,7 +424,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=32 if cuda else 8, help="training batch")
     p.add_argument("--steps", type=int, default=10 if cuda else 5, help="measured steps per model")
-    p.add_argument("--warmup", type=int, default=3 if cuda else 1, help="unmeasured steps per model first")
+    p.add_argument("--warmup", type=int, default=4 if cuda else 1,
+                   help="unmeasured steps per model first (cover the --num-batches layouts: compilation)")
     p.add_argument("--num-batches", type=int, default=4, help="distinct patch layouts cycled through")
     g = p.add_argument_group("patches")
     g.add_argument("--compression", type=float, default=None, help="mean tokens per patch (default 1.81 at 256 px, "
@@ -432,8 +436,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     g.add_argument("--packing", choices=("auto", "packed", "padded"), default="auto",
                    help="DPAR's patch-transformer layout (DPARConfig.patch_packing)")
     g = p.add_argument_group("execution")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=cuda,
-                   help="torch.compile each transformer block (default on CUDA)")
+    g.add_argument("--compile", choices=("none", "model", "blocks"), default="model" if cuda else "none",
+                   help="torch.compile the whole model or each transformer block (default: model on CUDA)")
     g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=cuda,
                    help="bf16 autocast (default on CUDA)")
     g.add_argument("--attention", choices=BACKENDS, default=None, help="attention backend (default: automatic)")
