@@ -211,3 +211,48 @@ def test_training_loss_equals_the_logits_path(kind):
     assert_close(chunked, plain, atol=2e-2)
     with pytest.raises(ValueError, match="return_logits=False needs targets"):
         model(codes[:, :-1], cond, *extra, return_logits=False)
+
+
+# --------------------------------------------------------------------------------------
+# The trainer: compile scope and steady-state speed in the log
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("scope", ["model", "blocks"])
+def test_parallelize_compiles_the_chosen_scope(scope):
+    from argparse import Namespace
+
+    from autoregressive.train.model import parallelize, transformer_blocks
+    from utils.distributed import DistInfo
+
+    model = dpar()
+    args = Namespace(activation_checkpointing=False, compile=True, compile_scope=scope, data_parallel="ddp")
+    module = parallelize(model, args, DistInfo(0, 1, 0, torch.device("cpu")))
+    assert module is model and list(model.state_dict()) == list(dpar().state_dict())  # keys unchanged
+    assert (model._compiled_call_impl is not None) == (scope == "model")
+    assert all((b._compiled_call_impl is not None) == (scope == "blocks") for b in transformer_blocks(model))
+
+
+def test_log_speed_leaves_out_the_warmup(tmp_path):
+    """A slow first step (compilation) is timed apart: the window that holds it is marked
+    "warmup", and the first window after the warm-up counts only the steps after it."""
+    import json
+    import time
+    from argparse import Namespace
+
+    from autoregressive.train.data import Batch
+    from autoregressive.train.logger import TrainLogger
+    from utils.distributed import DistInfo
+
+    args = Namespace(log_every=2, speed_warmup_steps=3, wandb=False, peak_tflops=1.0)
+    logger = TrainLogger(tmp_path, args, DistInfo(0, 1, 0, torch.device("cpu")), 6, (1000, 0))
+    one = torch.ones(())
+    for step in range(1, 7):
+        time.sleep(0.4 if step == 1 else 0.01)  # step 1 "compiles"
+        logger.update(step, 0, 1e-4, one * step, one, one, [Batch({}, tokens=64, images=4)])
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [2, 4, 6]
+    assert [r.get("warmup", False) for r in log] == [True, False, False]
+    assert log[0]["steps_per_s"] < 6 < 20 < log[1]["steps_per_s"]  # window 2 holds step 4 only, after the warm-up
+    for r in log:
+        assert r["images_per_s"] == pytest.approx(4 * r["steps_per_s"]) and r["tokens_per_s"] == pytest.approx(
+            64 * r["steps_per_s"])
+    assert log[1]["loss"] == 3.5 and log[2]["loss"] == 5.5  # losses still cover every step
