@@ -3,6 +3,9 @@ checkpointing, torch.compile, DDP or FSDP2), the AdamW optimizer and the learnin
 
 Wrapping acts on every TransformerBlock instance, so the GPT's `layers` and DPAR's
 `encoder_layers` / `patch_layers` / `decoder_layers` are all covered without naming them.
+torch.compile covers the whole model by default (--compile-scope model): DPAR's pooling,
+cross-attention, gathers, injections, RoPE tables and the loss fuse with the blocks instead of
+running eagerly between them.
 """
 import argparse
 import contextlib
