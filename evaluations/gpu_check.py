@@ -207,7 +207,8 @@ def check_training(device: torch.device, dry_run: bool, steps: int, warmup: int,
             counts = torch.cat([(b > 0).sum(-1) for b in batches])
             common = dict(vocab_size=vocab, num_classes=classes)
             gpt_flops = benchmark.flops_per_image(gpt_name, size, **common)["training_flops"]
-            dpar_flops = benchmark.flops_per_image(dpar_name, size, patch_counts=counts.numpy(), **common)["training_flops"]
+            dpar_flops = benchmark.flops_per_image(dpar_name, size, patch_counts=counts.numpy(),
+                                                   **common)["training_flops"]
             entry.update(tokens=grid * grid, compression=grid * grid / counts.float().mean().item(),
                          flops_ratio=gpt_flops / dpar_flops, matmul_tflops=rate / 1e12)
             layouts.append((entry, batches, (gpt_flops, dpar_flops)))

@@ -397,7 +397,8 @@ class DPAR(nn.Module):
             u = u + inject(g).index_select(0, slots).view(B, T, dim)
             u = layer(u, dec_freqs)
         if not return_logits:
-            return None, chunked_cross_entropy(self.norm(u).reshape(B * T, dim), self.output.weight, targets.reshape(-1))
+            h_out = self.norm(u).reshape(B * T, dim)  # (B*T, dim)
+            return None, chunked_cross_entropy(h_out, self.output.weight, targets.reshape(-1))
         logits = self.output(self.norm(u)).float()  # (B, T, V)
         loss = None
         if targets is not None:

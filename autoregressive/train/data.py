@@ -185,8 +185,8 @@ class DPARBatches(GPTBatches):
         batch = {"codes": stacked[0], "labels": stacked[1], "entropy": stacked[2] if len(stacked) > 2 else None}
         out = build_patch_batch(batch, self.patching, self.grid_width)
         lengths = out["patch_lengths"]  # (B, M)
-        return {"codes": out["tokens"], "labels": out["labels"], "layout": build_patch_layout(lengths, self.model_config),
-                "patches": int((lengths > 0).sum())}
+        layout = build_patch_layout(lengths, self.model_config)
+        return {"codes": out["tokens"], "labels": out["labels"], "layout": layout, "patches": int((lengths > 0).sum())}
 
     def __call__(self, raw: dict, generator: torch.Generator) -> Batch:
         batch = super().__call__(raw, generator)
