@@ -196,7 +196,7 @@ def check_training(device: torch.device, dry_run: bool, steps: int, warmup: int,
     compile_backend = "eager" if dry_run else "inductor"
     vocab, classes = (64, 10) if dry_run else (16384, 1000)
     rate = benchmark.matmul_rate(device, torch.bfloat16)
-    results, layouts = [], []
+    results, measurable = [], []  # (entry, patch batches, training FLOPs per image)
     for gpt_name, dpar_name, size, batch in configs:
         entry = {"gpt_model": gpt_name, "dpar_model": dpar_name, "image_size": size, "batch_size": batch,
                  "scopes": {}, "seconds": 0.0}
@@ -211,12 +211,12 @@ def check_training(device: torch.device, dry_run: bool, steps: int, warmup: int,
                                                    **common)["training_flops"]
             entry.update(tokens=grid * grid, compression=grid * grid / counts.float().mean().item(),
                          flops_ratio=gpt_flops / dpar_flops, matmul_tflops=rate / 1e12)
-            layouts.append((entry, batches, (gpt_flops, dpar_flops)))
+            measurable.append((entry, batches, (gpt_flops, dpar_flops)))
         except Exception as e:
             entry.update(ok=False, error=f"{type(e).__name__}: {e}"[:1000], traceback=traceback.format_exc()[-2000:])
         results.append(entry)
     for scope in scopes:
-        for entry, batches, flops in layouts:
+        for entry, batches, flops in measurable:
             if time.time() > deadline:
                 entry["scopes"][scope] = {"ok": False, "error": "skipped: time limit"}
                 continue
@@ -238,7 +238,7 @@ def check_training(device: torch.device, dry_run: bool, steps: int, warmup: int,
             entry["seconds"] += result["seconds"]
             torch._dynamo.reset()  # each scope and size compiles its own graphs
             _release(device)
-    for entry, _, _ in layouts:
+    for entry, _, _ in measurable:
         first = entry["scopes"].get(scopes[0], {}) if scopes else {}
         entry.update({k: v for k, v in first.items() if k not in ("ok", "error", "traceback", "seconds")})
         entry["compile_scope"] = scopes[0] if scopes else None
@@ -357,7 +357,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes: check that the script works")
     p.add_argument("--steps", type=int, default=None, help="measured training steps per model (default 6; dry run 1)")
     p.add_argument("--warmup", type=int, default=None,
-                   help="warm-up training steps per model, at least the 4 patch layouts (default 4; dry run 1)")
+                   help="warm-up training steps per model (training: at least one per patch layout, 4; default 4; dry run 1)")
     p.add_argument("--compile-scopes", nargs="+", choices=COMPILE_SCOPES, default=list(COMPILE_SCOPES),
                    help="training: whole-model and/or per-block compile, measured in this order")
     p.add_argument("--decode-steps", type=int, default=None, help="decoding steps timed (default 48; dry run 6)")
