@@ -357,7 +357,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes: check that the script works")
     p.add_argument("--steps", type=int, default=None, help="measured training steps per model (default 6; dry run 1)")
     p.add_argument("--warmup", type=int, default=None,
-                   help="warm-up training steps per model (training: at least one per patch layout, 4; default 4; dry run 1)")
+                   help="warm-up steps per model (training: at least one per patch layout, i.e. 4; default 4; "
+                        "dry run 1)")
     p.add_argument("--compile-scopes", nargs="+", choices=COMPILE_SCOPES, default=list(COMPILE_SCOPES),
                    help="training: whole-model and/or per-block compile, measured in this order")
     p.add_argument("--decode-steps", type=int, default=None, help="decoding steps timed (default 48; dry run 6)")
