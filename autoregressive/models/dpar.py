@@ -393,24 +393,32 @@ class DPAR(nn.Module):
         return logits, loss
 
     # ---- incremental generation (see generate.generate_dpar) ---------------------------
+    # Every step is static-shape: caches are written at explicit per-row positions and read over
+    # `length` slots (a host-side bound from a small fixed set), masked per row.
     def setup_caches(self, max_batch_size: int, dtype: Optional[torch.dtype] = None) -> None:
+        """Token-level caches of max_batch_size rows; the patch transformer's have one more, the
+        scratch row (scratch_row) that padding rows of a patch-step group write to."""
         dtype = dtype or self.tok_embeddings.weight.dtype
         device, T = self.tok_embeddings.weight.device, self.config.block_size
-        for layers in (self.encoder_layers, self.patch_layers, self.decoder_layers):
+        for layers in (self.encoder_layers, self.decoder_layers):
             setup_kv_caches(layers, max_batch_size, T, dtype, device)
+        setup_kv_caches(self.patch_layers, max_batch_size + 1, T, dtype, device)
 
     def remove_caches(self) -> None:
         for layers in (self.encoder_layers, self.patch_layers, self.decoder_layers):
             remove_kv_caches(layers)
 
-    def encode_step(self, tokens: torch.Tensor, step: int) -> torch.Tensor:
-        """tokens (n,) = x_step at encoder slot `step` -> states after every layer (n, E, dim)."""
+    @property
+    def scratch_row(self) -> int:
+        return self.patch_layers[0].attention.kv_cache.k_cache.shape[0] - 1
+
+    def encode_step(self, tokens: torch.Tensor, input_pos: torch.Tensor, length: int) -> torch.Tensor:
+        """tokens (n,) at encoder slots input_pos (n, 1) -> states after every layer (n, E, dim)."""
         h = self.tok_embeddings(tokens[:, None])  # (n, 1, dim)
-        pos = torch.full((tokens.shape[0], 1), step, device=tokens.device)
-        freqs = self.freqs_cis[pos + 1]  # (n, 1, head_dim/2, 2)
+        freqs = self.freqs_cis[input_pos + 1]  # (n, 1, head_dim/2, 2): slot j holds x_j
         states = []
         for layer in self.encoder_layers:
-            h = layer.decode(h, freqs, pos, length=step + 1)
+            h = layer.decode(h, freqs, input_pos, length=length)
             states.append(h[:, 0])
         return torch.stack(states, dim=1)
 
@@ -419,9 +427,8 @@ class DPAR(nn.Module):
     ) -> torch.Tensor:
         """Advance the patch transformer by one slot for the cache rows `rows` (n,), each at its
         own slot (n,). x (n, dim) is the class embedding (slot 0) or the finished patch vector;
-        geometry = (row, col_start, col_end) (n,) of that patch. length: optional host-side bound
-        above every slot (e.g. step + 1): attention reads only that prefix of the caches.
-        Returns g (n, dim)."""
+        geometry = (row, col_start, col_end) (n,) of that patch. length: host-side bound above
+        every slot: attention reads only that prefix of the caches. Returns g (n, dim)."""
         slot = slot[:, None]  # (n, 1)
         freqs = self.patch_rope(slot, *(t[:, None] for t in geometry))
         h = x[:, None]
@@ -433,13 +440,13 @@ class DPAR(nn.Module):
         """g (n, dim) -> what each decoder layer adds for tokens of that patch (n, D, dim)."""
         return torch.stack([inject(g) for inject in self.patch_injections], dim=1)
 
-    def decode_step(self, u: torch.Tensor, injections: torch.Tensor, step: int) -> torch.Tensor:
-        """u (n, dim) decoder input of slot `step`; injections (n, D, dim) -> logits (n, V)."""
-        pos = torch.full((u.shape[0], 1), step, device=u.device)
-        freqs = self.freqs_cis[pos]
+    def decode_step(self, u: torch.Tensor, injections: torch.Tensor, input_pos: torch.Tensor, length: int):
+        """u (n, dim) decoder inputs at slots input_pos (n, 1); injections (n, D, dim)
+        -> logits (n, V)."""
+        freqs = self.freqs_cis[input_pos]
         h = u[:, None]
         for l, layer in enumerate(self.decoder_layers):
-            h = layer.decode(h + injections[:, l, None], freqs, pos, length=step + 1)
+            h = layer.decode(h + injections[:, l, None], freqs, input_pos, length=length)
         return self.output(self.norm(h[:, 0])).float()
 
 
