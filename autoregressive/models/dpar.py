@@ -253,22 +253,6 @@ def build_patch_layout(
     )
 
 
-def gather_patch_tokens(states: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor):
-    """states (B, S, dim) token states; starts, lengths (B, M) -> tokens (B, M, L, dim) and
-    valid (B, M, L), L = the longest patch. Tokens at or past S are invalid (a patch that ends
-    with the last target token has no encoder state for it); a patch with no valid token gets
-    one dummy key so attention stays finite (its result is never used)."""
-    B, S, _ = states.shape
-    L = max(int(lengths.max()), 1)
-    offset = torch.arange(L, device=states.device)
-    index = starts[..., None] + offset  # (B, M, L)
-    valid = (offset < lengths[..., None]) & (index < S)
-    valid[..., 0] |= ~valid.any(-1)
-    index = index.clamp(max=S - 1)
-    batch = torch.arange(B, device=states.device)[:, None, None]
-    return states[batch, index], valid  # (B, M, L, dim), (B, M, L)
-
-
 class DPAR(nn.Module):
     is_dpar = True
 
