@@ -223,24 +223,6 @@ def group_size(count: int, batch: int) -> int:
     return min(batch, 1 << max(count - 1, 0).bit_length())
 
 
-def _patch_group(model, states: torch.Tensor, rows: torch.Tensor, cache_rows: torch.Tensor, start: torch.Tensor,
-                 slot: torch.Tensor, step: int, max_length: int, length: int) -> torch.Tensor:
-    """Pool the patches [start, step-1] of the group's images `rows` (g,) and advance the patch
-    transformer by one slot for their cache rows (g * copies,) at `slot` (g,). Each patch is
-    gathered over max_length states (a bound on every patch's length), from the stored encoder
-    states (B, E, T, dim). Returns the decoder injections of the new patch states (g * copies, D, dim)."""
-    W, copies = model.config.grid_size, cache_rows.shape[0] // rows.shape[0]
-    index = start[:, None] + torch.arange(max_length, device=states.device)  # (g, L)
-    valid = index < step  # the patch's tokens start..step-1
-    index = index.clamp(max=states.shape[2] - 1)
-    layer_tokens = [states[rows[:, None], l, index] for l in range(states.shape[1])]  # E x (g, L, dim)
-    p = model.pool_patches(layer_tokens, valid)  # (g, dim)
-    geometry = (start // W, start % W, torch.full_like(start, (step - 1) % W))
-    geometry = tuple(t.repeat(copies) for t in geometry)
-    g = model.patch_step(p.repeat(copies, 1), cache_rows, slot.repeat(copies), geometry, length)
-    return model.injections(g)
-
-
 @torch.no_grad()
 def generate_dpar(
     model,
@@ -276,50 +258,43 @@ def generate_dpar(
     rule = StepRule(patching, cfg.grid_size, T, dev)
     max_length = rule.max_patch_length
     block, capacity = decoding.read_block, cfg.block_size
-    model.setup_caches(R)
+    model.setup_caches(R, images=B)
     scratch = model.scratch_row
     scorer = None
     if patching.needs_entropy:
         scorer = IncrementalEntropy(entropy_model, B, read_block=block, wrap=decoding.wrap,
                                     keep_cache=decoding.keep_caches)
-    encode, patch_group, decode = (decoding.wrap(f) for f in (model.encode_step, _patch_group, model.decode_step))
+    encode, close_patches, decode = (decoding.wrap(f) for f in (model.encode_step, model.close_patches,
+                                                                 model.decode_step))
     try:
         tokens = torch.empty(B, T, dtype=torch.long, device=dev)
-        dtype = model.tok_embeddings.weight.dtype
-        states = torch.zeros(B, cfg.n_encoder_layer, T, cfg.dim, dtype=dtype, device=dev)  # h^l of x_j
         patch_start = torch.zeros(B, dtype=torch.long, device=dev)
         num_patches = torch.ones(B, dtype=torch.long, device=dev)
-        zeros = torch.zeros(R, dtype=torch.long, device=dev)
-        g = model.patch_step(model.cls_embedding(cond_all)[:, 0], torch.arange(R, device=dev), zeros, (zeros,) * 3,
-                             length=read_length(1, capacity, block))
-        injections = torch.zeros(R + 1, cfg.n_decoder_layer, cfg.dim, dtype=g.dtype, device=dev)  # row R: scratch
-        injections[:R] = model.injections(g)
+        model.start_patches(cond_all, read_length(1, capacity, block))
         prev_entropy = scorer.start() if scorer else None
-        pos = torch.zeros(R, 1, dtype=torch.long, device=dev)
-        start_vector = model.decoder_start.to(dtype).expand(R, -1).contiguous()
-        logits = decode(start_vector, injections[:R], pos, read_length(1, capacity, block))
+        start_vector = model.decoder_start.to(model.tok_embeddings.weight.dtype).expand(R, -1).contiguous()
+        logits = decode(start_vector, torch.zeros(R, 1, dtype=torch.long, device=dev), read_length(1, capacity, block))
         kept = [logits.clone()] if keep_logits else None
         tokens[:, 0] = sampling.pick(logits, 0, uniforms[:, 0])
         for i in range(1, T):
             decoding.begin_step()
             previous = tokens[:, i - 1]
             entropy = scorer.step(previous, i) if scorer else None
-            states[:, :, i - 1] = encode(previous, torch.full((B, 1), i - 1, device=dev), read_length(i, capacity, block))
+            h = encode(previous, torch.full((B, 1), i - 1, device=dev), read_length(i, capacity, block))  # (B, dim)
+            u = h.repeat(copies, 1)  # (R, dim) decoder input u_i = h_{i-1}, before the next replay reuses h
             opens = rule.opens(i, entropy, prev_entropy, i - patch_start)  # (B,)
             prev_entropy = entropy.clone() if entropy is not None else None
             n, top = torch.stack([opens.sum(), num_patches.max()]).to("cpu", copy=True).tolist()  # the host read
             if n:
                 size = group_size(n, B)
-                rows = torch.sort((~opens).to(torch.uint8), stable=True).indices[:size]  # (size,) openers first
-                real = opens[rows]
-                cache_rows = torch.cat([torch.where(real, rows + k * B, scratch) for k in range(copies)])
-                new = patch_group(model, states, rows, cache_rows, patch_start[rows], num_patches[rows], i, max_length,
-                                  read_length(top + 1, capacity, block))
-                injections[cache_rows] = new
+                images = torch.sort((~opens).to(torch.uint8), stable=True).indices[:size]  # (size,) openers first
+                real = opens[images]
+                cache_rows = torch.cat([torch.where(real, images + k * B, scratch) for k in range(copies)])
+                close_patches(images, cache_rows, patch_start[images], num_patches[images], i, max_length,
+                              read_length(top + 1, capacity, block))
                 patch_start = torch.where(opens, i, patch_start)
                 num_patches = num_patches + opens
-            u = states[:, -1, i - 1].repeat(copies, 1)  # (R, dim)
-            logits = decode(u, injections[:R], torch.full((R, 1), i, device=dev), read_length(i + 1, capacity, block))
+            logits = decode(u, torch.full((R, 1), i, device=dev), read_length(i + 1, capacity, block))
             if keep_logits:
                 kept.append(logits.clone())
             tokens[:, i] = sampling.pick(logits, i, uniforms[:, i])
