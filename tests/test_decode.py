@@ -254,3 +254,16 @@ def test_dpar_batch_composition_invariance_with_real_sampling():
     assert batch.num_patches.unique().numel() > 1
     greedy = generate(model, torch.tensor(classes), T, row_seeds=seeds, **{**kwargs, "top_k": 1})
     assert not torch.equal(greedy.tokens, batch.tokens)
+
+
+def test_sample_cli_compile_flag_picks_the_fast_path():
+    from autoregressive.sample.cli import decoding_for, parse_args
+
+    base = ["--gpt-ckpt", "g.pt", "--vq-ckpt", "v.pt"]
+    assert parse_args(base).compile is None and parse_args(base + ["--compile"]).compile
+    assert not decoding_for(None, torch.device("cpu")).compile
+    cuda = decoding_for(None, torch.device("cuda"))
+    assert cuda.compile and cuda.mode == "reduce-overhead" and cuda.keep_caches
+    cpu = decoding_for(True, torch.device("cpu"))
+    assert cpu.compile and cpu.mode is None and cpu.backend == "inductor"
+    assert not decoding_for(False, torch.device("cuda")).compile
