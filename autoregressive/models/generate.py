@@ -130,14 +130,21 @@ class Decoding:
             raise ValueError(f"read_block must be >= 1, got {self.read_block}")
 
     def wrap(self, fn: Callable) -> Callable:
+        """fn compiled as this says, or fn itself when eager. With CUDA graphs every call starts a
+        new graph generation, so each (function, shape) is captured once on its own, never as a
+        path of graphs; a call's outputs are valid until the next call of any wrapped function
+        (callers consume or copy them before that)."""
         if not self.compile:
             return fn
-        return torch.compile(fn, backend=self.backend, mode=self.mode, fullgraph=True, dynamic=True)
+        compiled = torch.compile(fn, backend=self.backend, mode=self.mode, fullgraph=True, dynamic=True)
+        if self.mode != "reduce-overhead":
+            return compiled
 
-    def begin_step(self) -> None:
-        """Tell CUDA graph trees that the previous step's outputs are consumed."""
-        if self.compile and self.mode == "reduce-overhead":
+        def run(*args):
             torch.compiler.cudagraph_mark_step_begin()
+            return compiled(*args)
+
+        return run
 
 
 def fast_decoding(device: torch.device | str) -> Decoding:
@@ -178,7 +185,6 @@ def generate_gpt(
         logits = model.prefill(cond_all)
         for step in range(max_new_tokens):
             if step > 0:
-                decoding.begin_step()
                 previous = tokens[:, step - 1].repeat(R // B)
                 logits = step_fn(previous, *model.step_position(R, step, decoding.read_block))
             tokens[:, step] = sampling.pick(logits, step, uniforms[:, step])
@@ -277,13 +283,12 @@ def generate_dpar(
         kept = [logits.clone()] if keep_logits else None
         tokens[:, 0] = sampling.pick(logits, 0, uniforms[:, 0])
         for i in range(1, T):
-            decoding.begin_step()
             previous = tokens[:, i - 1]
             entropy = scorer.step(previous, i) if scorer else None
-            h = encode(previous, torch.full((B, 1), i - 1, device=dev), read_length(i, capacity, block))  # (B, dim)
-            u = h.repeat(copies, 1)  # (R, dim) decoder input u_i = h_{i-1}, before the next replay reuses h
             opens = rule.opens(i, entropy, prev_entropy, i - patch_start)  # (B,)
-            prev_entropy = entropy.clone() if entropy is not None else None
+            prev_entropy = entropy.clone() if entropy is not None else None  # outputs live until the next call
+            h = encode(previous, torch.full((B, 1), i - 1, device=dev), read_length(i, capacity, block))  # (B, dim)
+            u = h.repeat(copies, 1)  # (R, dim) decoder input u_i = h_{i-1}
             n, top = torch.stack([opens.sum(), num_patches.max()]).to("cpu", copy=True).tolist()  # the host read
             if n:
                 size = group_size(n, B)
