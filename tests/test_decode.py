@@ -21,7 +21,7 @@ from autoregressive.models.gpt import GPT_models
 from autoregressive.models.modules import read_length
 from dpar_helpers import CLASSES, GRID, T, VOCAB, quantile_patching, random_dpar, random_entropy_model
 from entropy_model.entropy import teacher_forced_entropy
-from entropy_model.patching import PatchingConfig, StepRule, patch_starts, quantize_entropy
+from entropy_model.patching import PatchingConfig, StepRule, quantize_entropy
 
 
 # --------------------------------------------------------------------------------------
