@@ -267,3 +267,29 @@ def test_sample_cli_compile_flag_picks_the_fast_path():
     cpu = decoding_for(True, torch.device("cpu"))
     assert cpu.compile and cpu.mode is None and cpu.backend == "inductor"
     assert not decoding_for(False, torch.device("cuda")).compile
+
+
+def test_kept_caches_are_reused_with_stale_slots_masked():
+    """keep_caches: the next batch reuses the same buffers (fixed addresses for CUDA graphs), and
+    what the previous batch left in them never reaches the new tokens."""
+    ent, model = random_entropy_model(), random_dpar()
+    gpt = GPT_models["GPT-T"](vocab_size=VOCAB, block_size=T, num_classes=CLASSES).eval()
+    torch.nn.init.normal_(gpt.output.weight, std=0.5)
+    kwargs = dict(cfg_scale=2.0, top_k=8, entropy_model=ent, patching=quantile_patching(ent))
+    keep = Decoding(read_block=8, keep_caches=True)
+
+    def addresses():
+        return [model.patch_layers[0].attention.kv_cache.k_cache.data_ptr(), model.decode_buffers.states.data_ptr(),
+                ent.layers[0].attention.kv_cache.k_cache.data_ptr(), gpt.layers[0].attention.kv_cache.v_cache.data_ptr()]
+
+    generate(model, torch.tensor([0, 1, 2]), T, row_seeds=[1, 2, 3], decoding=keep, **kwargs)
+    generate(gpt, torch.tensor([0, 1, 2]), T, row_seeds=[1, 2, 3], decoding=keep, cfg_scale=2.0, top_k=8)
+    before = addresses()
+    cond, seeds = torch.tensor([4, 3, 1]), [7, 8, 9]
+    dpar_kept = generate(model, cond, T, row_seeds=seeds, decoding=keep, **kwargs)
+    gpt_kept = generate(gpt, cond, T, row_seeds=seeds, decoding=keep, cfg_scale=2.0, top_k=8)
+    assert addresses() == before
+    dpar_fresh = generate(model, cond, T, row_seeds=seeds, decoding=Decoding(read_block=8), **kwargs)
+    gpt_fresh = generate(gpt, cond, T, row_seeds=seeds, decoding=Decoding(read_block=8), cfg_scale=2.0, top_k=8)
+    assert torch.equal(dpar_kept.tokens, dpar_fresh.tokens) and torch.equal(gpt_kept.tokens, gpt_fresh.tokens)
+    assert model.decode_buffers is None and gpt.layers[0].attention.kv_cache is None  # eager runs free them

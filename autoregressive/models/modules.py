@@ -293,8 +293,9 @@ def setup_kv_caches(layers: nn.ModuleList, max_batch_size: int, max_seq_length: 
         attn = layer.attention
         shape = (max_batch_size, max_seq_length, attn.n_kv_head, attn.head_dim)
         old = attn.kv_cache
-        if old is not None and old.k_cache.shape == shape and old.k_cache.dtype == dtype and \
-                old.k_cache.device == torch.device(device):
+        if old is not None and (old.k_cache.shape, old.k_cache.dtype, old.k_cache.device) == (
+            shape, dtype, torch.device(device)
+        ):
             continue
         attn.kv_cache = KVCache(max_batch_size, max_seq_length, attn.n_kv_head, attn.head_dim, dtype, device)
 
