@@ -293,3 +293,33 @@ def test_kept_caches_are_reused_with_stale_slots_masked():
     gpt_fresh = generate(gpt, cond, T, row_seeds=seeds, decoding=Decoding(read_block=8), cfg_scale=2.0, top_k=8)
     assert torch.equal(dpar_kept.tokens, dpar_fresh.tokens) and torch.equal(gpt_kept.tokens, gpt_fresh.tokens)
     assert model.decode_buffers is None and gpt.layers[0].attention.kv_cache is None  # eager runs free them
+
+
+def test_step_functions_see_a_bounded_set_of_shapes():
+    """Each step function is called with few distinct (shapes, int arguments) over a whole
+    generation: one captured graph each, whatever the step (no step index as an int)."""
+    from collections import defaultdict
+
+    class Recording(Decoding):
+        def wrap(self, fn):
+            def run(*args):
+                key = tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args
+                            if isinstance(a, (torch.Tensor, int)))
+                signatures[fn.__name__].add(key)
+                calls[fn.__name__] += 1
+                return fn(*args)
+
+            return run
+
+    signatures, calls = defaultdict(set), Counter()
+    ent, model = random_entropy_model(), random_dpar()
+    B, block = 5, 8
+    generate(model, torch.arange(B), T, row_seeds=list(range(B)), cfg_scale=2.0, top_k=8,
+             entropy_model=ent, patching=quantile_patching(ent), decoding=Recording(read_block=block))
+    lengths = -(-T // block) + 1
+    assert calls["encode_step"] == calls["_entropy"] == T - 1 and calls["decode_step"] == T
+    for name in ("encode_step", "decode_step", "_entropy"):
+        assert len(signatures[name]) <= lengths, signatures[name]
+    sizes = {group_size(n, B) for n in range(1, B + 1)}
+    assert calls["close_patches"] > 2 * len(signatures["close_patches"])
+    assert len(signatures["close_patches"]) <= lengths * len(sizes), signatures["close_patches"]

@@ -442,11 +442,12 @@ class DPAR(nn.Module):
         return h[:, 0]
 
     def close_patches(self, images: torch.Tensor, cache_rows: torch.Tensor, start: torch.Tensor, slot: torch.Tensor,
-                      step: int, max_length: int, length: int) -> None:
+                      step: torch.Tensor, max_length: int, length: int) -> None:
         """One patch step for a group: pool the finished patches [start, step-1] of `images` (g,)
         from the stored encoder states, gathering max_length states per patch (a bound on every
         patch's length, not the prefix), advance the patch transformer at `slot` (g,) for their
-        cache rows (g * copies,), and store the new patches' injections in those rows."""
+        cache rows (g * copies,), and store the new patches' injections in those rows. step (1,)
+        is a tensor, so that a captured graph serves every step."""
         W, copies = self.config.grid_size, cache_rows.shape[0] // images.shape[0]
         states = self.decode_buffers.states  # (B, E, T, dim)
         index = start[:, None] + torch.arange(max_length, device=start.device)  # (g, L)
@@ -454,7 +455,7 @@ class DPAR(nn.Module):
         index = index.clamp(max=states.shape[2] - 1)
         layer_tokens = [states[images[:, None], l, index] for l in range(states.shape[1])]  # E x (g, L, dim)
         p = self.pool_patches(layer_tokens, valid)  # (g, dim)
-        geometry = (start // W, start % W, torch.full_like(start, (step - 1) % W))
+        geometry = (start // W, start % W, ((step - 1) % W).expand_as(start))
         geometry = tuple(t.repeat(copies) for t in geometry)
         g = self.patch_step(p.repeat(copies, 1), cache_rows, slot.repeat(copies), geometry, length)
         self.decode_buffers.injections[cache_rows] = self.injections(g)

@@ -295,8 +295,8 @@ def generate_dpar(
                 images = torch.sort((~opens).to(torch.uint8), stable=True).indices[:size]  # (size,) openers first
                 real = opens[images]
                 cache_rows = torch.cat([torch.where(real, images + k * B, scratch) for k in range(copies)])
-                close_patches(images, cache_rows, patch_start[images], num_patches[images], i, max_length,
-                              read_length(top + 1, capacity, block))
+                close_patches(images, cache_rows, patch_start[images], num_patches[images],
+                              torch.full((1,), i, device=dev), max_length, read_length(top + 1, capacity, block))
                 patch_start = torch.where(opens, i, patch_start)
                 num_patches = num_patches + opens
             logits = decode(u, torch.full((R, 1), i, device=dev), read_length(i + 1, capacity, block))
