@@ -15,6 +15,9 @@ the closed form below (a cummax of segment-start indices) instead of a loop over
 Two gate-free modes serve as ablations: "token" (every token is its own patch) and
 "static" (fixed-length patches of max_patch_length, honouring the row reset).
 
+`patch_starts` applies the rule to whole sequences (training, scoring); `StepRule` applies it
+one token at a time (generation) and is tested against it column by column.
+
 Shapes: B = batch, T = tokens per image, M = patches (padded to the batch maximum).
 Patch lengths are int64, zero-padded on the right.
 """
@@ -249,6 +252,64 @@ class PatchingConfig:
         if unknown:
             raise ValueError(f"unknown patching settings {unknown}; expected a subset of {sorted(known)}")
         return cls(**dict(d))
+
+
+class StepRule:
+    """The patching rule one token at a time, for generation: step i of `opens` decides the same
+    start as column i of `patch_starts` for the same (rounded) entropies.
+
+    Gated modes apply the gate, the row reset and the cap to the current step. The gate-free
+    modes ("token", "static") depend on the position alone, so their decisions are read from
+    the whole-sequence rule, computed once for one row of `num_tokens` tokens.
+    """
+
+    def __init__(self, config: PatchingConfig, grid_width: int, num_tokens: int,
+                 device: torch.device | str | None = None):
+        if grid_width < 1 or num_tokens < 1:
+            raise ValueError(f"grid_width and num_tokens must be >= 1, got {grid_width} and {num_tokens}")
+        self.config, self.grid_width, self.num_tokens = config, grid_width, num_tokens
+        self.fixed = None  # (T,) bool starts of the gate-free modes
+        if not config.needs_entropy:
+            self.fixed = config.starts(None, grid_width, shape=(1, num_tokens), device=device)[0]
+
+    @property
+    def max_patch_length(self) -> int:
+        """An upper bound on any patch's length under this rule (what pooling gathers per patch)."""
+        if self.fixed is not None:
+            return int(patch_lengths_from_starts(self.fixed[None].cpu()).max())
+        bound = self.num_tokens
+        if self.config.max_patch_length is not None:
+            bound = min(bound, self.config.max_patch_length)
+        if self.config.row_reset:
+            bound = min(bound, self.grid_width)
+        return bound
+
+    def opens(
+        self,
+        step: int,
+        entropy: torch.Tensor | None,
+        prev_entropy: torch.Tensor | None,
+        open_length: torch.Tensor,
+    ) -> torch.Tensor:
+        """Whether token `step` (0 < step < num_tokens) opens a patch, (B,) bool.
+
+        entropy, prev_entropy: e_step and e_{step-1} (B,) (gated modes; float of any dtype);
+        open_length: (B,) int tokens already in the open patch.
+        """
+        if not 0 < step < self.num_tokens:
+            raise ValueError(f"step must be in 1..{self.num_tokens - 1}, got {step}")
+        cfg = self.config
+        if self.fixed is not None:
+            return self.fixed[step].expand(open_length.shape[0])
+        if cfg.mode == "entropy":
+            opens = quantize_entropy(entropy) > cfg.threshold
+        else:
+            opens = quantize_entropy(entropy) - quantize_entropy(prev_entropy) > cfg.threshold
+        if cfg.row_reset and step % self.grid_width == 0:
+            opens = torch.ones_like(opens)
+        if cfg.max_patch_length is not None:
+            opens = opens | (open_length >= cfg.max_patch_length)
+        return opens
 
 
 def _to_tensor(x: Any) -> torch.Tensor:

@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from autoregressive.models import build_model
 from autoregressive.models.attention import BACKENDS, set_attention_backend
 from autoregressive.models.dpar import DPAR_models, build_patch_layout
-from autoregressive.models.generate import Sampling, draw_uniforms, generate, reference_generate_dpar
+from autoregressive.models.generate import Decoding, Sampling, draw_uniforms, generate, reference_generate_dpar
 from autoregressive.models.gpt import GPT_models
 from autoregressive.train.model import compile_model
 from entropy_model.calibrate import threshold_for_compression
@@ -274,9 +274,42 @@ def calibrated_entropy_model(name: str, T: int, vocab_size: int, compression: fl
     return model, PatchingConfig("entropy", tau, 4, True)
 
 
+def time_generation(model, batch: int, tokens: int, device: torch.device, decoding: Optional[Decoding] = None,
+                    warmup_tokens: int = 0, reference: bool = False, **dpar_kwargs) -> dict:
+    """One timed generation of `tokens` tokens per image for `batch` images with guidance 4
+    (2 x batch rows): seconds, ms per token step, images/s = batch x tokens / (T x seconds)
+    and, for DPAR, the mean patch count. warmup_tokens: an untimed generation first (compiles
+    and captures the step functions). reference: DPAR's re-running reference path."""
+    T = model.config.block_size
+    cond = torch.arange(batch, device=device) % model.config.num_classes
+    sampling = Sampling(cfg_scale=4.0)
+
+    def run(n: int):
+        g = torch.Generator().manual_seed(0)
+        if reference:
+            uniforms = draw_uniforms(batch, n, g).to(device)
+            return reference_generate_dpar(model, cond, n, sampling, uniforms, **dpar_kwargs)
+        return generate(model, cond, n, cfg_scale=4.0, generator=g, decoding=decoding, **dpar_kwargs)
+
+    with torch.no_grad():
+        if warmup_tokens:
+            run(warmup_tokens)
+        synchronize(device)
+        started = time.perf_counter()
+        out = run(tokens)
+        synchronize(device)
+        seconds = time.perf_counter() - started
+    result = {"batch": batch, "tokens": tokens, "seconds": seconds, "step_ms": 1e3 * seconds / tokens,
+              "images_per_s": batch * tokens / (T * seconds)}
+    if out.num_patches is not None:
+        result["patches_per_image"] = out.num_patches.float().mean().item()
+    return result
+
+
 def sample_rates(gpt, dpar, entropy_model, patching: PatchingConfig, batch: int, tokens: int, reference_tokens: int,
-                 device: torch.device, repeats: int = 1) -> dict:
-    """Seconds and images/s of GPT, incremental DPAR and reference DPAR sampling (guidance 4)."""
+                 device: torch.device, repeats: int = 1, decoding: Optional[Decoding] = None) -> dict:
+    """Seconds and images/s of GPT, incremental DPAR and reference DPAR sampling (guidance 4);
+    decoding: how the incremental steps run (default eager)."""
     T = gpt.config.block_size
     cond = torch.arange(batch, device=device) % gpt.config.num_classes
     g = torch.Generator().manual_seed(0)
@@ -285,11 +318,11 @@ def sample_rates(gpt, dpar, entropy_model, patching: PatchingConfig, batch: int,
     gpt.eval(), dpar.eval()
 
     def gpt_run(r: int):
-        generate(gpt, cond, tokens, cfg_scale=4.0, generator=g)
+        generate(gpt, cond, tokens, cfg_scale=4.0, generator=g, decoding=decoding)
 
     def dpar_run(r: int):
         out["dpar_patches"] = generate(dpar, cond, tokens, cfg_scale=4.0, generator=g, entropy_model=entropy_model,
-                                       patching=patching).num_patches.float().mean().item()
+                                       patching=patching, decoding=decoding).num_patches.float().mean().item()
 
     def reference_run(r: int):
         uniforms = draw_uniforms(batch, reference_tokens, g).to(device)

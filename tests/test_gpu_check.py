@@ -32,6 +32,10 @@ def test_dry_run_writes_every_section(tmp_path):
     decoding = saved["decoding"]
     assert decoding["ok"], decoding.get("traceback")
     assert decoding["gpt_step_ms"] > 0 and decoding["dpar_step_ms"] > 0 and decoding["reference_step_ms"] > 0
+    runs = decoding["runs"]
+    assert {"gpt_graph", "gpt_eager", "dpar_graph", "dpar_eager", "dpar_incremental_ref", "dpar_reference"} <= set(runs)
+    assert all(r["ok"] for r in runs.values()), runs
+    assert runs["gpt_graph"]["tokens"] == 4 and runs["dpar_reference"]["tokens"] == 2
     assert report["training"][0]["gpt_model"] == "GPT-T"
 
 

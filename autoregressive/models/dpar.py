@@ -258,22 +258,6 @@ def build_patch_layout(
     )
 
 
-def gather_patch_tokens(states: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor):
-    """states (B, S, dim) token states; starts, lengths (B, M) -> tokens (B, M, L, dim) and
-    valid (B, M, L), L = the longest patch. Tokens at or past S are invalid (a patch that ends
-    with the last target token has no encoder state for it); a patch with no valid token gets
-    one dummy key so attention stays finite (its result is never used)."""
-    B, S, _ = states.shape
-    L = max(int(lengths.max()), 1)
-    offset = torch.arange(L, device=states.device)
-    index = starts[..., None] + offset  # (B, M, L)
-    valid = (offset < lengths[..., None]) & (index < S)
-    valid[..., 0] |= ~valid.any(-1)
-    index = index.clamp(max=S - 1)
-    batch = torch.arange(B, device=states.device)[:, None, None]
-    return states[batch, index], valid  # (B, M, L, dim), (B, M, L)
-
-
 class DPAR(nn.Module):
     is_dpar = True
 
@@ -295,6 +279,7 @@ class DPAR(nn.Module):
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         table = grid_rope_table(config.grid_size, config.head_dim, config.rope_base, 1)
         self.register_buffer("freqs_cis", table, persistent=False)  # (1 + T, head_dim/2, 2)
+        self.decode_buffers: Optional[DecodeBuffers] = None  # set by setup_caches
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -406,35 +391,62 @@ class DPAR(nn.Module):
         return logits, loss
 
     # ---- incremental generation (see generate.generate_dpar) ---------------------------
-    def setup_caches(self, max_batch_size: int, dtype: Optional[torch.dtype] = None) -> None:
+    # Every step is static-shape: caches are written at explicit per-row positions and read over
+    # `length` slots (a host-side bound from a small fixed set), masked per row; what a step keeps
+    # for later steps lives in buffers allocated by setup_caches (fixed addresses for CUDA graphs).
+    def setup_caches(self, max_batch_size: int, dtype: Optional[torch.dtype] = None, images: Optional[int] = None):
+        """Caches for max_batch_size rows (2 x images with guidance) of `images` images (default:
+        one per row): encoder caches and encoder states per image, patch-transformer and decoder
+        caches per row. The patch caches and the injections have one more row, the scratch row
+        that padding rows of a patch-step group write to."""
         dtype = dtype or self.tok_embeddings.weight.dtype
         device, T = self.tok_embeddings.weight.device, self.config.block_size
-        for layers in (self.encoder_layers, self.patch_layers, self.decoder_layers):
-            setup_kv_caches(layers, max_batch_size, T, dtype, device)
+        images = images or max_batch_size
+        setup_kv_caches(self.encoder_layers, images, T, dtype, device)
+        setup_kv_caches(self.patch_layers, max_batch_size + 1, T, dtype, device)
+        setup_kv_caches(self.decoder_layers, max_batch_size, T, dtype, device)
+        shapes = DecodeBuffers.shapes(self.config, max_batch_size, images)
+        old = self.decode_buffers
+        if old is None or old.shape_key() != (shapes, dtype, torch.device(device)):
+            self.decode_buffers = DecodeBuffers(shapes, dtype, device)
 
     def remove_caches(self) -> None:
         for layers in (self.encoder_layers, self.patch_layers, self.decoder_layers):
             remove_kv_caches(layers)
+        self.decode_buffers = None
 
-    def encode_step(self, tokens: torch.Tensor, step: int) -> torch.Tensor:
-        """tokens (n,) = x_step at encoder slot `step` -> states after every layer (n, E, dim)."""
+    @property
+    def scratch_row(self) -> int:
+        return self.decode_buffers.injections.shape[0] - 1
+
+    def start_patches(self, cond_idx: torch.Tensor, length: int) -> None:
+        """Slot 0 (the class embedding) of every row (R,); sets the rows' injections."""
+        R = cond_idx.shape[0]
+        zeros = torch.zeros(R, dtype=torch.long, device=cond_idx.device)
+        rows = torch.arange(R, device=cond_idx.device)
+        g = self.patch_step(self.cls_embedding(cond_idx)[:, 0], rows, zeros, (zeros,) * 3, length)
+        self.decode_buffers.injections[:R] = self.injections(g)
+
+    def encode_step(self, tokens: torch.Tensor, input_pos: torch.Tensor, length: int) -> torch.Tensor:
+        """tokens (n,) of images 0..n-1 at encoder slots input_pos (n, 1). Stores the states after
+        every layer for pooling and returns the last layer's (n, dim), the decoder's next input."""
         h = self.tok_embeddings(tokens[:, None])  # (n, 1, dim)
-        pos = torch.full((tokens.shape[0], 1), step, device=tokens.device)
-        freqs = self.freqs_cis[pos + 1]  # (n, 1, head_dim/2, 2)
+        freqs = self.freqs_cis[input_pos + 1]  # (n, 1, head_dim/2, 2): slot j holds x_j
         states = []
         for layer in self.encoder_layers:
-            h = layer.decode(h, freqs, pos, length=step + 1)
+            h = layer.decode(h, freqs, input_pos, length=length)
             states.append(h[:, 0])
-        return torch.stack(states, dim=1)
+        images = torch.arange(tokens.shape[0], device=tokens.device)
+        self.decode_buffers.states[images, :, input_pos[:, 0]] = torch.stack(states, dim=1)  # (n, E, dim)
+        return h[:, 0]
 
     def patch_step(
         self, x: torch.Tensor, rows: torch.Tensor, slot: torch.Tensor, geometry, length: Optional[int] = None
     ) -> torch.Tensor:
         """Advance the patch transformer by one slot for the cache rows `rows` (n,), each at its
         own slot (n,). x (n, dim) is the class embedding (slot 0) or the finished patch vector;
-        geometry = (row, col_start, col_end) (n,) of that patch. length: optional host-side bound
-        above every slot (e.g. step + 1): attention reads only that prefix of the caches.
-        Returns g (n, dim)."""
+        geometry = (row, col_start, col_end) (n,) of that patch. length: host-side bound above
+        every slot: attention reads only that prefix of the caches. Returns g (n, dim)."""
         slot = slot[:, None]  # (n, 1)
         freqs = self.patch_rope(slot, *(t[:, None] for t in geometry))
         h = x[:, None]
@@ -442,18 +454,58 @@ class DPAR(nn.Module):
             h = layer.decode(h, freqs, slot, rows, length)
         return h[:, 0]
 
+    def close_patches(self, images: torch.Tensor, cache_rows: torch.Tensor, start: torch.Tensor, slot: torch.Tensor,
+                      step: torch.Tensor, max_length: int, length: int) -> None:
+        """One patch step for a group: pool the finished patches [start, step-1] of `images` (g,)
+        from the stored encoder states, gathering max_length states per patch (a bound on every
+        patch's length, not the prefix), advance the patch transformer at `slot` (g,) for their
+        cache rows (g * copies,), and store the new patches' injections in those rows. step (1,)
+        is a tensor, so that a captured graph serves every step."""
+        W, copies = self.config.grid_size, cache_rows.shape[0] // images.shape[0]
+        states = self.decode_buffers.states  # (B, E, T, dim)
+        index = start[:, None] + torch.arange(max_length, device=start.device)  # (g, L)
+        valid = index < step  # the patch's tokens start..step-1
+        index = index.clamp(max=states.shape[2] - 1)
+        layer_tokens = [states[images[:, None], l, index] for l in range(states.shape[1])]  # E x (g, L, dim)
+        p = self.pool_patches(layer_tokens, valid)  # (g, dim)
+        geometry = (start // W, start % W, ((step - 1) % W).expand_as(start))
+        geometry = tuple(t.repeat(copies) for t in geometry)
+        g = self.patch_step(p.repeat(copies, 1), cache_rows, slot.repeat(copies), geometry, length)
+        self.decode_buffers.injections[cache_rows] = self.injections(g)
+
     def injections(self, g: torch.Tensor) -> torch.Tensor:
         """g (n, dim) -> what each decoder layer adds for tokens of that patch (n, D, dim)."""
         return torch.stack([inject(g) for inject in self.patch_injections], dim=1)
 
-    def decode_step(self, u: torch.Tensor, injections: torch.Tensor, step: int) -> torch.Tensor:
-        """u (n, dim) decoder input of slot `step`; injections (n, D, dim) -> logits (n, V)."""
-        pos = torch.full((u.shape[0], 1), step, device=u.device)
-        freqs = self.freqs_cis[pos]
+    def decode_step(self, u: torch.Tensor, input_pos: torch.Tensor, length: int) -> torch.Tensor:
+        """u (n, dim) decoder inputs of rows 0..n-1 at slots input_pos (n, 1), conditioned on the
+        rows' stored injections -> logits (n, V)."""
+        injections = self.decode_buffers.injections[: u.shape[0]]  # (n, D, dim)
+        freqs = self.freqs_cis[input_pos]
         h = u[:, None]
         for l, layer in enumerate(self.decoder_layers):
-            h = layer.decode(h + injections[:, l, None], freqs, pos, length=step + 1)
+            h = layer.decode(h + injections[:, l, None], freqs, input_pos, length=length)
         return self.output(self.norm(h[:, 0])).float()
+
+
+class DecodeBuffers(nn.Module):
+    """What incremental DPAR decoding keeps besides the KV caches, written inside the steps:
+    states      (B, E, T, dim) encoder states h^l of every token so far (pooled when a patch closes)
+    injections  (R + 1, D, dim) decoder injections of each row's current patch (row R: scratch)"""
+
+    def __init__(self, shapes, dtype, device):
+        super().__init__()
+        for name, shape in shapes.items():
+            self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    @staticmethod
+    def shapes(config: DPARConfig, rows: int, images: int) -> dict:
+        T, dim = config.block_size, config.dim
+        return {"states": (images, config.n_encoder_layer, T, dim), "injections": (rows + 1, config.n_decoder_layer, dim)}
+
+    def shape_key(self):
+        shapes = {name: tuple(b.shape) for name, b in self.named_buffers()}
+        return shapes, self.states.dtype, self.states.device
 
 
 def _factory(n_encoder_layer: int, n_patch_layer: int, n_decoder_layer: int, n_head: int, dim: int):

@@ -18,11 +18,10 @@ from typing import Optional, Sequence
 import torch
 
 from autoregressive.models import all_models
-from autoregressive.models.generate import Sampling
+from autoregressive.models.generate import Decoding, Sampling, fast_decoding
 from autoregressive.sample.loading import (
     PatchingOverrides,
     cast_parameters,
-    compile_decoding,
     load_entropy_model,
     load_generator,
     load_vq,
@@ -94,8 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--precision", "--mixed-precision", dest="precision",
                    choices=("auto", "none", "fp32", "bf16", "fp16"), default="auto",
                    help="generator dtype (auto: bf16 on CUDA, fp32 on CPU); the VQ decoder runs in fp32")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                   help="torch.compile the KV-cached decode steps")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="fast path: compiled static-shape decode steps, CUDA graphs on CUDA "
+                        "(default: on for CUDA, off for CPU)")
     g = p.add_argument_group("grid mode")
     g.add_argument("--class-labels", type=int, nargs="+", default=None,
                    help="classes to sample (default: LlamaGen's demo classes, or the first 8)")
@@ -171,12 +171,15 @@ def build_sampler(args: argparse.Namespace, device: torch.device) -> Sampler:
     model = cast_parameters(model.to(device), dtype)
     if entropy_model is not None:
         entropy_model = cast_parameters(entropy_model.to(device), dtype)
-    if args.compile:
-        for m in (model, entropy_model):
-            if m is not None:
-                compile_decoding(m)
     sampling = Sampling(args.cfg_scale, args.cfg_interval, args.temperature, args.top_k, args.top_p)
-    return Sampler(model, vq.to(device), sampling, device, entropy_model, patching)
+    return Sampler(model, vq.to(device), sampling, device, entropy_model, patching,
+                   decoding_for(args.compile, device))
+
+
+def decoding_for(compile: Optional[bool], device: torch.device) -> Decoding:
+    """--compile / --no-compile: the fast path or eager decode steps; unset, the fast path on CUDA."""
+    fast = compile if compile is not None else device.type == "cuda"
+    return fast_decoding(device) if fast else Decoding()
 
 
 def describe(args: argparse.Namespace) -> str:

@@ -12,7 +12,6 @@ import torch.nn as nn
 
 from autoregressive.models import build_model
 from autoregressive.models.dpar import DPAR_models
-from autoregressive.models.modules import TransformerBlock
 from entropy_model.patching import PatchingConfig
 from tokenizer.vq_model import VQModel, load_vq_checkpoint
 from utils.checkpoint import file_sha256, is_dcp_checkpoint, load_checkpoint, model_from_checkpoint
@@ -136,11 +135,3 @@ def load_entropy_model(path: Optional[str], dpar: nn.Module, ckpt_args: dict) ->
         raise ValueError(f"entropy model (vocab {config.vocab_size}, {config.block_size} tokens) does not match "
                          f"the DPAR model (vocab {dpar.config.vocab_size}, {dpar.config.block_size} tokens)")
     return model
-
-
-def compile_decoding(model: nn.Module) -> None:
-    """torch.compile every transformer block's KV-cached decode step (shapes vary with the rows
-    a DPAR step advances, hence dynamic=True)."""
-    for block in model.modules():
-        if isinstance(block, TransformerBlock):
-            block.decode = torch.compile(block.decode, dynamic=True)
