@@ -39,7 +39,7 @@ from entropy_model.entropy import teacher_forced_entropy
 from entropy_model.patching import GATED_MODES, PATCH_MODES, PatchingConfig, patch_ids_from_starts, starts_from_lengths
 from entropy_model.score import load_entropy_model
 from tokenizer.vq_model import VQ_models, load_vq_checkpoint
-from utils.checkpoint import file_sha256, model_from_checkpoint
+from utils.checkpoint import checkpoint_sha256, model_from_checkpoint
 from utils.distributed import pick_device
 
 # Viridis sampled at 10 evenly spaced points; linear interpolation between them keeps it
@@ -293,7 +293,7 @@ def _load_models(
     entropy_model, model_hash = None, None
     if args.entropy_ckpt:
         entropy_model = load_entropy_model(args.entropy_ckpt)[0].to(device)
-        model_hash = file_sha256(args.entropy_ckpt)
+        model_hash = checkpoint_sha256(args.entropy_ckpt)
     return vq, entropy_model, model_hash
 
 

@@ -38,6 +38,18 @@ def file_sha256(path: Union[str, Path], chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def checkpoint_sha256(path: Union[str, Path]) -> str:
+    """SHA-256 naming a checkpoint: of the file's bytes, or for an FSDP directory of its files'
+    relative names and bytes in name order."""
+    path = Path(path)
+    if not path.is_dir():
+        return file_sha256(path)
+    digest = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(f.relative_to(path).as_posix().encode() + b"\0" + file_sha256(f).encode())
+    return digest.hexdigest()
+
+
 def save_checkpoint_atomic(obj: dict, path: Union[str, Path]) -> None:
     """torch.save to a temporary file in the same folder, then rename over `path`."""
     path = Path(path)

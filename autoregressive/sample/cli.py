@@ -68,6 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--codebook-embed-dim", type=int, default=None, help="default: the VQ checkpoint's (LlamaGen: 8)")
     g.add_argument("--num-classes", type=int, default=1000, help="classes of a LlamaGen checkpoint without args")
     g.add_argument("--cls-token-num", type=int, default=1, help="class slots of a LlamaGen checkpoint without args")
+    g.add_argument("--raw-weights", action="store_true",
+                   help="sample the trained weights even when the checkpoint holds EMA weights (default: EMA when "
+                        "present)")
+    g = p.add_argument_group("LlamaGen compatibility flags (accepted so that LlamaGen launch lines run unchanged)")
+    g.add_argument("--gpt-type", choices=("c2i", "t2i"), default="c2i",
+                   help="LlamaGen compatibility flag: only c2i (class-conditional) is supported")
+    g.add_argument("--from-fsdp", action="store_true",
+                   help="LlamaGen compatibility flag, no effect: FSDP directories and bare state dicts are detected")
     g = p.add_argument_group("DPAR (defaults: the checkpoint's patching rule)")
     g.add_argument("--entropy-ckpt", default=None,
                    help="entropy model checkpoint (default: the one recorded by training); its sha256 must match")
@@ -111,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = build_parser()
     args = p.parse_args(argv)
+    if args.gpt_type == "t2i":
+        p.error("--gpt-type t2i: text-to-image is not supported (class-conditional c2i only)")
     for name in ("per_proc_batch_size", "nrow"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -139,7 +149,8 @@ def build_sampler(args: argparse.Namespace, device: torch.device) -> Sampler:
         raise ValueError(f"--downsample-size {args.downsample_size} does not match {args.vq_model} (downsample {f})")
     block_size = (args.image_size // f) ** 2 if args.image_size else None
     model, ckpt_args = load_generator(args.gpt_ckpt, args.gpt_model, vq.config.codebook_size, block_size,
-                                      args.num_classes, args.cls_token_num)
+                                      args.num_classes, args.cls_token_num, prefer_ema=not args.raw_weights)
+    args.weights = ckpt_args["weights"]
     name = ckpt_args.get("gpt_model", args.gpt_model)
     if model.config.vocab_size != vq.config.codebook_size:
         raise ValueError(f"{name} predicts {model.config.vocab_size} codes but the VQ codebook has "
@@ -180,7 +191,8 @@ def build_sampler(args: argparse.Namespace, device: torch.device) -> Sampler:
 
 
 def describe(args: argparse.Namespace) -> str:
-    line = (f"{args.gpt_model} ({args.precision}): {args.image_size} px, cfg {args.cfg_scale} "
+    weights = "EMA weights" if args.weights == "ema" else "raw weights"
+    line = (f"{args.gpt_model} ({args.precision}, {weights}): {args.image_size} px, cfg {args.cfg_scale} "
             f"(interval {args.cfg_interval}), temperature {args.temperature}, top-k {args.top_k}, "
             f"top-p {args.top_p}, seed {args.seed}")
     if args.patching:

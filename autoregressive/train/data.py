@@ -24,7 +24,7 @@ from autoregressive.train.guards import TrainingError
 from dataset.code_store import CodeDataset, CodeStore, check_code_store, code_store_hash, open_code_store
 from entropy_model.calibrate import PAPER_THRESHOLD, load_entropies, sample_entropies, threshold_for_compression
 from entropy_model.patching import GATED_MODES, PatchingConfig, build_patch_batch
-from utils.checkpoint import file_sha256
+from utils.checkpoint import checkpoint_sha256
 from utils.distributed import DistInfo, broadcast_object
 
 LLAMAGEN_VOCAB_SIZE = 16384
@@ -108,7 +108,7 @@ def open_entropies(args: argparse.Namespace, store: CodeStore, info: DistInfo) -
     --entropy-model, by that checkpoint); records both hashes in args. Rank 0 hashes, all check."""
     hashes = None
     if info.is_main:
-        model_hash = file_sha256(args.entropy_model) if args.entropy_model else None
+        model_hash = checkpoint_sha256(args.entropy_model) if args.entropy_model else None
         hashes = (code_store_hash(store.path), model_hash)
     args.code_store_hash, expected_model = broadcast_object(hashes)
     entropies, record = load_entropies(str(entropy_dir(args)), args.code_store_hash, expected_model)
