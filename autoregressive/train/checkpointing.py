@@ -288,6 +288,18 @@ def load_initial_weights(path: Path, model: nn.Module, sharded: bool) -> None:
         raise ValueError(f"--init-weights {path} does not fit this model: {str(e).strip().splitlines()[0]}") from e
 
 
+def export_weights(model: nn.Module, state: dict, path: Path, info: DistInfo, ema: Optional[ModelEMA] = None) -> None:
+    """Gather the full weights and EMA weights (all ranks call) and let rank 0 write the
+    single-file format without optimizer state, for sampling."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    extra = {"ema": ema.full_state_dict()} if ema is not None else {}
+    if info.is_main:
+        save_checkpoint_atomic({"model": full, **extra, **state}, path)
+    barrier()
+
+
 def read_checkpoint_args(path: Path) -> dict:
     """The args dict a checkpoint (file or FSDP directory) was trained with; for LlamaGen's
     files, which record no config, the (possibly empty) dict of their Namespace."""
