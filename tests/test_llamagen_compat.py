@@ -131,19 +131,31 @@ def test_ema_in_training_is_stored_and_resumes_exactly(store, tmp_path):
     assert_same_weights(last["model"], final_state(tmp_path / "split")["model"])
 
 
-def test_ema_under_fsdp_resumes_exactly_and_is_exported(store, tmp_path):
-    """2 ranks, gloo: the EMA lives as DTensor shards; rank 1 dies after step 5 and torchrun's
-    restart resumes from step 4 to the same EMA, bit for bit; the export carries the EMA."""
+def test_ema_under_fsdp_resumes_exactly_past_a_damaged_shard(store, tmp_path):
+    """2 ranks, gloo: the EMA lives as DTensor shards, is saved in the FSDP checkpoint directory
+    and exported. Then a shard of the newest checkpoint is truncated: the rerun falls back to
+    step 4, keeps the damaged directory, and reaches the same step-8 weights and EMA bit for bit."""
     flags = (*NO_DROPOUT, *EMA, "--data-parallel", "fsdp", "--export-consolidated")
-    torchrun(train_argv(store, tmp_path, "whole", *flags, max_steps=8))
-    torchrun(train_argv(store, tmp_path, "restarted", *flags, max_steps=8), "--max-restarts", "1",
-             DPAR_TEST_EXIT_AT_STEP="5", DPAR_TEST_EXIT_RANK="1", DPAR_TEST_EXIT_MARKER=str(tmp_path / "died"))
-    assert (tmp_path / "died").exists()
-    whole, restarted = final_state(tmp_path / "whole"), final_state(tmp_path / "restarted")
-    assert (tmp_path / "whole" / "checkpoints" / "0000008" / ".metadata").is_file()
-    assert_same_weights(whole["ema"], restarted["ema"])
-    export = load_checkpoint(tmp_path / "whole" / "exports" / "0000008.pt")
+    argv = train_argv(store, tmp_path, "fsdp", *flags, max_steps=8)
+    torchrun(argv)
+    newest = tmp_path / "fsdp" / "checkpoints" / "0000008"
+    assert (newest / ".metadata").is_file()
+    whole = load_checkpoint(newest)
+    export = load_checkpoint(tmp_path / "fsdp" / "exports" / "0000008.pt")
     assert_same_weights(export["ema"], whole["ema"])
+    assert any(not torch.equal(whole["ema"][k], whole["model"][k]) for k in whole["model"])
+    shard = newest / "__1_0.distcp"
+    size = shard.stat().st_size
+    with open(shard, "r+b") as f:
+        f.truncate(size // 2)
+    proc = torchrun(argv)
+    notes = [line for line in proc.stdout.splitlines() if "kept as 0000008.unreadable" in line]
+    assert len(notes) == 1 and "__1_0.distcp is truncated" in notes[0] and "resuming from 0000004" in notes[0]
+    kept = tmp_path / "fsdp" / "checkpoints" / "0000008.unreadable" / "__1_0.distcp"
+    assert kept.stat().st_size == size // 2  # never deleted or overwritten
+    again = final_state(tmp_path / "fsdp")
+    assert_same_weights(whole["model"], again["model"])
+    assert_same_weights(whole["ema"], again["ema"])
     main(train_argv(store, tmp_path, "single", *NO_DROPOUT, *EMA, max_steps=8))
     assert_same_weights(final_state(tmp_path / "single")["ema"], whole["ema"], atol=1e-5)
 

@@ -81,7 +81,7 @@ def consolidate_checkpoint(path: Union[str, Path], with_optimizer: bool = False)
             dcp_to_torch_save(str(path), str(flat))
         shards = torch.load(flat, map_location="cpu", weights_only=True)
     ckpt = {**load_train_state(path), "model": shards["model"]}
-    if with_optimizer:
+    if with_optimizer and "optimizer" in shards:
         ckpt["optimizer"] = shards["optimizer"]
     if "ema" in shards:
         ckpt["ema"] = shards["ema"]
