@@ -19,11 +19,12 @@ from typing import Optional, Sequence
 
 from demo.config import add_arguments, config_from_args
 from demo.pipeline import Demo, clear_stale, machine_description, write_run_record
+from utils.cli import HelpFormatter
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m demo", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                formatter_class=HelpFormatter,
                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     p.add_argument("--out", default="demo_out", help="output folder (report.md lands here)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data, every model and the samples")

@@ -40,6 +40,7 @@ from entropy_model.patching import GATED_MODES, PATCH_MODES, PatchingConfig, pat
 from entropy_model.score import load_entropy_model
 from tokenizer.vq_model import VQ_models, load_vq_checkpoint
 from utils.checkpoint import checkpoint_sha256, model_from_checkpoint
+from utils.cli import HelpFormatter
 from utils.distributed import pick_device
 
 # Viridis sampled at 10 evenly spaced points; linear interpolation between them keeps it
@@ -387,7 +388,8 @@ def make_figure(args: argparse.Namespace) -> Image.Image:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Entropy heatmaps with patch outlines (the paper's Figure 2).")
+    parser = argparse.ArgumentParser(description="Entropy heatmaps with patch outlines (the paper's Figure 2).",
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--code-path", required=True, help="code store directory holding entropy.npy")
     parser.add_argument("--entropy-path", default=None, help="directory holding entropy.npy (default: the store)")
     parser.add_argument("--codebook-size", type=int, default=None, help="for LlamaGen's store layout only")
@@ -395,28 +397,29 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--view", type=int, default=0, help="stored view to show (0 = center)")
     parser.add_argument("--data-path", default=None,
                         help="ImageFolder the store was extracted from: show source pixels, not decoded codes")
-    parser.add_argument("--vq-model", choices=list(VQ_models), default="VQ-16")
+    parser.add_argument("--vq-model", choices=list(VQ_models), default="VQ-16", help="tokenizer registry name")
     parser.add_argument("--vq-ckpt", default=None, help="VQ tokenizer, decodes codes to images")
     parser.add_argument("--entropy-ckpt", default=None,
                         help="entropy model: checks the stored entropies' model hash; scores generated samples")
     parser.add_argument("--generate-ckpt", default=None, help="GPT or DPAR checkpoint: add panels of its samples")
     parser.add_argument("--classes", type=int, nargs="*", default=[],
                         help="class of each generated sample (an unconditional model draws one sample per entry)")
-    parser.add_argument("--cfg-scale", type=float, default=1.0)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cfg-scale", type=float, default=1.0, help="guidance scale of --generate-ckpt sampling")
+    parser.add_argument("--temperature", type=float, default=1.0,
+                        help="softmax temperature of --generate-ckpt sampling")
+    parser.add_argument("--top-k", type=int, default=0, help="top-k of --generate-ckpt sampling (0 = off)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus mass of --generate-ckpt sampling (1.0 = off)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of --generate-ckpt sampling")
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--threshold", type=float, default=None, help=f"tau in nats (default {PAPER_THRESHOLD})")
     target.add_argument("--target-compression", type=float, default=None,
                         help="calibrate tau on the stored entropies to this many tokens per patch")
-    parser.add_argument("--mode", choices=PATCH_MODES, default="entropy")
+    parser.add_argument("--mode", choices=PATCH_MODES, default="entropy", help="patch boundary rule")
     parser.add_argument("--max-patch-length", type=int, default=4, help="length cap; 0 = no cap")
-    parser.add_argument("--no-row-reset", action="store_true")
+    parser.add_argument("--no-row-reset", action="store_true", help="let patches run across grid rows")
     parser.add_argument("--per-image-scale", action="store_true", help="colour range per image (default: shared)")
     parser.add_argument("--columns", type=int, default=None, help="figures per row (default: one row)")
-    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="auto: CUDA when available")
     parser.add_argument("--out", required=True, help="PNG to write")
     args = parser.parse_args(argv)
     if args.max_patch_length < 0:

@@ -26,6 +26,8 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
+from utils.cli import HelpFormatter
+
 TRAIN_STATE = "train_state.pt"  # non-tensor fields of a distributed checkpoint directory
 WEIGHT_KEYS = ("model", "module", "state_dict")  # where checkpoints (ours, LlamaGen's) keep the weights
 
@@ -184,9 +186,11 @@ def model_from_checkpoint(ckpt, strict: bool = True, prefer_ema: bool = False):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description="Checkpoint tools.")
+    parser = argparse.ArgumentParser(description="Checkpoint tools.",
+                                     formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    export = sub.add_parser("export", help="write a distributed checkpoint directory as one file (for sampling)")
+    export = sub.add_parser("export", help="write a distributed checkpoint directory as one file (for sampling)",
+                            formatter_class=HelpFormatter)
     export.add_argument("src", help="checkpoint directory written by an FSDP run")
     export.add_argument("out", help="output .pt file")
     export.add_argument("--with-optimizer", action="store_true", help="keep the optimizer state (for resuming)")

@@ -7,6 +7,7 @@ from typing import Optional, Sequence
 from autoregressive.models import all_models
 from autoregressive.models.dpar import DPAR_models
 from entropy_model.patching import PATCH_MODES
+from utils.cli import HelpFormatter
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
@@ -144,16 +145,6 @@ def _llamagen_args(p: argparse.ArgumentParser) -> None:
                    help="LlamaGen compatibility flag, no effect: checkpoints are written once, in the run folder")
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keeps the description's layout; shows defaults, except unset ones (None/False), whose
-    help says what unset means."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default is None or action.default is False:
-            return action.help
-        return super()._get_help_string(action)
-
-
 EPILOG = """examples:
   python train_c2i.py --code-path codes/toy --gpt-model GPT-XS --global-batch-size 32 --max-steps 2000
   python train_c2i.py --code-path codes/toy --gpt-model GPT-S --unconditional          # entropy model
@@ -169,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Train a class-conditional GPT (LlamaGen), an unconditional entropy model or DPAR on a\n"
                     "code store. Runs single-process (python train_c2i.py ...) or under torchrun (DDP/FSDP2).",
-        formatter_class=_HelpFormatter, epilog=EPILOG,
+        formatter_class=HelpFormatter, epilog=EPILOG,
     )
     for add in (_data_args, _model_args, _dpar_args, _optim_args, _system_args, _run_args, _llamagen_args):
         add(p)

@@ -8,7 +8,6 @@ size or accumulation, so a resume skips exactly the consumed batches.
 """
 import argparse
 import itertools
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
@@ -25,6 +24,7 @@ from dataset.code_store import CodeDataset, CodeStore, check_code_store, code_st
 from entropy_model.calibrate import PAPER_THRESHOLD, load_entropies, sample_entropies, threshold_for_compression
 from entropy_model.patching import GATED_MODES, PatchingConfig, build_patch_batch
 from utils.checkpoint import checkpoint_sha256
+from utils.cli import default_workers
 from utils.distributed import DistInfo, broadcast_object
 
 LLAMAGEN_VOCAB_SIZE = 16384
@@ -232,8 +232,7 @@ class ResumableSampler(DistributedSampler):
 def resolve_workers(args: argparse.Namespace) -> int:
     """--num-workers, by default the CPU cores this process may use (at most 4); recorded in args."""
     if args.num_workers is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        args.num_workers = min(MAX_DEFAULT_WORKERS, cores)
+        args.num_workers = default_workers(MAX_DEFAULT_WORKERS)
     return args.num_workers
 
 
