@@ -54,6 +54,7 @@ VIRIDIS = np.array(
 )
 BACKGROUND = (255, 255, 255)
 TEXT = (0, 0, 0)
+LINE_SPACING = 2  # pixels between title lines
 
 
 def colormap(values: np.ndarray) -> np.ndarray:
@@ -78,6 +79,31 @@ def _patch_id_grid(patches: np.ndarray | torch.Tensor, num_tokens: int) -> np.nd
 def _text_size(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont) -> tuple[int, int]:
     left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
     return right - left, bottom - top
+
+
+def _font(size: int = 12) -> ImageFont.ImageFont:
+    """Pillow's built-in font at a size whose spaces are visible (one bitmap size before Pillow 10.1)."""
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def fit_lines(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont, width: int) -> list[str]:
+    """text split at its newlines, each part wrapped at spaces into lines of at most `width`
+    pixels (a single word wider than that gets a line of its own)."""
+    lines = []
+    for part in text.split("\n"):
+        line = ""
+        for word in part.split(" "):
+            candidate = f"{line} {word}" if line else word
+            if line and _text_size(draw, candidate, font)[0] > width:
+                lines.append(line)
+                line = word
+            else:
+                line = candidate
+        lines.append(line)
+    return lines
 
 
 def entropy_heatmap_figure(
@@ -129,15 +155,16 @@ def entropy_heatmap_figure(
     edge[1:, :] |= pid[1:, :] != pid[:-1, :]  # first pixel row of a token below a boundary
     heat[edge] = outline
 
-    font = ImageFont.load_default()
+    font = _font()
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     if title is None:
         num_patches = int(ids.max()) + 1
         title = f"{num_patches} patches / {h * w} tokens ({h * w / num_patches:.2f} tokens per patch)"
-    text_h = max(_text_size(probe, s, font)[1] for s in (title, "0123456789.nats"))
+    text_h = max(_text_size(probe, s, font)[1] for s in ("Ag0123456789.nats", title.replace("\n", " ")))
+    lines = fit_lines(probe, title, font, W)
     width = W + 2 * margin
     title_y = margin
-    image_y = title_y + text_h + margin
+    image_y = title_y + len(lines) * (text_h + LINE_SPACING) + margin
     heat_y = image_y + H + margin
     bar_y = heat_y + H + margin
     ticks_y = bar_y + bar_height + 3
@@ -149,7 +176,8 @@ def entropy_heatmap_figure(
     bar = colormap(np.linspace(0.0, 1.0, W))[None].repeat(bar_height, axis=0)  # (bar_height, W, 3)
     fig.paste(Image.fromarray(bar), (margin, bar_y))
     draw = ImageDraw.Draw(fig)
-    draw.text((margin, title_y), title, fill=TEXT, font=font)
+    for k, line in enumerate(lines):
+        draw.text((margin, title_y + k * (text_h + LINE_SPACING)), line, fill=TEXT, font=font)
     low_text, high_text, label = f"{lo:.2f}", f"{hi:.2f}", "entropy (nats)"
     draw.text((margin, ticks_y), low_text, fill=TEXT, font=font)
     draw.text((margin + W - _text_size(draw, high_text, font)[0], ticks_y), high_text, fill=TEXT, font=font)
@@ -244,9 +272,9 @@ def heatmaps_for_codes(
 
 
 def panel_title(name: str, starts: torch.Tensor) -> str:
-    """Caption: name, patch count and tokens per patch of one image's starts (T,)."""
+    """Caption of one image's starts (T,): the name on its own line, then patch count and tokens per patch."""
     patches = int(starts.sum())
-    return f"{name}: {patches} patches, {starts.numel() / patches:.2f} tokens/patch"
+    return f"{name}\n{patches} patches, {starts.numel() / patches:.2f} tokens/patch"
 
 
 # ---------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import json
 import os
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -138,3 +139,25 @@ def test_readers_take_an_fsdp_directory(tmp_path):
     assert len(digest) == 64 and checkpoint_sha256(single) == file_sha256(single)
     (folder / "train_state.pt").write_bytes((folder / "train_state.pt").read_bytes() + b"\0")
     assert checkpoint_sha256(folder) != digest
+
+
+def test_heatmap_titles_wrap_inside_the_figure():
+    """A long caption is wrapped at spaces, never clipped; the panel name keeps its own line."""
+    from PIL import Image, ImageDraw
+
+    from entropy_model.visualize import _font, _text_size, entropy_heatmap_figure, fit_lines, panel_title
+
+    starts = torch.zeros(64, dtype=torch.bool)
+    starts[::3] = True
+    title = panel_title("DPAR sample: 04_stripes", starts)
+    assert title.splitlines() == ["DPAR sample: 04_stripes", "22 patches, 2.91 tokens/patch"]
+    draw, font = ImageDraw.Draw(Image.new("RGB", (1, 1))), _font()
+    for width in (64, 120, 400):
+        lines = fit_lines(draw, title, font, width)
+        assert " ".join(lines).replace("  ", " ") == title.replace("\n", " ")
+        assert all(_text_size(draw, line, font)[0] <= width for line in lines if " " in line)
+    assert len(fit_lines(draw, title, font, 64)) > 2 and fit_lines(draw, title, font, 400) == title.splitlines()
+    image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    short = entropy_heatmap_figure(image, np.random.default_rng(1).random(64), starts, 8, title="x")
+    long = entropy_heatmap_figure(image, np.random.default_rng(1).random(64), starts, 8, title=title)
+    assert long.width == short.width and long.height > short.height  # more lines, same width
