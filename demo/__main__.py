@@ -35,6 +35,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def load_text(machine: dict) -> str:
+    """The 1-minute load average, rounded (or '?' where the platform has none)."""
+    load = machine.get("load_average")
+    return f"{load[0]:.2f}" if load else "?"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
     try:
@@ -48,7 +54,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
           f"{config.image_size}px ({config.grid}x{config.grid} tokens), {config.gpt_model} vs {config.dpar_model}, "
           f"{config.train_steps} steps; output in {out}/")
     print(f"machine: {machine['cpu_count']} CPUs, torch {machine['torch']} ({machine['torch_threads']} threads), "
-          f"GPU {machine['cuda'] or 'none'}, load average {machine.get('load_average', ['?'])[0]}")
+          f"GPU {machine['cuda'] or 'none'}, load average {load_text(machine)}")
     start = time.time()
     try:
         demo = Demo(config, out, args.force)
