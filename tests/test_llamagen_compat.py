@@ -11,6 +11,7 @@ import torch
 
 import extract_codes
 from autoregressive.models.gpt import GPT_models
+from autoregressive.sample import main as sample_main
 from autoregressive.sample import parse_args as sample_parse_args
 from autoregressive.sample.loading import load_generator
 from autoregressive.train import build_parser, main
@@ -21,6 +22,7 @@ from autoregressive.train.model import create_optimizer
 from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 from test_train import (  # noqa: F401 (one_thread is an autouse fixture)
     NO_DROPOUT, assert_same_weights, final_state, make_store, one_thread, read_log, train_argv)
+from test_sample import ckpts  # noqa: F401 (fixture)
 from test_train_distributed import torchrun
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.distributed import DistInfo
@@ -235,3 +237,27 @@ def test_sampling_prefers_the_ema_weights(tmp_path):
         assert_same_weights(model.state_dict(), raw.state_dict())
     model, info = load_generator(str(bare), "GPT-T", 16, 16, 4)
     assert info["weights"] == "raw" and np.allclose(model.output.weight.detach(), raw.output.weight.detach())
+
+
+def test_sample_c2i_says_which_weights_it_used(ckpts, tmp_path, capsys):
+    """End to end: the grid of a checkpoint with EMA weights comes from them unless --raw-weights."""
+    from PIL import Image
+
+    ours = load_checkpoint(ckpts["gpt"])
+    torch.manual_seed(1)
+    averaged = {k: v + 0.5 * torch.randn_like(v) for k, v in ours["model"].items()}
+    path = tmp_path / "gpt_ema.pt"
+    torch.save({**ours, "ema": averaged}, path)
+    grids = {}
+    for flags in ([], ["--raw-weights"]):
+        out = tmp_path / f"grid{len(flags)}.png"
+        sample_main(["--gpt-ckpt", str(path), "--vq-ckpt", ckpts["vq"], "--device", "cpu", "--class-labels", "0", "1",
+                     "--out", str(out), *flags])
+        first = capsys.readouterr().out.splitlines()[0]
+        assert ("raw weights" if flags else "EMA weights") in first, first
+        grids[len(flags)] = np.asarray(Image.open(out))
+    sample_main(["--gpt-ckpt", ckpts["gpt"], "--vq-ckpt", ckpts["vq"], "--device", "cpu", "--class-labels", "0", "1",
+                 "--out", str(tmp_path / "plain.png")])
+    assert "raw weights" in capsys.readouterr().out  # no EMA in the file
+    assert np.array_equal(grids[1], np.asarray(Image.open(tmp_path / "plain.png")))
+    assert not np.array_equal(grids[0], grids[1])
