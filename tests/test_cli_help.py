@@ -47,3 +47,15 @@ def test_every_flag_has_help_and_a_shown_default(module, entry, monkeypatch):
         bare = [a.option_strings[0] if a.option_strings else a.dest for a in parser._actions
                 if not isinstance(a, (argparse._HelpAction, argparse._SubParsersAction)) and not (a.help or "").strip()]
         assert not bare, f"{module}: no help for {bare}"
+
+
+def test_fid_mode_reports_the_time_the_user_waits():
+    """The headline is the wall time (VQ decoding and writing included), then the split."""
+    from autoregressive.sample.fid import format_waiting
+    from autoregressive.sample.sampler import Throughput
+
+    run = Throughput(images=64, tokens=64 * 256, patches=0, seconds=6.4).summary(is_dpar=False)
+    run.update(wall_seconds=217.0, decode_and_write_seconds=210.6)
+    line = format_waiting(run)
+    assert line.startswith("64 images in 217.0 s (0.29 images/s): generation 6.4 s, VQ decoding and writing 210.6 s")
+    assert line.endswith("generation alone: 64 images in 6.4 s: 10.00 images/s, 2560.0 tokens/s")

@@ -105,8 +105,8 @@ def resume_source(args: argparse.Namespace, run_dir: Path) -> Tuple[Optional[Pat
 
 def changed_args(saved: dict, args: argparse.Namespace) -> list:
     """Flags that differ from the checkpoint's run (reported, not refused)."""
-    ignore = {"resume", "gpt_ckpt", "init_weights", "max_steps", "epochs", "run_dir", "world_size", "per_rank_batch_size",
-              "total_steps"}
+    ignore = {"resume", "gpt_ckpt", "init_weights", "max_steps", "epochs", "run_dir", "world_size",
+              "per_rank_batch_size", "total_steps"}
     current = ckpt.plain_args(args)
     return [f"{k}: {saved[k]!r} -> {current[k]!r}" for k in sorted(current)
             if k in saved and k not in ignore and saved[k] != current[k]]
