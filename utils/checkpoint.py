@@ -118,7 +118,8 @@ def load_checkpoint(path: Union[str, Path], map_location="cpu", mmap: bool = Fal
             raise UnreadableCheckpoint(problem)
         return consolidate_checkpoint(path, with_optimizer=True)
     if path.is_dir():
-        raise ValueError(f"{path} is a directory but not a distributed checkpoint (no .metadata)")
+        raise UnreadableCheckpoint(f"cannot read checkpoint {path}: a directory without .metadata (not a complete "
+                                   f"distributed checkpoint)")
     if not path.is_file():
         raise ValueError(f"checkpoint not found: {path}")
     with torch.serialization.safe_globals([argparse.Namespace]):
