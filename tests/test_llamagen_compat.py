@@ -261,3 +261,10 @@ def test_sample_c2i_says_which_weights_it_used(ckpts, tmp_path, capsys):
     assert "raw weights" in capsys.readouterr().out  # no EMA in the file
     assert np.array_equal(grids[1], np.asarray(Image.open(tmp_path / "plain.png")))
     assert not np.array_equal(grids[0], grids[1])
+
+
+def test_gpt_ckpt_of_another_model_stops_with_one_line(store, tmp_path):
+    main(train_argv(store, tmp_path, "base", max_steps=4))
+    llamagen = to_llamagen_layout(latest_checkpoint(tmp_path / "base" / "checkpoints"), tmp_path / "0000004.pt", False)
+    with pytest.raises(SystemExit, match=r"^error: .*0000004.pt does not fit this model"):
+        main(train_argv(store, tmp_path, "wider", "--gpt-ckpt", str(llamagen), "--num-classes", "6", max_steps=8))

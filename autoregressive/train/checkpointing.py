@@ -64,7 +64,7 @@ def checkpoint_problem(path: Path) -> Optional[str]:
     except UnreadableCheckpoint as e:
         return str(e)
     except ValueError:
-        return None  # readable, if not resumable: not this function's question
+        pass  # readable, if not resumable: resume_source says why
     return None
 
 
@@ -235,7 +235,10 @@ def load_training_checkpoint(path: Path, model: nn.Module, optimizer, sharded: b
             optim = named_optimizer_state(optim, model, optimizer)
             ckpt = {"step": int(ckpt.pop("steps")), "args": _plain(ckpt.pop("args", None)), **ckpt}
         options = StateDictOptions(full_state_dict=sharded)
-        set_model_state_dict(model, ckpt.pop("model"), options=options)
+        try:
+            set_model_state_dict(model, ckpt.pop("model"), options=options)
+        except (RuntimeError, KeyError) as e:
+            raise ValueError(f"{path} does not fit this model: {str(e).strip().splitlines()[0]}") from e
         set_optimizer_state_dict(model, optimizer, optim, options=options)
         has_ema = ema is not None and isinstance(ckpt.get("ema"), dict)
         if has_ema:
@@ -270,8 +273,7 @@ def named_optimizer_state(state: dict, model: nn.Module, optimizer) -> dict:
     if [len(g["params"]) for g in ours] != [len(g["params"]) for g in theirs]:
         raise ValueError(f"the checkpoint's optimizer has parameter groups of sizes "
                          f"{[len(g['params']) for g in theirs]}, this model's {[len(g['params']) for g in ours]}")
-    names = {i: name_of[id(p)] for g_ours, g_theirs in zip(ours, theirs) for i, p in zip(g_theirs["params"],
-                                                                                        g_ours["params"])}
+    names = {i: name_of[id(p)] for mine, saved in zip(ours, theirs) for i, p in zip(saved["params"], mine["params"])}
     groups = [{**g, "params": [names[i] for i in g["params"]]} for g in theirs]
     return {"state": {names[i]: s for i, s in state["state"].items()}, "param_groups": groups}
 
