@@ -3,7 +3,9 @@
 LlamaGen's layout and --init-weights starts a new run from weights only."""
 import argparse
 import dataclasses
+import os
 import shlex
+import subprocess
 
 import numpy as np
 import pytest
@@ -21,7 +23,7 @@ from autoregressive.train.ema import ModelEMA
 from autoregressive.train.model import create_optimizer
 from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 from test_train import (  # noqa: F401 (one_thread is an autouse fixture)
-    NO_DROPOUT, assert_same_weights, final_state, make_store, one_thread, read_log, train_argv)
+    NO_DROPOUT, REPO, assert_same_weights, final_state, make_store, one_thread, read_log, train_argv)
 from test_sample import ckpts  # noqa: F401 (fixture)
 from test_train_distributed import torchrun
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
@@ -268,3 +270,23 @@ def test_gpt_ckpt_of_another_model_stops_with_one_line(store, tmp_path):
     llamagen = to_llamagen_layout(latest_checkpoint(tmp_path / "base" / "checkpoints"), tmp_path / "0000004.pt", False)
     with pytest.raises(SystemExit, match=r"^error: .*0000004.pt does not fit this model"):
         main(train_argv(store, tmp_path, "wider", "--gpt-ckpt", str(llamagen), "--num-classes", "6", max_steps=8))
+
+
+@pytest.mark.parametrize("script, line, passed", [
+    ("scripts/train_c2i.sh", LLAMAGEN_TRAIN[0], []),
+    ("scripts/train_c2i_fsdp.sh", LLAMAGEN_TRAIN[2], ["--data-parallel", "fsdp"]),
+    ("scripts/sample_c2i.sh", LLAMAGEN_SAMPLE[1], ["--num-fid-samples", "50000"]),
+])
+def test_launchers_take_llamagen_lines(script, line, passed):
+    """The launchers hand LlamaGen's flags to the script unchanged (TORCHRUN=echo prints the call)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("GPT_CKPT", "VQ_CKPT", "SAMPLE_DIR", "REF_BATCH")}
+    proc = subprocess.run(["bash", script, *shlex.split(line)], cwd=REPO, env={**env, "TORCHRUN": "echo"},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    argv = shlex.split(proc.stdout)
+    script_at = next(i for i, a in enumerate(argv) if a.endswith(".py"))
+    forwarded = argv[script_at + 1:]
+    assert forwarded[-len(shlex.split(line)):] == shlex.split(line)
+    assert all(p in forwarded for p in passed)
+    parse = sample_parse_args if "sample" in script else train_parse_args
+    parse(forwarded)
