@@ -109,7 +109,8 @@ def _run_args(p: argparse.ArgumentParser) -> None:
                    help="run folder name (default: <gpt-model>[-uncond]-<code store name>); a folder that already "
                         "holds checkpoints is resumed from its latest one")
     g.add_argument("--resume", default=None,
-                   help="checkpoint (file or FSDP directory) to continue from when the run folder has none of its own")
+                   help="checkpoint (file or FSDP directory, ours or LlamaGen's) to continue from when the run "
+                        "folder has none of its own (LlamaGen's name: --gpt-ckpt)")
     g.add_argument("--ckpt-every", type=int, default=5000, help="checkpoint every N optimizer steps (and at the end)")
     g.add_argument("--keep-last", type=int, default=3, help="checkpoints kept (older ones are deleted)")
     g.add_argument("--keep-every", type=int, default=0, help="also keep every checkpoint whose step is a multiple of N")
