@@ -262,8 +262,9 @@ def write_markdown(demo: Demo, d: dict, cl: dict, figs: dict, path: Path) -> Non
     main, flops, train, samples = d["main"], d["flops"], d["train"], d["samples"]
     T, tau = main["tokens_per_image"], main["patching"]["threshold"]
     machine = machine_description()
+    extra = len(c.inference_compressions)
     contains = [f"main study at {c.image_size}px ({c.gpt_model} vs {c.dpar_model})",
-                f"DPAR sampled at {len(c.inference_compressions)} extra inference thresholds"]
+                f"DPAR sampled at {extra} extra inference threshold{'' if extra == 1 else 's'}"]
     if c.static_model:
         contains.append(f"static-patch {c.dpar_model} (patch length {c.static_patch_length}) sampled at lengths "
                         f"{c.static_eval_lengths}")

@@ -68,6 +68,7 @@ from entropy_model.calibrate import threshold_for_compression
 from entropy_model.entropy import teacher_forced_entropy
 from entropy_model.patching import PatchingConfig, patch_lengths_from_starts, patch_starts
 from evaluations.flops import flops_per_image
+from utils.cli import HelpFormatter
 
 DEFAULT_COMPRESSION = {256: 1.81, 384: 2.06}
 ROW_KEYS = (
@@ -448,13 +449,16 @@ def format_table(row: dict, details: dict) -> str:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description="Training and sampling throughput of a GPT / DPAR pair, alternating "
-                                            "their steps, beside the FLOPs ratio.")
+                                            "their steps, beside the FLOPs ratio.",
+                                formatter_class=HelpFormatter)
     p.add_argument("--json", default=None, help="write {device, rows} here")
-    p.add_argument("--gpt-model", choices=sorted(GPT_models), default="GPT-L" if cuda else "GPT-XS")
-    p.add_argument("--dpar-model", choices=sorted(DPAR_models), default="DPAR-L" if cuda else "DPAR-XS")
+    p.add_argument("--gpt-model", choices=sorted(GPT_models), default="GPT-L" if cuda else "GPT-XS",
+                   help="baseline registry name (default: GPT-L on CUDA, GPT-XS on CPU)")
+    p.add_argument("--dpar-model", choices=sorted(DPAR_models), default="DPAR-L" if cuda else "DPAR-XS",
+                   help="DPAR registry name (default: DPAR-L on CUDA, DPAR-XS on CPU)")
     p.add_argument("--image-size", type=int, nargs="+", default=[384], help="one row per size (multiples of 16)")
     p.add_argument("--vocab-size", type=int, default=16384 if cuda else 1024, help="codebook size")
-    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--num-classes", type=int, default=1000, help="classes of the class embedding")
     p.add_argument("--batch-size", type=int, default=32 if cuda else 8, help="training batch")
     p.add_argument("--steps", type=int, default=10 if cuda else 5, help="measured steps per model")
     p.add_argument("--warmup", type=int, default=4 if cuda else 1,
@@ -480,7 +484,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="images per sampling batch (x2 with guidance)")
     g.add_argument("--sample-tokens", type=int, default=0, help="tokens per sampled image (0 = all)")
     g.add_argument("--reference-tokens", type=int, default=24, help="tokens for the reference DPAR path")
-    g.add_argument("--entropy-model", choices=sorted(GPT_models), default="GPT-S" if cuda else "GPT-T")
+    g.add_argument("--entropy-model", choices=sorted(GPT_models), default="GPT-S" if cuda else "GPT-T",
+                   help="entropy model registry name (default: GPT-S on CUDA, GPT-T on CPU)")
     args = p.parse_args(argv)
     for size in args.image_size:
         if size % 16 or size < 32:

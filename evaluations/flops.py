@@ -52,6 +52,7 @@ from autoregressive.models.dpar import DPAR_models, PatchCrossAttention
 from autoregressive.models.modules import Attention
 from entropy_model.calibrate import read_entropy_file, sample_entropies, store_grid_width
 from entropy_model.patching import PATCH_MODES, PatchingConfig
+from utils.cli import HelpFormatter
 
 PAPER_FORWARD_GMACS = {("GPT-XL", 384, 1.0): 433.6, ("DPAR-XL", 384, 2.06): 258.5}  # (model, px, compression)
 
@@ -327,22 +328,23 @@ def _lengths(text: str) -> list:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Forward MACs (the paper's unit) and training FLOPs per image, "
-                                            "counted from the modules of one forward pass.")
+                                            "counted from the modules of one forward pass.",
+                                formatter_class=HelpFormatter)
     p.add_argument("--model", required=True, choices=sorted(all_models()), help="registry name")
-    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--image-size", type=int, default=256, help="image size in pixels")
     p.add_argument("--downsample-size", type=int, default=16, help="tokenizer downsampling (VQ-16: 16)")
     p.add_argument("--vocab-size", type=int, default=16384, help="codebook size")
-    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--num-classes", type=int, default=1000, help="classes of the class embedding")
     g = p.add_argument_group("DPAR patches (exactly one)")
     g.add_argument("--compression", type=float, default=None,
                    help="mean tokens per patch (the paper's: 1.81 at 256 px, 2.06 at 384 px)")
     g.add_argument("--lengths", type=_lengths, default=None, help="one patch layout, comma-separated lengths")
     g.add_argument("--entropy-path", default=None, help="code store holding entropy.npy: use its measured patch counts")
     g = p.add_argument_group("patching rule for --entropy-path")
-    g.add_argument("--patching-mode", choices=PATCH_MODES, default="entropy")
+    g.add_argument("--patching-mode", choices=PATCH_MODES, default="entropy", help="patch boundary rule")
     g.add_argument("--threshold", type=float, default=7.8, help="entropy threshold tau")
     g.add_argument("--max-patch-length", type=int, default=4, help="length cap (0 = none)")
-    g.add_argument("--no-row-reset", action="store_true")
+    g.add_argument("--no-row-reset", action="store_true", help="let patches run across grid rows")
     g.add_argument("--max-images", type=int, default=10000, help="random entropy rows used (0 = all)")
     p.add_argument("--json", default=None, help="also write the result to this JSON file")
     return p.parse_args(argv)

@@ -47,6 +47,7 @@ from autoregressive.models.attention import (
 )
 from autoregressive.models.generate import Decoding, fast_decoding
 from evaluations import benchmark
+from utils.cli import HelpFormatter
 
 TOLERANCE = 2e-2
 
@@ -425,7 +426,8 @@ def summary(report: dict) -> str:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Attention backends, training throughput and decoding speed on one GPU.")
+    p = argparse.ArgumentParser(description="Attention backends, training throughput and decoding speed on one GPU.",
+                                formatter_class=HelpFormatter)
     p.add_argument("--out", required=True, help="folder for gpu_check.json")
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes: check that the script works")
     p.add_argument("--steps", type=int, default=None, help="measured training steps per model (default 6; dry run 1)")
@@ -440,7 +442,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--reference-batch", type=int, default=None, help="images on the reference path (default 8; dry 2)")
     p.add_argument("--time-limit", type=float, default=420.0, help="seconds after which remaining sections are skipped")
     p.add_argument("--sections", nargs="+", choices=("attention", "training", "decoding"),
-                   default=["attention", "training", "decoding"])
+                   default=["attention", "training", "decoding"], help="parts of the check to run")
     return p.parse_args(argv)
 
 

@@ -255,7 +255,7 @@ def test_bad_inputs_stop_with_one_line(store, tmp_path, capsys):
     other = latest_checkpoint(tmp_path / "gpt-t" / "checkpoints")
     capsys.readouterr()
     cases = {
-        "grid": (["--image-size", "128"], "has a 4x4 token grid, but the model expects 8x8"),
+        "grid": (["--image-size", "128"], "--image-size 128 contradicts the code store"),
         "labels": (["--num-classes", "3"], "holds class ids 0..3, outside 0..2"),
         "arch-run-folder": (["--run-name", "gpt-t", "--gpt-model", "GPT-XS"], "is a GPT-T, but this run builds GPT-XS"),
         "arch-resume": (["--resume", str(other), "--dropout-p", "0", "--class-dropout-prob", "0"],

@@ -23,11 +23,14 @@ from autoregressive.train.guards import TrainingError
 from dataset.code_store import CodeDataset, CodeStore, check_code_store, code_store_hash, open_code_store
 from entropy_model.calibrate import PAPER_THRESHOLD, load_entropies, sample_entropies, threshold_for_compression
 from entropy_model.patching import GATED_MODES, PatchingConfig, build_patch_batch
-from utils.checkpoint import file_sha256
+from utils.checkpoint import checkpoint_sha256
+from utils.cli import default_workers
 from utils.distributed import DistInfo, broadcast_object
 
 LLAMAGEN_VOCAB_SIZE = 16384
 LLAMAGEN_NUM_CLASSES = 1000
+LLAMAGEN_DOWNSAMPLE = 16
+MAX_DEFAULT_WORKERS = 4
 CALIBRATION_SAMPLE = 8192  # (image, view) rows used by --target-compression
 
 
@@ -45,15 +48,32 @@ def open_training_store(args: argparse.Namespace) -> CodeStore:
     if store.grid_height != store.grid_width:
         raise ValueError(f"code store {store.path} has a {store.grid_height}x{store.grid_width} grid; "
                          f"the models need a square token grid")
-    if args.image_size is None:
-        args.image_size = store.image_size or store.grid_width * args.downsample_size
+    _resolve_grid(args, store)
+    args.block_size = store.seq_len
+    _resolve_classes(args, store)
+    return store
+
+
+def _resolve_grid(args: argparse.Namespace, store: CodeStore) -> None:
+    """--image-size and --downsample-size from the store: a manifest records the image size, and
+    with the token grid that fixes the downsampling factor; a flag that contradicts it stops."""
+    grid = store.grid_width
+    recorded = store.image_size
+    if recorded is not None and recorded % grid == 0:
+        factor = recorded // grid
+        for flag, value, expected in (("--image-size", args.image_size, recorded),
+                                      ("--downsample-size", args.downsample_size, factor)):
+            if value is not None and value != expected:
+                raise ValueError(f"{flag} {value} contradicts the code store {store.path}: it holds {recorded} px "
+                                 f"images as a {grid}x{grid} token grid (downsample {factor}); drop {flag}")
+        args.image_size, args.downsample_size = recorded, factor
+        return
+    args.downsample_size = args.downsample_size or LLAMAGEN_DOWNSAMPLE
+    args.image_size = args.image_size or grid * args.downsample_size
     if args.image_size % args.downsample_size:
         raise ValueError(f"--image-size {args.image_size} is not a multiple of --downsample-size "
                          f"{args.downsample_size}")
     check_code_store(store, grid=args.image_size // args.downsample_size)
-    args.block_size = store.seq_len
-    _resolve_classes(args, store)
-    return store
 
 
 def _resolve_classes(args: argparse.Namespace, store: CodeStore) -> None:
@@ -88,7 +108,7 @@ def open_entropies(args: argparse.Namespace, store: CodeStore, info: DistInfo) -
     --entropy-model, by that checkpoint); records both hashes in args. Rank 0 hashes, all check."""
     hashes = None
     if info.is_main:
-        model_hash = file_sha256(args.entropy_model) if args.entropy_model else None
+        model_hash = checkpoint_sha256(args.entropy_model) if args.entropy_model else None
         hashes = (code_store_hash(store.path), model_hash)
     args.code_store_hash, expected_model = broadcast_object(hashes)
     entropies, record = load_entropies(str(entropy_dir(args)), args.code_store_hash, expected_model)
@@ -213,6 +233,13 @@ class ResumableSampler(DistributedSampler):
         return self.num_samples - self.start
 
 
+def resolve_workers(args: argparse.Namespace) -> int:
+    """--num-workers, by default the CPU cores this process may use (at most 4); recorded in args."""
+    if args.num_workers is None:
+        args.num_workers = default_workers(MAX_DEFAULT_WORKERS)
+    return args.num_workers
+
+
 class BatchStream:
     """Yields the micro-batches of one optimizer step at a time and knows its position.
     An epoch has num_samples // per_rank_batch // accum steps; leftovers are dropped so an
@@ -225,7 +252,7 @@ class BatchStream:
         self.seed = args.seed
         self.sampler = ResumableSampler(dataset, info.world_size, info.rank, args.seed)
         self.loader = DataLoader(dataset, batch_size=self.batch, sampler=self.sampler, drop_last=True,
-                                 num_workers=args.num_workers, collate_fn=builder.collate,
+                                 num_workers=resolve_workers(args), collate_fn=builder.collate,
                                  pin_memory=info.device.type == "cuda", generator=torch.Generator())
         self.steps_per_epoch = self.sampler.num_samples // self.batch // self.accum
         if self.steps_per_epoch < 1:
