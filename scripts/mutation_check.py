@@ -146,7 +146,7 @@ FAULTS = [
           "opens |= quantize_entropy(entropy) - quantize_entropy(prev_entropy) > patching.threshold",
           "opens |= quantize_entropy(prev_entropy) - quantize_entropy(entropy) > patching.threshold",
           "generation's relative mode opens patches on entropy drops instead of rises",
-          (T_DPAR_INC, "tests/test_patching.py")),
+          (T_DPAR_INC, "tests/test_fidelity.py::test_incremental_matches_reference_with_real_sampling")),
     # ---- incremental generation ------------------------------------------------------
     Fault("generation-cache-rows", GEN,
           "cache_rows = torch.cat([rows + k * B for k in range(copies)])",
@@ -163,10 +163,10 @@ FAULTS = [
           "slot = num_patches.max().expand(rows.shape[0]).repeat(copies)",
           "every advancing row writes the patch cache at the furthest row's slot",
           (T_DPAR_INC,)),
-    Fault("generation-pools-unfinished-token", GEN,
-          "lengths = (step - start)[:, None]  # (n, 1)",
-          "lengths = (step - start + 1)[:, None]  # (n, 1)",
-          "a finished patch is pooled together with the (not yet encoded) token that opens the next",
+    Fault("generation-pooling-window", GEN,
+          "gather_patch_tokens(states[rows, l, :step], start[:, None], lengths)",
+          "gather_patch_tokens(states[rows, l, :step], start[:, None] + 1, lengths - 1)",
+          "generation pools a finished patch without its first token",
           (T_DPAR_INC,)),
     # ---- KV cache --------------------------------------------------------------------
     Fault("gpt-decode-position", "autoregressive/models/gpt.py",
@@ -338,8 +338,12 @@ def check_fault(fault: Fault, tree: Path, timeout: float) -> Result:
     if code is None:
         return Result(fault.name, "TIMEOUT", seconds, tests, f"over {timeout:.0f} s")
     status = {0: "SURVIVED", 1: "CAUGHT"}.get(code, "ERROR")
-    if status == "ERROR":
-        note = "; ".join(filter(None, [note, tail.strip().splitlines()[-1] if tail.strip() else f"exit {code}"]))
+    lines = tail.strip().splitlines()
+    if status == "CAUGHT":  # name the test that failed (pytest's summary line "FAILED node - reason")
+        failed = [line[len("FAILED "):].split(" - ")[0] for line in lines if line.startswith("FAILED ")]
+        note = "; ".join(filter(None, [note, f"by {failed[0]}" if failed else ""]))
+    elif status == "ERROR":
+        note = "; ".join(filter(None, [note, lines[-1] if lines else f"exit {code}"]))
     return Result(fault.name, status, seconds, tests, note)
 
 
