@@ -22,6 +22,7 @@ import json
 import os
 import queue
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -306,11 +307,16 @@ def run_pytest(tree: Path, tests: Sequence[str], timeout: float) -> tuple:
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "OMP_WAIT_POLICY": "PASSIVE"}
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests]
     start = time.time()
+    # own process group, so a timeout also ends the workers torchrun started
+    proc = subprocess.Popen(cmd, cwd=tree, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     try:
-        proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=timeout)
+        output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
         return None, time.time() - start, ""
-    return proc.returncode, time.time() - start, (proc.stdout + proc.stderr)[-2000:]
+    return proc.returncode, time.time() - start, output[-2000:]
 
 
 def present_tests(tree: Path, tests: Sequence[str]) -> tuple:
