@@ -165,9 +165,10 @@ def opens_patch(
     """The patching rule at one step i > 0 (entropy_model.patching.patch_starts, one column at
     a time): entropy = e_i, prev_entropy = e_{i-1} (B,), open_length (B,) tokens in the open
     patch. Returns (B,) bool: does token i open a patch?"""
+    if not patching.needs_entropy:  # gate-free modes: patch_starts' fixed pattern at column `step`
+        column = patching.starts(None, row_width, shape=(1, step + 1), device=open_length.device)[0, step]
+        return column.expand_as(open_length).clone()
     opens = torch.zeros_like(open_length, dtype=torch.bool)
-    if patching.mode == "token":
-        return ~opens
     if patching.mode == "entropy":
         opens |= quantize_entropy(entropy) > patching.threshold
     elif patching.mode == "relative":
