@@ -23,6 +23,7 @@ Patch lengths are int64, zero-padded on the right.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from fractions import Fraction
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -125,28 +126,36 @@ def static_pattern_starts(
     T: int, mean_length: float, row_width: int | None = None, device: torch.device | str | None = None
 ) -> torch.Tensor:
     """(T,) bool starts of uniform patches whose mean length is `mean_length` = L >= 1 (fractional
-    allowed). Patches are L rounded down or up, spread evenly; the pattern is fixed (it depends on
-    the token index and the grid only, never on T), so a prefix of an image gets the same starts
-    as the whole image, and generation can apply it token by token.
+    allowed), spread evenly. The pattern is fixed (it depends on the token index and the grid
+    only, never on T), so a prefix of an image gets the same starts as the whole image, and
+    generation can apply it token by token.
 
     - row_width None (no row reset): token i opens a patch iff i = ceil(k * L) for some integer k;
-      an image of T tokens holds ceil(T / L) patches.
+      an image of T tokens holds floor((T - 1) / L) + 1 patches.
     - row_width W (row reset): row r holds c_r = round((r + 1) * W / L) - round(r * W / L) patches
       (clamped to 1..W), whose starts are the offsets ceil(j * W / c_r), j < c_r, from the row's
       first token. The counts telescope, so an H x W grid holds round(H * W / L) patches: the mean
       length is the nearest a whole patch count allows (256 tokens at L = 1.8191: 141 patches,
-      mean 1.8156), and every row's lengths differ by at most one.
-    round() rounds halves up.
+      mean 1.8156), and the lengths within a row differ by at most one (they are L rounded down
+      or up when W / L is large, as at 16 or 24 tokens per row with L <= 4).
+    round() rounds halves up. L is taken as the nearest fraction with a denominator up to 10^6
+    (1.8191 = 18191/10000) and the pattern is computed in exact integer arithmetic.
     """
     if not mean_length >= 1.0:
         raise ValueError(f"the static mean patch length must be >= 1, got {mean_length}")
-    pos = torch.arange(T, dtype=torch.float64, device=device)  # (T,) float64: exact for these sizes
-    if row_width is None:
-        return torch.floor(pos / mean_length) > torch.floor((pos - 1) / mean_length)
-    row, offset = torch.floor(pos / row_width), torch.remainder(pos, row_width)
-    count = torch.floor((row + 1) * row_width / mean_length + 0.5) - torch.floor(row * row_width / mean_length + 0.5)
+    ratio = Fraction(mean_length).limit_denominator(10**6)
+    num, den = ratio.numerator, ratio.denominator  # L = num / den
+    pos = torch.arange(T, dtype=torch.int64, device=device)  # (T,)
+    if row_width is None:  # floor(i / L) steps up exactly at i = ceil(k * L)
+        return pos * den // num > (pos - 1) * den // num
+    row, offset = pos // row_width, pos % row_width
+
+    def rounded(x_num: torch.Tensor) -> torch.Tensor:  # round(x_num / num), halves up
+        return (2 * x_num + num) // (2 * num)
+
+    count = rounded((row + 1) * row_width * den) - rounded(row * row_width * den)
     count = count.clamp(1, row_width)  # (T,) patches in the token's row
-    return torch.floor(offset * count / row_width) > torch.floor((offset - 1) * count / row_width)
+    return offset * count // row_width > (offset - 1) * count // row_width
 
 
 def _check_starts(starts: torch.Tensor) -> None:
