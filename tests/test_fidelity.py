@@ -286,14 +286,15 @@ def dropout_rates(blocks):
 
 def test_local_blocks_have_no_dropout_by_default_and_flag_restores_it():
     kw = dict(vocab_size=VOCAB, block_size=T, num_classes=CLASSES, drop_path_rate=0.2, attn_dropout_p=0.05)
-    model = DPAR(DPARConfig(dim=64, n_head=4, n_encoder_layer=1, n_patch_layer=1, n_decoder_layer=1, **kw))
+    depths = dict(n_encoder_layer=2, n_patch_layer=1, n_decoder_layer=1)  # encoder layer 1 has a drop-path rate
+    model = DPAR(DPARConfig(dim=64, n_head=4, **depths, **kw))
     assert dropout_rates(model.encoder_layers) == {(0.0, 0.0, 0.0, 0.0)}
     assert {r[:3] for r in dropout_rates(model.decoder_layers)} == {(0.0, 0.0, 0.0)}
     assert {r[:3] for r in dropout_rates(model.patch_layers)} == {(0.05, 0.1, 0.1)}  # LlamaGen's
     assert model.encoder_dropout.p == 0.0 and model.tok_dropout.p == 0.1
-    old = DPAR(DPARConfig(dim=64, n_head=4, n_encoder_layer=1, n_patch_layer=1, n_decoder_layer=1,
-                          local_dropout=True, **kw))
+    old = DPAR(DPARConfig(dim=64, n_head=4, local_dropout=True, **depths, **kw))
     assert {r[:3] for r in dropout_rates([*old.encoder_layers, *old.decoder_layers])} == {(0.05, 0.1, 0.1)}
+    assert old.encoder_layers[1].drop_path.rate > 0
     assert old.encoder_dropout.p == 0.1
     gpt = GPTConfig()  # the GPT (baseline and entropy model) keeps LlamaGen's dropouts
     assert (gpt.token_dropout_p, gpt.resid_dropout_p, gpt.ffn_dropout_p) == (0.1, 0.1, 0.1)
