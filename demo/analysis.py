@@ -172,6 +172,12 @@ def training_summary(run_dir: Path, batch_size: int) -> dict:
     return out
 
 
+def static_patch_counts(config) -> np.ndarray:
+    """(1,) patches per image of the static model's uniform pattern (same for every image)."""
+    patching = PatchingConfig("static", None, config.max_patch_length, True, config.static_mean_length)
+    return patching.starts(None, config.grid, shape=(1, config.grid**2)).sum(-1).numpy()
+
+
 def compute_accounting(model_name: str, image_size: int, downsample: int, vocab: int, classes: int,
                        counts: Optional[np.ndarray] = None, compression: Optional[float] = None) -> dict:
     """evaluations.flops.flops_per_image for the demo's model at the demo's grid: DPAR at the
