@@ -229,7 +229,8 @@ def claims(d: dict) -> dict:
     worst = max((r["fd"] / base - 1.0 for r in rows[1:] if r["fd"] is not None), default=None) if base else None
     out["adaptive"] = {"rows": rows, "worst_relative_fd_increase": worst, "classifier_accuracy": accuracy,
                        "held": metric_verdict(None if worst is None else worst <= ADAPTIVE_TOLERANCE, accuracy)}
-    static = [(n, s) for n, s in samples.items() if n.startswith("static_p")]
+    static = sorted(((n, s) for n, s in samples.items() if n.startswith("static_p")),
+                    key=lambda item: float(item[0].split("_p")[1]))
     if static:
         trained = f"static_p{c.static_mean_length:g}"
         srows = [{"set": n, "length": float(n.split("_p")[1]), "compression": s["throughput"]["compression"],
@@ -293,10 +294,12 @@ def write_markdown(demo: Demo, d: dict, cl: dict, figs: dict, path: Path) -> Non
     if c.static_model:
         contains.append(f"static-patch {c.dpar_model} (uniform patches of mean length {c.static_mean_length:g}) "
                         f"sampled at mean lengths {c.static_sample_lengths}")
+    else:
+        contains.append("no static-patch model (--full or --static-model adds it)")
     if c.resolutions:
         contains.append(f"multi-resolution study at {sorted([c.image_size, *c.resolutions])}px")
     else:
-        contains.append("no multi-resolution study and no static-patch model (run with --full for them)")
+        contains.append("no multi-resolution study (--full adds it)")
     L = []
     add = L.append
     add("# DPAR at small scale: replication report\n")
@@ -409,15 +412,16 @@ def write_markdown(demo: Demo, d: dict, cl: dict, figs: dict, path: Path) -> Non
         f"check is generation: DPAR's own samples opened {fmt(T / tr['sampled_compression'])} patches per image, "
         f"a compression of {fmt(tr['sampled_compression'], 4)} (criterion: at least "
         f"{SAMPLE_COMPRESSION_SHARE:.0%} of the calibrated value). Verdict: {verdict(tr['held'])}.\n")
-    direction = "fewer" if tr["sampled_compression"] > tr["calibrated_compression"] else "more"
+    fewer = tr["sampled_compression"] > tr["calibrated_compression"]
     add(f"Why generation ({fmt(tr['sampled_compression'], 4)} tokens per patch) and calibration "
         f"({fmt(tr['calibrated_compression'], 4)}) differ: tau is fixed by calibration on the entropies of real codes, "
         "while generation applies the same tau to the entropy model's scores of DPAR's own samples. Patch counts "
-        "follow the entropy of the tokens actually generated, so they match only as far as the samples are as "
-        f"uncertain to the entropy model as real images. Here the samples opened {direction} patches than real "
-        "codes: their tokens were " + ("less" if direction == "fewer" else "more") + " often above tau (a small "
-        "model's samples are typically smoother or more repetitive than real images when fewer, noisier when "
-        "more).\n")
+        "follow the entropy of the tokens actually generated, so the two agree only as far as the samples are as "
+        "uncertain to the entropy model as real images. Here the samples opened "
+        + ("fewer patches than real codes: their tokens were less often above tau, i.e. more predictable to the "
+           "entropy model (for example smoother or more repetitive images)." if fewer else
+           "more patches than real codes: their tokens were more often above tau, i.e. less predictable to the "
+           "entropy model (for example the noisier images of a briefly trained model).") + "\n")
     if "patch_growth" in cl:
         pg = cl["patch_growth"]
         add("Across resolutions (each with its own tokenizer and entropy model, one tau):\n")
