@@ -308,7 +308,11 @@ class PatchingConfig:
         return patch_lengths_from_starts(self.starts(entropy, grid_width, shape, device), num_patches)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Plain dict; static_length only when set, so other modes' records stay as they were."""
+        d = asdict(self)
+        if d["static_length"] is None:
+            del d["static_length"]
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "PatchingConfig":
