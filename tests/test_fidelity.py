@@ -23,12 +23,13 @@ from autoregressive.train.args import parse_args
 from autoregressive.train.data import resolve_patching as resolve_training_patching
 from autoregressive.train.model import model_kwargs
 from dpar_helpers import CLASSES, GRID, T, VOCAB, quantile_patching, random_dpar, random_entropy_model
-from entropy_model.entropy import teacher_forced_entropy
+from entropy_model.entropy import entropy_from_logits, teacher_forced_entropy
 from entropy_model.patching import (
     PAPER_STATIC_LENGTH,
     PAPER_THRESHOLDS,
     PatchingConfig,
     paper_threshold,
+    quantize_entropy,
     static_pattern_starts,
 )
 
@@ -52,17 +53,26 @@ def patching_for(mode: str, ent) -> PatchingConfig:
     return PatchingConfig("static", None, None, False, static_length=2.6)  # static-fractional-no-reset
 
 
+def tie_patching(ent, model, cond, sampling, uniforms) -> PatchingConfig:
+    """tau equal to the float16 entropy e_1 of image 0: x_0 comes before any patch decision, so
+    generation meets a tie at step 1 whatever tau is (the gate is strict: e > tau)."""
+    first = reference_generate_dpar(model, cond, 1, sampling, uniforms, ent, quantile_patching(ent)).tokens  # (B, 1)
+    with torch.no_grad():
+        entropy = entropy_from_logits(ent(first, None)[0])  # (B, 2): e_0, e_1
+    return PatchingConfig("entropy", float(quantize_entropy(entropy[0, 1])), 3, True)
+
+
 MODES = ["entropy", "relative", "relative-no-reset", "token", "static", "static-fractional",
          "static-fractional-no-reset"]
 
 
-@pytest.mark.parametrize("mode,cfg_scale", [(mode, 2.5) for mode in MODES] + [("entropy", 1.0)])
+@pytest.mark.parametrize("mode,cfg_scale", [(mode, 2.5) for mode in MODES] + [("entropy", 1.0), ("tie", 2.5)])
 def test_incremental_matches_reference_with_real_sampling(mode, cfg_scale):
     ent, model = random_entropy_model(), random_dpar()
-    patching = patching_for(mode, ent)
     cond = torch.tensor([0, 1, 2, 3])
     sampling = Sampling(cfg_scale=cfg_scale, temperature=1.5, top_k=12, top_p=0.95)
     uniforms = draw_uniforms(4, T, torch.Generator().manual_seed(7))
+    patching = tie_patching(ent, model, cond, sampling, uniforms) if mode == "tie" else patching_for(mode, ent)
     fast = generate_dpar(model, cond, T, sampling, uniforms, ent, patching, keep_logits=True)
     slow = reference_generate_dpar(model, cond, T, sampling, uniforms, ent, patching)
     assert torch.equal(fast.tokens, slow.tokens)
@@ -73,6 +83,8 @@ def test_incremental_matches_reference_with_real_sampling(mode, cfg_scale):
     assert torch.equal(fast.num_patches, starts.sum(-1))
     mixed = guided_logits(fast.logits, cfg_scale, True) if cfg_scale > 1 else fast.logits  # (B, T, V)
     assert (fast.tokens != mixed.argmax(-1)).float().mean() > 0.15  # really sampled, not greedy
+    if mode == "tie":  # the tie really happens: e_1 of image 0 equals tau in float16
+        assert float(quantize_entropy(entropy[0, 1])) == patching.threshold and not starts[0, 1]
     if patching.needs_entropy:  # rows open patches at different steps, by the gate
         assert not (starts == starts[0]).all()
         no_gate = PatchingConfig(patching.mode, float("inf"), patching.max_patch_length, patching.row_reset)
