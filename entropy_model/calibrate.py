@@ -25,10 +25,17 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from entropy_model.patching import GATED_MODES, PATCH_MODES, patch_lengths_from_starts, patch_starts, quantize_entropy
+from entropy_model.patching import (
+    GATED_MODES,
+    PAPER_THRESHOLDS,
+    PATCH_MODES,
+    patch_lengths_from_starts,
+    patch_starts,
+    quantize_entropy,
+)
 from utils.cli import HelpFormatter
 
-PAPER_THRESHOLD = 7.8
+PAPER_THRESHOLD = PAPER_THRESHOLDS[256]  # the paper's tau at 256 px (its entropy model only)
 QUANTILE_LEVELS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 
 

@@ -66,7 +66,7 @@ from autoregressive.models.gpt import GPT_models
 from autoregressive.train.model import compile_model
 from entropy_model.calibrate import threshold_for_compression
 from entropy_model.entropy import teacher_forced_entropy
-from entropy_model.patching import PatchingConfig, patch_lengths_from_starts, patch_starts
+from entropy_model.patching import PatchingConfig, paper_threshold, patch_lengths_from_starts, patch_starts
 from evaluations.flops import flops_per_image
 from utils.cli import HelpFormatter
 
@@ -468,7 +468,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     g.add_argument("--compression", type=float, default=None, help="mean tokens per patch (default 1.81 at 256 px, "
                                                                     "2.06 at 384 px)")
     g.add_argument("--entropy-path", default=None, help="code store with entropy.npy: use its entropies")
-    g.add_argument("--threshold", type=float, default=7.8, help="entropy threshold with --entropy-path")
+    g.add_argument("--threshold", type=float, default=paper_threshold(), help="entropy threshold with --entropy-path")
     g.add_argument("--max-patch-length", type=int, default=4, help="length cap (0 = none)")
     g.add_argument("--packing", choices=("auto", "packed", "padded"), default="auto",
                    help="DPAR's patch-transformer layout (DPARConfig.patch_packing)")

@@ -42,6 +42,7 @@ from autoregressive.models.modules import (
 )
 
 PATCH_ROPE = ("dynamic", "2d", "1d")
+PATCH_INIT = ("llamagen", "blt")
 PATCH_PACKING = ("auto", "packed", "padded")
 DOCUMENT_GRID_MULTIPLE = 64  # SDPA's document grid length is bucketed to this (few compiled shapes)
 
@@ -61,6 +62,16 @@ class DPARConfig(TransformerDefaults):
     patch_rope: str = "dynamic"
     patch_packing: str = "auto"  # patch-transformer layout; auto = whichever runs fewer slots
     pack_multiple: int = 128  # packed length is padded to a multiple of this (few compiled shapes)
+    # The authors build the token encoder and decoder with every dropout 0 and no drop path in
+    # the encoder, and apply token dropout to the patch sequence only; the patch transformer
+    # keeps LlamaGen's dropouts. True restores LlamaGen's dropouts everywhere (ablation).
+    local_dropout: bool = False
+    # Cross-attention and patch-injection projections: "llamagen" = normal(initializer_range)
+    # like every other linear layer (what the authors' model ends up with: its top-level
+    # initialize_weights re-initialises every nn.Linear after the local modules' own init);
+    # "blt" = truncated normal, std dim^-0.5, cut at +-3 std (BLT's init, which the authors'
+    # local modules set first).
+    patch_init: str = "llamagen"
 
     def __post_init__(self):
         if self.n_kv_head is None:
@@ -69,6 +80,8 @@ class DPARConfig(TransformerDefaults):
             raise ValueError("DPAR uses a single class slot (cls_token_num=1)")
         if self.patch_rope not in PATCH_ROPE:
             raise ValueError(f"patch_rope must be one of {PATCH_ROPE}, got {self.patch_rope!r}")
+        if self.patch_init not in PATCH_INIT:
+            raise ValueError(f"patch_init must be one of {PATCH_INIT}, got {self.patch_init!r}")
         if self.patch_packing not in PATCH_PACKING:
             raise ValueError(f"patch_packing must be one of {PATCH_PACKING}, got {self.patch_packing!r}")
         if self.pack_multiple < 1:
@@ -92,6 +105,13 @@ class DPARConfig(TransformerDefaults):
     @property
     def n_layer(self) -> int:
         return self.n_encoder_layer + self.n_patch_layer + self.n_decoder_layer
+
+    @property
+    def local_block_config(self) -> "DPARConfig":
+        """The settings of the token encoder and decoder blocks (see local_dropout)."""
+        if self.local_dropout:
+            return self
+        return replace(self, attn_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0)
 
 
 class PatchCrossAttention(nn.Module):
@@ -119,6 +139,9 @@ class PatchCrossAttention(nn.Module):
         out = segment_attend(q, k, v, segment)  # (n, H, Dh)
         return p + self.wo(out.reshape(n, self.n_head * self.head_dim))
 
+    def projections(self) -> List[nn.Linear]:
+        return [self.wq, self.wkv, self.wo]
+
 
 class PatchInjection(nn.Module):
     """Linear(Norm(g)): what a decoder layer adds to the token stream from its patch's state."""
@@ -130,6 +153,9 @@ class PatchInjection(nn.Module):
 
     def forward(self, g: torch.Tensor) -> torch.Tensor:
         return self.proj(self.norm(g))
+
+    def projections(self) -> List[nn.Linear]:
+        return [self.proj]
 
 
 @dataclass
@@ -266,15 +292,19 @@ class DPAR(nn.Module):
         self.config = config
         self.cls_embedding = LabelEmbedder(config.num_classes, config.dim, config.class_dropout_prob)
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
-        self.tok_dropout = nn.Dropout(config.token_dropout_p)
+        self.tok_dropout = nn.Dropout(config.token_dropout_p)  # on the patch sequence
+        self.encoder_dropout = nn.Dropout(config.token_dropout_p if config.local_dropout else 0.0)
         rates = [config.drop_path_rate * i / max(config.n_layer - 1, 1) for i in range(config.n_layer)]
         E, G = config.n_encoder_layer, config.n_patch_layer
-        self.encoder_layers = nn.ModuleList(TransformerBlock(config, r) for r in rates[:E])
+        if not config.local_dropout:
+            rates[:E] = [0.0] * E
+        local = config.local_block_config
+        self.encoder_layers = nn.ModuleList(TransformerBlock(local, r) for r in rates[:E])
         self.patch_cross_attn = nn.ModuleList(PatchCrossAttention(config) for _ in range(E))
         self.patch_layers = nn.ModuleList(TransformerBlock(config, r) for r in rates[E : E + G])
         self.decoder_start = nn.Parameter(torch.zeros(config.dim))
         self.patch_injections = nn.ModuleList(PatchInjection(config) for _ in range(config.n_decoder_layer))
-        self.decoder_layers = nn.ModuleList(TransformerBlock(config, r) for r in rates[E + G :])
+        self.decoder_layers = nn.ModuleList(TransformerBlock(local, r) for r in rates[E + G :])
         self.norm = RMSNorm(config.dim, eps=config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         table = grid_rope_table(config.grid_size, config.head_dim, config.rope_base, 1)
@@ -286,6 +316,11 @@ class DPAR(nn.Module):
         init_weights(self, self.config.initializer_range)
         nn.init.normal_(self.decoder_start, std=self.config.initializer_range)
         nn.init.zeros_(self.output.weight)
+        if self.config.patch_init == "blt":
+            std = self.config.dim**-0.5
+            for module in [*self.patch_cross_attn, *self.patch_injections]:
+                for linear in module.projections():
+                    nn.init.trunc_normal_(linear.weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
 
     @property
     def null_class(self) -> int:
@@ -352,7 +387,7 @@ class DPAR(nn.Module):
         B, T, dim = idx.shape[0], idx.shape[1] + 1, self.config.dim
 
         # encoder over x_0..x_{T-2}
-        h = self.tok_dropout(self.tok_embeddings(idx))  # (B, T-1, dim)
+        h = self.encoder_dropout(self.tok_embeddings(idx))  # (B, T-1, dim)
         enc_freqs = self.freqs_cis[None, 1:T]
         layer_states = []
         for layer in self.encoder_layers if T > 1 else []:

@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-patch-length", type=_cap, default=None, help="length cap P_max (0 or 'none': no cap)")
     g.add_argument("--row-reset", action=argparse.BooleanOptionalAction, default=None,
                    help="open a patch at every grid row")
+    g.add_argument("--static-length", type=float, default=None,
+                   help="mode static: mean patch length of the uniform pattern (fractional allowed, e.g. 1.8191)")
     g = p.add_argument_group("sampling")
     g.add_argument("--cfg-scale", type=float, default=None,
                    help=f"guidance scale (default: grid {GRID_CFG_SCALE}; FID: LlamaGen's for the model size)")
@@ -171,7 +173,8 @@ def build_sampler(args: argparse.Namespace, device: torch.device) -> Sampler:
     if args.top_k is None:
         args.top_k = 0 if fid else GRID_TOP_K
     entropy_model, patching = None, None
-    overrides = PatchingOverrides(args.patching_mode, args.threshold, args.max_patch_length, args.row_reset)
+    overrides = PatchingOverrides(args.patching_mode, args.threshold, args.max_patch_length, args.row_reset,
+                                  args.static_length)
     if getattr(model, "is_dpar", False):
         patching = resolve_patching(ckpt_args, overrides)
         if patching.needs_entropy:

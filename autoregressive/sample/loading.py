@@ -25,6 +25,7 @@ class PatchingOverrides:
     threshold: Optional[float] = None
     max_patch_length: Optional[int] = None
     row_reset: Optional[bool] = None
+    static_length: Optional[float] = None
 
 
 def precision_dtype(precision: str, device: torch.device) -> torch.dtype:
@@ -103,6 +104,8 @@ def resolve_patching(ckpt_args: dict, overrides: PatchingOverrides) -> PatchingC
         changes["max_patch_length"] = None
     if changes.get("mode") in ("entropy", "relative") and base.threshold is None and "threshold" not in changes:
         changes["threshold"] = PatchingConfig().threshold
+    if changes.get("mode", "static") != "static":
+        changes.setdefault("static_length", None)  # a stored static pattern does not carry to another mode
     return replace(base, **changes)
 
 

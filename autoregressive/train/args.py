@@ -51,7 +51,8 @@ def _dpar_args(p: argparse.ArgumentParser) -> None:
                    help="entropy model checkpoint; when given, the entropies must have been made by it (hash check)")
     g.add_argument("--patching-mode", choices=PATCH_MODES, default="entropy", help="patch boundary rule")
     g.add_argument("--threshold", type=float, default=None,
-                   help="entropy threshold tau in nats (default 7.8, the paper's, unless --target-compression)")
+                   help="entropy threshold tau in nats (default the paper's, 7.8 at 256 px and 7.9 at 384 px, unless "
+                        "--target-compression; tau belongs to the paper's entropy model: with another one calibrate)")
     g.add_argument("--target-compression", type=float, default=None,
                    help="choose tau so that the mean patch length on the stored entropies is this (e.g. 1.81)")
     g.add_argument("--max-patch-length", type=int, default=4, help="length cap P_max (0 = no cap)")
@@ -62,6 +63,15 @@ def _dpar_args(p: argparse.ArgumentParser) -> None:
                    help="token decoder depth D (default: the registry's); the patch depth keeps the total")
     g.add_argument("--patch-rope", choices=("dynamic", "2d", "1d"), default="dynamic",
                    help="positions of the patch transformer")
+    g.add_argument("--static-length", type=float, default=None,
+                   help="with --patching-mode static: mean patch length of the uniform pattern, fractional allowed "
+                        "(the authors' static baseline: 1.8191); default: fixed patches of --max-patch-length")
+    g.add_argument("--local-dropout", action="store_true",
+                   help="LlamaGen's dropouts also in the token encoder and decoder, and token dropout on the encoder "
+                        "input (ablation; the authors use none there)")
+    g.add_argument("--patch-init", choices=("llamagen", "blt"), default="llamagen",
+                   help="init of the cross-attention and patch-injection projections: normal(0.02) like every "
+                        "layer (the authors' effective init) or BLT's truncated normal of std dim^-0.5")
 
 
 def _optim_args(p: argparse.ArgumentParser) -> None:
@@ -211,8 +221,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     is_dpar = args.gpt_model in DPAR_models
     if is_dpar and args.unconditional:
         p.error("--unconditional trains a GPT entropy model; DPAR is class-conditional")
-    dpar_only = ("entropy_path", "entropy_model", "threshold", "target_compression", "encoder_layers", "decoder_layers")
+    dpar_only = ("entropy_path", "entropy_model", "threshold", "target_compression", "encoder_layers", "decoder_layers",
+                 "static_length")
     given = [n for n in dpar_only if getattr(args, n) is not None]
+    given += ["local_dropout"] if args.local_dropout else []
+    given += ["patch_init"] if args.patch_init != "llamagen" else []
     if not is_dpar and given:
         p.error(f"--{given[0].replace('_', '-')} applies to DPAR models only")
+    if args.static_length is not None and args.patching_mode != "static":
+        p.error("--static-length needs --patching-mode static")
+    if args.static_length is not None and not args.static_length >= 1:
+        p.error("--static-length must be >= 1")
     return args

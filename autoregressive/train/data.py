@@ -21,8 +21,8 @@ from autoregressive.models.dpar import DPARConfig, build_patch_layout
 from autoregressive.models.modules import drop_labels
 from autoregressive.train.guards import TrainingError
 from dataset.code_store import CodeDataset, CodeStore, check_code_store, code_store_hash, open_code_store
-from entropy_model.calibrate import PAPER_THRESHOLD, load_entropies, sample_entropies, threshold_for_compression
-from entropy_model.patching import GATED_MODES, PatchingConfig, build_patch_batch
+from entropy_model.calibrate import load_entropies, sample_entropies, threshold_for_compression
+from entropy_model.patching import GATED_MODES, PatchingConfig, build_patch_batch, paper_threshold
 from utils.checkpoint import checkpoint_sha256
 from utils.cli import default_workers
 from utils.distributed import DistInfo, broadcast_object
@@ -123,14 +123,14 @@ def resolve_patching(args: argparse.Namespace, entropies: Optional[np.ndarray], 
     row_width = None if args.no_row_reset else grid_width
     threshold, args.achieved_compression = args.threshold, None
     if args.patching_mode in GATED_MODES and threshold is None:
-        threshold = PAPER_THRESHOLD
+        threshold = paper_threshold(args.image_size)
         if args.target_compression is not None:
             sample = sample_entropies(entropies, CALIBRATION_SAMPLE, seed=args.seed)  # (S, T)
             threshold, achieved = threshold_for_compression(sample, args.target_compression, cap, row_width,
                                                             args.patching_mode)
             args.achieved_compression = achieved
     config = PatchingConfig(mode=args.patching_mode, threshold=threshold, max_patch_length=cap,
-                            row_reset=not args.no_row_reset)
+                            row_reset=not args.no_row_reset, static_length=args.static_length)
     args.threshold = threshold
     args.patching = config.to_dict()
     return config

@@ -34,7 +34,7 @@ def model_kwargs(args: argparse.Namespace) -> dict:
     )
     if args.gpt_model not in DPAR_models:
         return {**kwargs, "model_type": "uncond" if args.unconditional else "c2i"}
-    kwargs["patch_rope"] = args.patch_rope
+    kwargs.update(patch_rope=args.patch_rope, local_dropout=args.local_dropout, patch_init=args.patch_init)
     if args.encoder_layers is None and args.decoder_layers is None:
         return kwargs
     with torch.device("meta"):
