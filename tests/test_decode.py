@@ -79,6 +79,31 @@ def test_step_rule_equals_whole_sequence_rule(mode, row_reset, cap):
         assert whole[:, 1:].any() and not whole[:, 1:].all()
 
 
+@pytest.mark.parametrize("mode", ["entropy", "relative"])
+def test_step_rule_rounds_float32_entropies_like_the_whole_sequence_rule(mode):
+    """float32 entropies within a fraction of a float16 step of the levels: both rules compare
+    their float16 rounding, so values tied with tau in float16 but above it in float32 decide alike."""
+    B, W = 6, 8
+    T = W * W
+    levels = discrete_entropies(B, T, seed=11)  # (B, T) float16-representable
+    ulp = torch.exp2(torch.floor(torch.log2(levels)) - 10)  # float16 spacing at each level
+    noise = (torch.rand(B, T, generator=torch.Generator().manual_seed(12)) - 0.5) * 0.4 * ulp
+    entropy = levels + noise  # (B, T) float32
+    assert torch.equal(quantize_entropy(entropy), levels) and (entropy != levels).float().mean() > 0.9
+    if mode == "entropy":
+        threshold = float(levels.flatten().median())
+        above = (levels == threshold) & (entropy > threshold)
+    else:
+        rise = levels[:, 1:] - levels[:, :-1]
+        threshold = float(rise[rise > 0].median())
+        above = torch.nn.functional.pad((rise == threshold) & (entropy[:, 1:] - entropy[:, :-1] > threshold), (1, 0))
+    config = PatchingConfig(mode, threshold, None, False)
+    whole = config.starts(entropy, W)
+    assert torch.equal(step_by_step(StepRule(config, W, T), entropy, B, T), whole)
+    # precondition: a float32 comparison would open patches where the rounded one does not
+    assert (above & ~whole).sum() >= 3
+
+
 def test_step_rule_bad_step():
     rule = StepRule(PatchingConfig("token", None, None, True), 4, 16)
     with pytest.raises(ValueError, match="step must be"):
