@@ -63,6 +63,7 @@ T_STEP_ROUNDING = "tests/test_decode.py::test_step_rule_rounds_float32_entropies
 T_DECODE_INC = "tests/test_decode.py::test_incremental_matches_reference_in_every_mode"
 T_BATCH_COMPOSITION = "tests/test_decode.py::test_dpar_batch_composition_invariance_with_real_sampling"
 T_FRACTIONAL = "tests/test_fidelity.py::test_fractional_static_pattern_against_plain_loop"
+T_PACKED_PADDED = "tests/test_attention.py::test_packed_equals_padded_logits_and_grads"
 T_READ_GROUP = "tests/test_decode.py::test_read_lengths_and_group_sizes_form_small_sets"
 
 FAULTS = [
@@ -82,6 +83,16 @@ FAULTS = [
           "held = geometry  # (B, M, 3)",
           "padded layout: slot m gets the RoPE of P_m, whose end depends on tokens inside P_m",
           (T_CAUSAL, T_DPAR_INC)),
+    Fault("packed-slot-holds-own-geometry", DPAR,
+          "held = geometry[image, (index - 1).clamp(min=0)] * (index > 0)[:, None]  # (n_real, 3)",
+          "held = geometry[image, index] * (index > 0)[:, None]  # (n_real, 3)",
+          "packed layout: slot m gets the RoPE of P_m, whose end depends on tokens inside P_m",
+          (T_PACKED_PADDED, "tests/test_fidelity.py::test_patch_rope_tables_follow_the_held_patch")),
+    Fault("packed-documents-misassigned", DPAR,
+          "documents = build_documents(counts, n_slots, max_seqlen=T, grid_multiple=DOCUMENT_GRID_MULTIPLE)",
+          "documents = build_documents(counts.flip(0), n_slots, max_seqlen=T, grid_multiple=DOCUMENT_GRID_MULTIPLE)",
+          "packed layout: document boundaries do not match the images, so patches attend across images",
+          (T_PACKED_PADDED, "tests/test_fidelity.py::test_packed_layout_is_causal_with_recomputed_patches")),
     # ---- RoPE ------------------------------------------------------------------------
     Fault("rope-dynamic-columns-swapped", MODULES,
           "[row.float()[..., None] * row_freqs, cs * col_freqs, ce * col_freqs, ce * col_freqs, cs * col_freqs]",
@@ -222,6 +233,11 @@ FAULTS = [
           "mask = slots[None, None, :] < input_pos[:, :, None]  # (n, S, L)",
           "cached attention skips the key just written (its own position)",
           ("tests/test_gpt.py::test_cached_decoding_matches_recomputation",)),
+    Fault("kv-cache-row-read", MODULES,
+          "keys, values = self.k_cache[rows, :L], self.v_cache[rows, :L]",
+          "keys, values = self.k_cache[:n, :L], self.v_cache[:n, :L]",
+          "a patch step attends to the first n cache rows instead of the rows it advances",
+          (T_DPAR_INC,)),
     # ---- guidance and sampling --------------------------------------------------------
     Fault("guidance-halves-swapped", GEN,
           "cond, uncond = logits.chunk(2, dim=0)",
