@@ -427,7 +427,12 @@ def check_fault(fault: Fault, tree: Path, timeout: float) -> Result:
     return Result(fault.name, status, seconds, tests, note)
 
 
-def markdown_table(results: Sequence[Result]) -> str:
+def summary(results: Sequence[Result]) -> str:
+    counts = {s: sum(r.status == s for r in results) for s in STATUSES}
+    return ", ".join(f"{n} {s.lower()}" for s, n in counts.items() if n) + f" of {len(results)} faults"
+
+
+def markdown_table(results: Sequence[Result], footer: str = "") -> str:
     by_name = {f.name: f for f in FAULTS}
     lines = ["| fault | where | what it breaks | status | seconds | tests |", "|---|---|---|---|---|---|"]
     for r in results:
@@ -435,7 +440,7 @@ def markdown_table(results: Sequence[Result]) -> str:
         tests = ", ".join(f"`{t}`" for t in r.tests)
         status = r.status + (f" ({r.detail})" if r.detail else "")
         lines.append(f"| {r.name} | `{f.path}` | {f.breaks} | {status} | {r.seconds:.1f} | {tests} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + ([f"\n{footer}"] if footer else [])) + "\n"
 
 
 def text_table(results: Sequence[Result]) -> str:
@@ -444,8 +449,7 @@ def text_table(results: Sequence[Result]) -> str:
     for r in results:
         lines.append(f"{r.name:<{width}}  {r.status:<8}  {r.seconds:7.1f}  {', '.join(r.tests)}"
                      + (f"  [{r.detail}]" if r.detail else ""))
-    counts = {s: sum(r.status == s for r in results) for s in STATUSES}
-    lines.append(", ".join(f"{n} {s.lower()}" for s, n in counts.items() if n) + f" of {len(results)} faults")
+    lines.append(summary(results))
     return "\n".join(lines)
 
 
@@ -512,11 +516,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             results = list(pool.map(work, faults))
     print()
     print(text_table(results))
-    print(f"total {time.time() - start:.0f} s with {args.jobs} job(s)")
+    run = (f"{summary(results)}; {time.time() - start:.0f} s with {args.jobs} job(s) on {os.cpu_count()} CPU "
+           f"core(s), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    print(run)
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")
     if args.markdown:
-        args.markdown.write_text(markdown_table(results))
+        args.markdown.write_text(markdown_table(results, run))
     return 0 if all(r.status == "CAUGHT" for r in results) else 1
 
 
