@@ -344,7 +344,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     g = p.add_argument_group("patching rule for --entropy-path")
     g.add_argument("--patching-mode", choices=PATCH_MODES, default="entropy", help="patch boundary rule")
     g.add_argument("--threshold", type=float, default=None,
-                   help="entropy threshold tau (default the paper's at --image-size: 7.8 at 256 px, 7.9 at 384 px)")
+                   help="entropy threshold tau (default the paper's at --image-size: "
+                        + ", ".join(f"{tau} at {size} px" for size, tau in PAPER_THRESHOLDS.items()) + ")")
     g.add_argument("--static-length", type=float, default=None,
                    help="mode static: mean length of the uniform pattern (fractional allowed)")
     g.add_argument("--max-patch-length", type=int, default=4, help="length cap (0 = none)")

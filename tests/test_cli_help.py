@@ -10,10 +10,10 @@ from utils.cli import HelpFormatter
 # (module, entry point called with an empty argument list)
 COMMAND_LINES = [
     ("autoregressive.train.args", "parse_args"), ("autoregressive.sample.cli", "parse_args"),
-    ("extract_codes", "parse_args"), ("entropy_model.score", "parse_args"), ("entropy_model.calibrate", "parse_args"),
-    ("entropy_model.stats", "parse_args"), ("entropy_model.visualize", "parse_args"), ("utils.checkpoint", "main"),
+    ("extract_codes", "parse_args"), ("entropy_tools.score", "parse_args"), ("entropy_model.calibrate", "parse_args"),
+    ("entropy_model.stats", "parse_args"), ("entropy_tools.visualize", "parse_args"), ("utils.checkpoint", "main"),
     ("tokenizer.train_vq", "main"), ("evaluations.c2i.evaluator", "parse_args"), ("evaluations.flops", "parse_args"),
-    ("evaluations.benchmark", "parse_args"), ("evaluations.gpu_check", "parse_args"),
+    ("benchmarks.benchmark", "parse_args"), ("benchmarks.gpu_check", "parse_args"),
     ("evaluations.domain_metric", "main"), ("dataset.synthetic", "main"), ("demo.__main__", "parse_args"),
 ]
 

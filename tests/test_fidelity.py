@@ -18,7 +18,7 @@ from autoregressive.models.generate import (
 )
 from autoregressive.models.gpt import GPTConfig
 from autoregressive.models.modules import rope_dynamic
-from autoregressive.sample.loading import PatchingOverrides, resolve_patching
+from autoregressive.sample.loading import PatchingOverrides, sampling_patching
 from autoregressive.train.args import parse_args
 from autoregressive.train.data import resolve_patching as resolve_training_patching
 from autoregressive.train.model import model_kwargs
@@ -371,9 +371,9 @@ def test_static_pattern_reaches_checkpoint_and_sampling():
     config = resolve_training_patching(args, None, GRID)
     assert args.patching == config.to_dict() and args.patching["static_length"] == 1.8191  # stored in checkpoints
     stored = {"patching": args.patching}
-    assert resolve_patching(stored, PatchingOverrides()) == config
-    assert resolve_patching(stored, PatchingOverrides(static_length=2.4)).static_length == 2.4
-    switched = resolve_patching(stored, PatchingOverrides(mode="entropy", threshold=7.8))
+    assert sampling_patching(stored, PatchingOverrides()) == config
+    assert sampling_patching(stored, PatchingOverrides(static_length=2.4)).static_length == 2.4
+    switched = sampling_patching(stored, PatchingOverrides(mode="entropy", threshold=7.8))
     assert switched.mode == "entropy" and switched.static_length is None
     args = parse_args(["--code-path", "x", "--gpt-model", "DPAR-T"])
     args.image_size = 384

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+import train_faults
 from autoregressive.train import main
 from autoregressive.train.args import parse_args
 from autoregressive.train.checkpointing import latest_checkpoint, list_checkpoints, prune_checkpoints
@@ -134,13 +135,13 @@ def test_resume_after_max_steps_and_sigterm_is_bit_exact(store, tmp_path, monkey
     main(train_argv(store, tmp_path, "split", max_steps=6))
     main(train_argv(store, tmp_path, "split", max_steps=10))
     handler = signal.getsignal(signal.SIGTERM)
-    monkeypatch.setenv("DPAR_TEST_SIGTERM_AT_STEP", "5")
-    main(train_argv(store, tmp_path, "killed", max_steps=10))
+    with monkeypatch.context() as patch:
+        train_faults.inject(patch, "sigterm", at_step=5)
+        main(train_argv(store, tmp_path, "killed", max_steps=10))
     assert signal.getsignal(signal.SIGTERM) == handler  # main restores the handlers
     # the signal arrives after step 5; all ranks agree one step later and checkpoint there
     assert [s for s, _ in list_checkpoints(tmp_path / "killed" / "checkpoints")] == [4, 7]
     assert "stopped by SIGTERM at step 7" in (tmp_path / "killed" / "log.txt").read_text()
-    monkeypatch.delenv("DPAR_TEST_SIGTERM_AT_STEP")
     main(train_argv(store, tmp_path, "killed", max_steps=10))
     full = final_state(tmp_path / "full")
     for run in ("split", "killed"):

@@ -22,11 +22,11 @@ from autoregressive.models.generate import Decoding, Sampling, fast_decoding
 from autoregressive.sample.loading import (
     PatchingOverrides,
     cast_parameters,
-    load_entropy_model,
+    entropy_model_for_dpar,
     load_generator,
     load_vq,
     precision_dtype,
-    resolve_patching,
+    sampling_patching,
 )
 from autoregressive.sample.fid import run_fid
 from autoregressive.sample.grid import run_grid
@@ -176,9 +176,9 @@ def build_sampler(args: argparse.Namespace, device: torch.device) -> Sampler:
     overrides = PatchingOverrides(args.patching_mode, args.threshold, args.max_patch_length, args.row_reset,
                                   args.static_length)
     if getattr(model, "is_dpar", False):
-        patching = resolve_patching(ckpt_args, overrides)
+        patching = sampling_patching(ckpt_args, overrides)
         if patching.needs_entropy:
-            entropy_model = load_entropy_model(args.entropy_ckpt, model, ckpt_args)
+            entropy_model = entropy_model_for_dpar(args.entropy_ckpt, model, ckpt_args)
     elif args.entropy_ckpt is not None or any(v is not None for v in vars(overrides).values()):
         raise ValueError(f"--entropy-ckpt and the patching flags apply to DPAR models, not {name}")
     args.patching = patching.to_dict() if patching else None

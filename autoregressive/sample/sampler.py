@@ -40,7 +40,7 @@ def synchronize(device: torch.device) -> None:
 
 
 @dataclass
-class Batch:
+class SampleBatch:
     images: torch.Tensor  # (B, 3, H, W) float32 in [-1, 1] (unclamped decoder output)
     tokens: torch.Tensor  # (B, T) codes
     num_patches: Optional[torch.Tensor]  # (B,) patch-transformer steps per image (DPAR)
@@ -92,7 +92,7 @@ class Sampler:
                              f"(0..{self.num_classes - 1})")
 
     @torch.no_grad()
-    def sample(self, classes: Sequence[int], seeds: Sequence[int]) -> Batch:
+    def sample(self, classes: Sequence[int], seeds: Sequence[int]) -> SampleBatch:
         """Images for classes (B,), image i drawn from seeds[i]."""
         self.check_classes(classes)
         cond = torch.tensor(list(classes), dtype=torch.long, device=self.device)
@@ -106,7 +106,7 @@ class Sampler:
         B, h = cond.shape[0], self.grid_size
         shape = (B, self.vq.config.codebook_embed_dim, h, h)
         images = self.vq.decode_code(out.tokens, shape).float()  # (B, 3, H, W)
-        return Batch(images, out.tokens, out.num_patches, seconds)
+        return SampleBatch(images, out.tokens, out.num_patches, seconds)
 
 
 @dataclass
@@ -118,7 +118,7 @@ class Throughput:
     patches: int = 0
     seconds: float = 0.0
 
-    def add(self, batch: Batch) -> None:
+    def add(self, batch: SampleBatch) -> None:
         self.images += batch.tokens.shape[0]
         self.tokens += batch.tokens.numel()
         self.patches += int(batch.num_patches.sum()) if batch.num_patches is not None else 0

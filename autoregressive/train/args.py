@@ -6,8 +6,10 @@ from typing import Optional, Sequence
 
 from autoregressive.models import all_models
 from autoregressive.models.dpar import DPAR_models
-from entropy_model.patching import PATCH_MODES
+from entropy_model.patching import PAPER_THRESHOLDS, PATCH_MODES
 from utils.cli import HelpFormatter
+
+PAPER_TAUS = " and ".join(f"{tau} at {size} px" for size, tau in PAPER_THRESHOLDS.items())
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
@@ -51,7 +53,7 @@ def _dpar_args(p: argparse.ArgumentParser) -> None:
                    help="entropy model checkpoint; when given, the entropies must have been made by it (hash check)")
     g.add_argument("--patching-mode", choices=PATCH_MODES, default="entropy", help="patch boundary rule")
     g.add_argument("--threshold", type=float, default=None,
-                   help="entropy threshold tau in nats (default the paper's, 7.8 at 256 px and 7.9 at 384 px, unless "
+                   help=f"entropy threshold tau in nats (default the paper's, {PAPER_TAUS}, unless "
                         "--target-compression; tau belongs to the paper's entropy model: with another one calibrate)")
     g.add_argument("--target-compression", type=float, default=None,
                    help="choose tau so that the mean patch length on the stored entropies is this (e.g. 1.81)")

@@ -1,7 +1,7 @@
 """Score a code store with the entropy model: e_t in nats for every token of every stored view.
 
-    python -m entropy_model.score --code-path STORE --entropy-ckpt entropy.pt [--batch-size 64]
-    torchrun --nproc_per_node 8 -m entropy_model.score --code-path STORE --entropy-ckpt entropy.pt
+    python -m entropy_tools.score --code-path STORE --entropy-ckpt entropy.pt [--batch-size 64]
+    torchrun --nproc_per_node 8 -m entropy_tools.score --code-path STORE --entropy-ckpt entropy.pt
 
 Writes beside the codes (or into --entropy-path):
     entropy.npy   (N, views, T) float16; entropy[n, v, t] = H(p(x_t | x_<t)) for view v of image n
