@@ -17,18 +17,17 @@ from PIL import Image
 from autoregressive.models.generate import Sampling
 from autoregressive.sample.loading import PatchingOverrides, entropy_model_for_dpar, load_generator, sampling_patching
 from autoregressive.sample.sampler import SampleBatch, Sampler, Throughput, to_uint8
-from autoregressive.train.checkpointing import checkpoint_dir, latest_checkpoint
 from dataset.code_store import code_store_hash, open_code_store
+from dataset.source_images import store_image_paths
 from dataset.synthetic import mask_dir
 from entropy_model.calibrate import (
     compression_table, default_taus, load_entropies, sample_entropies, store_grid_width, threshold_for_compression)
 from entropy_model.patching import PAPER_THRESHOLDS, PatchingConfig
 from entropy_model.stats import store_statistics
-from dataset.source_images import store_image_paths
 from evaluations.domain_metric import score_domain_metric
 from evaluations.flops import flops_per_image
 from tokenizer.vq_model import load_vq_checkpoint
-from utils.checkpoint import file_sha256
+from utils.checkpoint import checkpoint_dir, file_sha256, latest_checkpoint
 
 PAPER_TAU, PAPER_VOCAB = PAPER_THRESHOLDS[256], 16384  # the paper's threshold and its VQ-16 codebook
 

@@ -34,9 +34,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from autoregressive.models import model_from_checkpoint
 from dataset.code_store import CodeStore, check_code_store, code_store_hash, open_code_store
 from entropy_model.entropy import entropy_from_logits
-from utils.checkpoint import checkpoint_sha256, model_from_checkpoint
+from utils.checkpoint import checkpoint_sha256
 from utils.cli import HelpFormatter
 from utils.distributed import all_reduce, barrier, broadcast_object, init_distributed, teardown_distributed
 

@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 import torch
 
-import train_faults
+from autoregressive.models import model_from_checkpoint
 from autoregressive.train import main
 from autoregressive.train.args import parse_args
-from autoregressive.train.checkpointing import latest_checkpoint, list_checkpoints, prune_checkpoints
 from autoregressive.train.data import BatchStream, GPTBatches, build_stream, open_training_store
 from autoregressive.train.model import create_model, learning_rate
 from dataset.code_store import CodeDataset, CodeStoreWriter, code_store_hash, open_code_store
-from utils.checkpoint import load_checkpoint, model_from_checkpoint
+import train_faults
+from utils.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, prune_checkpoints
 from utils.distributed import DistInfo
 
 REPO = Path(__file__).resolve().parents[1]

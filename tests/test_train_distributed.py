@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from autoregressive.train import main
-from autoregressive.train.checkpointing import latest_checkpoint
 from test_train import (  # noqa: F401 (one_thread is an autouse fixture)
     NO_DROPOUT, REPO, assert_same_weights, final_state, free_port, make_store, one_thread, read_log, subprocess_env,
     train_argv)
+from utils.checkpoint import latest_checkpoint
 
 STEPS = 8  # two epochs of 4 steps; checkpoints at 4 and 8
 

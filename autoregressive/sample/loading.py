@@ -10,11 +10,11 @@ from typing import Optional, Tuple
 import torch
 import torch.nn as nn
 
-from autoregressive.models import build_model
+from autoregressive.models import build_model, model_from_checkpoint
 from autoregressive.models.dpar import DPAR_models
 from entropy_model.patching import GATED_MODES, PatchingConfig
 from tokenizer.vq_model import VQModel, load_vq_checkpoint
-from utils.checkpoint import checkpoint_sha256, checkpoint_weights, load_checkpoint, model_from_checkpoint
+from utils.checkpoint import checkpoint_sha256, checkpoint_weights, load_checkpoint
 
 @dataclass
 class PatchingOverrides:

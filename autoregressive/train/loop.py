@@ -13,7 +13,6 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from autoregressive.train import checkpointing as ckpt
 from autoregressive.train.args import parse_args
 from autoregressive.train.data import BatchStream, build_stream, open_training_store
 from autoregressive.train.ema import ModelEMA
@@ -21,6 +20,7 @@ from autoregressive.train.guards import StepGuard, StopRequest, TrainingError
 from autoregressive.train.logger import TrainLogger, truncate_log
 from autoregressive.train.model import (
     autocast_context, create_model, create_optimizer, flop_params, gradient_sync, learning_rate, parallelize, uses_fsdp)
+from utils import checkpoint as ckpt
 from utils.distributed import DistInfo, broadcast_object, init_distributed, teardown_distributed
 
 
