@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from autoregressive.models import model_family
 from autoregressive.models.generate import Sampling
 from autoregressive.sample.loading import PatchingOverrides, entropy_model_for_dpar, load_generator, sampling_patching
 from autoregressive.sample.sampler import SampleBatch, Sampler, Throughput, to_uint8
@@ -197,7 +198,7 @@ def load_sampler(ckpt: Path, vq_ckpt: Path, entropy_ckpt: Path, device: torch.de
     vq = load_vq_checkpoint(vq_ckpt, "VQ-16").eval()
     model, args = load_generator(str(ckpt), None, vq.config.codebook_size, None, 0)
     entropy_model, patching = None, None
-    if getattr(model, "is_dpar", False):
+    if model_family(model).patched:
         patching = sampling_patching(args, overrides or PatchingOverrides())
         if patching.needs_entropy:
             entropy_model = entropy_model_for_dpar(str(entropy_ckpt), model, args).to(device)
@@ -216,7 +217,7 @@ def collect_batches(batches: Sequence[SampleBatch], sampler: Sampler, labels: Se
             "labels": np.asarray(labels, dtype=np.int64),
             "tokens": np.concatenate([b.tokens.cpu().numpy() for b in batches]),
             "num_patches": np.concatenate(patches) if patches else None,
-            "throughput": meter.summary(sampler.is_dpar)}
+            "throughput": meter.summary(sampler.patched)}
 
 
 def save_samples(path: Path, samples: dict) -> None:

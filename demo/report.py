@@ -387,8 +387,8 @@ def write_markdown(demo: Demo, d: dict, cl: dict, figs: dict, path: Path) -> Non
     add("## Compression vs tau\n")
     add(f"Mean tokens per patch on all {main['num_sequences']} stored training views (entropy_model/calibrate.py, "
         f"P_max {c.max_patch_length}, row reset). Rows: quantiles of the stored entropies, the calibrated tau, and "
-        f"the paper's tau rescaled to this codebook ({fmt(main['paper_equivalent_tau'], 4)} = {paper_threshold()} / ln 16384 x "
-        f"ln {c.codebook_size}).\n")
+        f"the paper's tau rescaled to this codebook ({fmt(main['paper_equivalent_tau'], 4)} = {paper_threshold()} / "
+        f"ln 16384 x ln {c.codebook_size}).\n")
     rows = []
     for r in main["table"]:
         note = ("calibrated (training)" if r["threshold"] == tau else

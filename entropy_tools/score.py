@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from autoregressive.models import model_from_checkpoint
+from autoregressive.models import model_family, model_from_checkpoint
 from dataset.code_store import CodeStore, check_code_store, code_store_hash, open_code_store
 from entropy_model.entropy import entropy_from_logits
 from utils.checkpoint import checkpoint_sha256
@@ -58,8 +58,8 @@ def load_entropy_model(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any
     """(unconditional GPT in eval mode, its stored args) from a project checkpoint (file or FSDP
     directory); ValueError (one line) for anything else."""
     model, args = model_from_checkpoint(path)
-    if getattr(model, "is_dpar", False):
-        raise ValueError(f"{path} holds a DPAR model; the entropy model is an unconditional GPT")
+    if model_family(model).patched:
+        raise ValueError(f"{path} holds a {model_family(model).name} model; the entropy model is an unconditional GPT")
     if model.config.model_type != "uncond":
         raise ValueError(f"{path} holds a class-conditional GPT; the entropy model must be unconditional "
                          f"(train it with --unconditional)")

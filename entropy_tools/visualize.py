@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from autoregressive.models import model_from_checkpoint
+from autoregressive.models import model_family, model_from_checkpoint
 from autoregressive.models.generate import generate
 from dataset.code_store import CodeStore, code_store_hash, open_code_store
 from dataset.source_images import store_image_paths, stored_view_pixels
@@ -102,7 +102,7 @@ def _generated_codes(
                          f"codes; the entropy model scores {entropy_model.config.block_size} of "
                          f"{entropy_model.config.vocab_size}")
     kwargs = {}
-    if getattr(model, "is_dpar", False):
+    if model_family(model).patched:
         recorded = model_args.get("entropy_model_hash")
         if recorded is not None and recorded != model_hash:
             raise ValueError(f"{args.generate_ckpt} was trained with entropy model {recorded[:16]}, "

@@ -54,7 +54,7 @@ def test_fid_mode_reports_the_time_the_user_waits():
     from autoregressive.sample.fid import format_waiting
     from autoregressive.sample.sampler import Throughput
 
-    run = Throughput(images=64, tokens=64 * 256, patches=0, seconds=6.4).summary(is_dpar=False)
+    run = Throughput(images=64, tokens=64 * 256, patches=0, seconds=6.4).summary(patched=False)
     run.update(wall_seconds=217.0, decode_and_write_seconds=210.6)
     line = format_waiting(run)
     assert line.startswith("64 images in 217.0 s (0.29 images/s): generation 6.4 s, VQ decoding and writing 210.6 s")

@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from autoregressive.models import all_models
+from autoregressive.models import all_models, model_family
 from autoregressive.models.generate import Decoding, Sampling, fast_decoding
 from autoregressive.sample.loading import (
     PatchingOverrides,
@@ -175,7 +175,7 @@ def build_sampler(args: argparse.Namespace, device: torch.device) -> Sampler:
     entropy_model, patching = None, None
     overrides = PatchingOverrides(args.patching_mode, args.threshold, args.max_patch_length, args.row_reset,
                                   args.static_length)
-    if getattr(model, "is_dpar", False):
+    if model_family(model).patched:
         patching = sampling_patching(ckpt_args, overrides)
         if patching.needs_entropy:
             entropy_model = entropy_model_for_dpar(args.entropy_ckpt, model, ckpt_args)

@@ -223,7 +223,7 @@ def run_fid(args: argparse.Namespace, sampler: Sampler, info: DistInfo) -> Optio
     if not info.is_main:
         return None
     totals, (seconds, wall) = totals.tolist(), seconds.tolist()
-    run = Throughput(int(totals[0]), int(totals[1]), int(totals[2]), seconds).summary(sampler.is_dpar)
+    run = Throughput(int(totals[0]), int(totals[1]), int(totals[2]), seconds).summary(sampler.patched)
     run["wall_seconds"] = wall
     run["decode_and_write_seconds"] = max(0.0, wall - seconds)
     absent = [i for i in range(n) if not png_path(sample_dir, i).is_file()]

@@ -34,7 +34,7 @@ def run_grid(args: argparse.Namespace, sampler: Sampler) -> dict:
         images.append(batch.images.cpu())
     out.parent.mkdir(parents=True, exist_ok=True)
     save_image(torch.cat(images), str(out), nrow=args.nrow, normalize=True, value_range=(-1, 1))
-    summary = throughput.summary(sampler.is_dpar)
+    summary = throughput.summary(sampler.patched)
     print(format_throughput(summary))
     print(f"wrote {out}")
     return summary

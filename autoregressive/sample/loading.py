@@ -10,8 +10,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn as nn
 
-from autoregressive.models import build_model, model_from_checkpoint
-from autoregressive.models.dpar import DPAR_models
+from autoregressive.models import build_model, model_family, model_from_checkpoint
 from entropy_model.patching import GATED_MODES, PatchingConfig
 from tokenizer.vq_model import VQModel, load_vq_checkpoint
 from utils.checkpoint import checkpoint_sha256, checkpoint_weights, load_checkpoint
@@ -75,7 +74,7 @@ def load_generator(
         return model_from_checkpoint(ckpt, prefer_ema=prefer_ema)
     if gpt_model is None:
         raise ValueError(f"{path} does not record its model; name it with --gpt-model")
-    if gpt_model in DPAR_models:
+    if model_family(gpt_model).patched:
         raise ValueError(f"{path} does not record its model; DPAR checkpoints must come from this project's trainer")
     if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
         ckpt = {"model": ckpt}  # a bare state dict (LlamaGen's --from-fsdp files)
@@ -130,7 +129,7 @@ def entropy_model_for_dpar(path: Optional[str], dpar: nn.Module, ckpt_args: dict
                              f"model was trained with (sha256 {expected[:12]})")
     model, args = model_from_checkpoint(path)
     config = model.config
-    if args["gpt_model"] in DPAR_models or getattr(config, "model_type", None) != "uncond":
+    if model_family(model).patched or config.model_type != "uncond":
         raise ValueError(f"--entropy-ckpt {path} is not an unconditional GPT (the entropy model)")
     if (config.vocab_size, config.block_size) != (dpar.config.vocab_size, dpar.config.block_size):
         raise ValueError(f"entropy model (vocab {config.vocab_size}, {config.block_size} tokens) does not match "

@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 from torch.utils.data.dataloader import default_collate
 
+from autoregressive.models import model_family
 from autoregressive.models.dpar import DPARConfig, build_patch_layout
 from autoregressive.models.modules import drop_labels
 from autoregressive.train.guards import TrainingError
@@ -292,7 +293,7 @@ def build_stream(args: argparse.Namespace, store: CodeStore, info: DistInfo, mod
         raise ValueError(f"--global-batch-size {args.global_batch_size} is not divisible by world size "
                          f"{info.world_size} x --grad-accum-steps {args.grad_accum_steps}")
     drop = model.config.class_dropout_prob
-    if getattr(model, "is_dpar", False):
+    if model_family(model).patched:
         entropies = open_entropies(args, store, info) if args.patching_mode in GATED_MODES else None
         patching = training_patching(args, entropies, store.grid_width)
         builder = DPARBatches(args.vocab_size, args.num_classes, drop, patching, store.grid_width, model.config)
