@@ -303,6 +303,19 @@ def main(args: argparse.Namespace) -> None:
         print(f"wrote {args.json}")
 
 
+def finish_patching_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """The patching flags the entropy command lines share (--mode, --threshold or
+    --target-compression, --max-patch-length and --sample, 0 = none): checked, the paper's tau
+    filled in for a gated mode given neither."""
+    if args.mode not in GATED_MODES and args.target_compression is not None:
+        parser.error(f"mode {args.mode!r} has a fixed compression; drop --target-compression")
+    if args.mode in GATED_MODES and args.threshold is None and args.target_compression is None:
+        args.threshold = PAPER_THRESHOLD
+    args.max_patch_length = args.max_patch_length or None
+    args.sample = args.sample or None
+    return args
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Calibrate the patching threshold on stored entropies.",
                                      formatter_class=HelpFormatter)
@@ -319,13 +332,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.max_patch_length < 0 or args.sample < 0:
         parser.error("--max-patch-length and --sample must be >= 0")
-    if args.mode not in GATED_MODES and args.target_compression is not None:
-        parser.error(f"mode {args.mode!r} has a fixed compression; drop --target-compression")
-    if args.mode in GATED_MODES and args.threshold is None and args.target_compression is None:
-        args.threshold = PAPER_THRESHOLD
-    args.max_patch_length = args.max_patch_length or None
-    args.sample = args.sample or None
-    return args
+    return finish_patching_flags(parser, args)
 
 
 if __name__ == "__main__":
