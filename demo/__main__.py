@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 
 from demo.config import add_arguments, config_from_args
 from demo.pipeline import Demo, clear_stale, machine_description, write_run_record
+from demo.report import report_stage
 from utils.cli import HelpFormatter
 
 
@@ -59,7 +60,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     try:
         demo = Demo(config, out, args.force)
         clear_stale(demo.paths)
-        demo.run()
+        demo.run(report_stage)
     except (RuntimeError, ValueError) as e:
         raise SystemExit(f"python -m demo: error: {e}")
     except KeyboardInterrupt:

@@ -14,21 +14,21 @@ import numpy as np
 import torch
 from PIL import Image
 
+from autoregressive.models import model_family
 from autoregressive.models.generate import Sampling
-from autoregressive.sample.loading import PatchingOverrides, load_entropy_model, load_generator, resolve_patching
-from autoregressive.sample.sampler import Batch, Sampler, Throughput, to_uint8
-from autoregressive.train.checkpointing import checkpoint_dir, latest_checkpoint
+from autoregressive.sample.loading import PatchingOverrides, entropy_model_for_dpar, load_generator, sampling_patching
+from autoregressive.sample.sampler import SampleBatch, Sampler, Throughput, to_uint8
 from dataset.code_store import code_store_hash, open_code_store
+from dataset.source_images import store_image_paths
 from dataset.synthetic import mask_dir
 from entropy_model.calibrate import (
     compression_table, default_taus, load_entropies, sample_entropies, store_grid_width, threshold_for_compression)
 from entropy_model.patching import PAPER_THRESHOLDS, PatchingConfig
 from entropy_model.stats import store_statistics
-from entropy_model.visualize import store_image_paths
 from evaluations.domain_metric import score_domain_metric
 from evaluations.flops import flops_per_image
 from tokenizer.vq_model import load_vq_checkpoint
-from utils.checkpoint import file_sha256
+from utils.checkpoint import checkpoint_dir, file_sha256, latest_checkpoint
 
 PAPER_TAU, PAPER_VOCAB = PAPER_THRESHOLDS[256], 16384  # the paper's threshold and its VQ-16 codebook
 
@@ -198,14 +198,14 @@ def load_sampler(ckpt: Path, vq_ckpt: Path, entropy_ckpt: Path, device: torch.de
     vq = load_vq_checkpoint(vq_ckpt, "VQ-16").eval()
     model, args = load_generator(str(ckpt), None, vq.config.codebook_size, None, 0)
     entropy_model, patching = None, None
-    if getattr(model, "is_dpar", False):
-        patching = resolve_patching(args, overrides or PatchingOverrides())
+    if model_family(model).patched:
+        patching = sampling_patching(args, overrides or PatchingOverrides())
         if patching.needs_entropy:
-            entropy_model = load_entropy_model(str(entropy_ckpt), model, args).to(device)
+            entropy_model = entropy_model_for_dpar(str(entropy_ckpt), model, args).to(device)
     return Sampler(model.to(device), vq.to(device), sampling, device, entropy_model, patching), args
 
 
-def collect_batches(batches: Sequence[Batch], sampler: Sampler, labels: Sequence[int]) -> dict:
+def collect_batches(batches: Sequence[SampleBatch], sampler: Sampler, labels: Sequence[int]) -> dict:
     """Join sampled batches (of classes `labels`, in order): images (N, S, S, 3) uint8, labels
     (N,), tokens (N, T), patches per image (N,) (DPAR, else None) and the throughput summary
     (token generation only, no decoding)."""
@@ -217,7 +217,7 @@ def collect_batches(batches: Sequence[Batch], sampler: Sampler, labels: Sequence
             "labels": np.asarray(labels, dtype=np.int64),
             "tokens": np.concatenate([b.tokens.cpu().numpy() for b in batches]),
             "num_patches": np.concatenate(patches) if patches else None,
-            "throughput": meter.summary(sampler.is_dpar)}
+            "throughput": meter.summary(sampler.patched)}
 
 
 def save_samples(path: Path, samples: dict) -> None:

@@ -12,8 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from autoregressive.models.dpar import DPAR_models
-from autoregressive.models.gpt import GPT_models
+from autoregressive.models import DPAR_FAMILY, GPT_FAMILY
 from dataset.synthetic import FAMILIES
 
 PRESETS = ("tiny", "quick", "default", "full")
@@ -92,10 +91,10 @@ class DemoConfig:
 
     def check(self) -> None:
         """ValueError (one line) for settings that cannot work."""
-        if self.gpt_model not in GPT_models or self.dpar_model not in DPAR_models:
+        if self.gpt_model not in GPT_FAMILY.models or self.dpar_model not in DPAR_FAMILY.models:
             raise ValueError(f"--model-size {self.model_size}: the registries need both {self.gpt_model} and "
                              f"{self.dpar_model}")
-        if self.entropy_model not in GPT_models:
+        if self.entropy_model not in GPT_FAMILY.models:
             raise ValueError(f"--entropy-model must be a GPT registry name, got {self.entropy_model}")
         if not 2 <= self.classes <= len(FAMILIES):
             raise ValueError(f"--classes must be between 2 and {len(FAMILIES)}, got {self.classes}")

@@ -1,5 +1,5 @@
 """The report's figures, drawn with Pillow: sample grids with class names, the loss-vs-compute
-plot, and entropy heatmaps (entropy_model.visualize draws each panel)."""
+plot, and entropy heatmaps (entropy_tools.heatmaps draws each panel)."""
 from __future__ import annotations
 
 import math
@@ -10,7 +10,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from entropy_model.patching import PatchingConfig
-from entropy_model.visualize import code_panels, entropy_heatmap_figure, panel_title, save_figure_grid
+from entropy_tools.heatmaps import code_panels, entropy_heatmap_figure, panel_title, save_figure_grid
 
 WHITE, BLACK, GREY = (255, 255, 255), (0, 0, 0), (150, 150, 150)
 COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
@@ -126,7 +126,7 @@ def line_plot(series: Sequence[tuple[str, Sequence[float], Sequence[float]]], x_
 
 def heatmap_panels(images: np.ndarray, entropy: torch.Tensor, patching: PatchingConfig, grid: int,
                    names: Sequence[str], scale: int, vmin: float, vmax: float) -> list[Image.Image]:
-    """Heatmap figures (entropy_model.visualize) of images (B, S, S, 3) uint8 with their token
+    """Heatmap figures (entropy_tools.heatmaps) of images (B, S, S, 3) uint8 with their token
     entropies (B, T), the patches of `patching`, upscaled `scale` times so tokens are visible."""
     starts = patching.starts(entropy.float(), grid)  # (B, T)
     return [entropy_heatmap_figure(upscale(images[b], scale), entropy[b].reshape(grid, grid), starts[b],
@@ -138,7 +138,7 @@ def generated_heatmaps(entropy_model: torch.nn.Module, vq: torch.nn.Module, code
                        patching: PatchingConfig, grid: int, names: Sequence[str], scale: int,
                        vmin: Optional[float] = None, vmax: Optional[float] = None) -> list[Image.Image]:
     """Heatmap figures of generated token sequences (B, T): decoded by the VQ, entropies
-    recomputed with the entropy model (entropy_model.visualize.code_panels)."""
+    recomputed with the entropy model (entropy_tools.heatmaps.code_panels)."""
     images, entropy = code_panels(entropy_model, vq, codes, grid)  # (B, S, S, 3), (B, T)
     return heatmap_panels(images, entropy, patching, grid, names, scale, vmin, vmax)
 

@@ -121,9 +121,9 @@ class Demo:
             out += self.resolution_stages(size, main=False)
         return out + [self.flops_stage()]
 
-    def run(self) -> dict:
-        from demo.report import report_stage
-
+    def run(self, report: Callable[["Demo"], Stage]) -> dict:
+        """Run the stages in order, then the stage `report(self)` builds (demo.report.report_stage,
+        which depends on all of them)."""
         stages = self.stages()
         unknown = sorted(set(self.runner.force or []) - {s.name for s in stages} - {"report"})
         if unknown:
@@ -132,7 +132,7 @@ class Demo:
         self.runner.total = len(stages) + 1
         for stage in stages:
             self.runner.run(stage)
-        self.runner.run(report_stage(self))
+        self.runner.run(report(self))
         return self.runner.results
 
     # -----------------------------------------------------------------------------------
@@ -235,7 +235,7 @@ class Demo:
         codes = self.paths.codes(size)
 
         def run() -> dict:
-            self.tool(f"entropy_{size}", "-m", "entropy_model.score", "--code-path", codes, "--entropy-ckpt",
+            self.tool(f"entropy_{size}", "-m", "entropy_tools.score", "--code-path", codes, "--entropy-ckpt",
                       self.paths.entropy_ckpt(size), "--batch-size", 64, "--device", self.device_flag)
             stats = json.loads((codes / "entropy.json").read_text())["stats"]
             return {"mean": stats["mean"], "median": stats["quantiles"]["0.5"]}

@@ -32,13 +32,14 @@ import numpy as np
 import torch
 
 from dataset.code_store import open_code_store
+from dataset.source_images import store_image_paths, stored_view_pixels
 from demo import analysis
 from demo.figures import heatmap_panels, line_plot, sample_grid, tile
 from demo.pipeline import Demo, machine_description
 from demo.stages import Stage, read_json, write_json_atomic
-from entropy_model.patching import PatchingConfig
-from entropy_model.score import load_entropy_model
-from entropy_model.visualize import code_panels, decode_codes, store_image_paths, stored_view_pixels
+from entropy_model.patching import PatchingConfig, paper_threshold
+from entropy_tools.heatmaps import code_panels, decode_codes
+from entropy_tools.score import load_entropy_model
 from evaluations.domain_metric import METRIC_NOTE
 from tokenizer.vq_model import load_vq_checkpoint
 
@@ -386,8 +387,8 @@ def write_markdown(demo: Demo, d: dict, cl: dict, figs: dict, path: Path) -> Non
     add("## Compression vs tau\n")
     add(f"Mean tokens per patch on all {main['num_sequences']} stored training views (entropy_model/calibrate.py, "
         f"P_max {c.max_patch_length}, row reset). Rows: quantiles of the stored entropies, the calibrated tau, and "
-        f"the paper's tau rescaled to this codebook ({fmt(main['paper_equivalent_tau'], 4)} = 7.8 / ln 16384 x "
-        f"ln {c.codebook_size}).\n")
+        f"the paper's tau rescaled to this codebook ({fmt(main['paper_equivalent_tau'], 4)} = {paper_threshold()} / "
+        f"ln 16384 x ln {c.codebook_size}).\n")
     rows = []
     for r in main["table"]:
         note = ("calibrated (training)" if r["threshold"] == tau else

@@ -1,11 +1,10 @@
-"""Entropy-driven patching: patch boundaries, threshold calibration, statistics, figures.
+"""Entropy-driven patching: patch boundaries (whole sequences and step by step), threshold calibration, statistics.
 
 The entropy model itself is a GPT registry entry run unconditionally; this package turns
 its per-token entropies into patches.
 """
 from entropy_model.patching import (
     PATCH_MODES,
-    PatchCollate,
     PatchingConfig,
     build_patch_batch,
     patch_geometry,
@@ -18,7 +17,6 @@ from entropy_model.patching import (
 
 __all__ = [
     "PATCH_MODES",
-    "PatchCollate",
     "PatchingConfig",
     "build_patch_batch",
     "patch_geometry",

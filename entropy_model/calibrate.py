@@ -6,7 +6,7 @@ in tau; it changes only where tau crosses a gate score (a quantized entropy, or 
 difference of two in mode "relative"), and bisection over the sorted distinct gate scores
 finds the closest achievable compression exactly.
 
-Also reads stored entropies, as entropy_model/score.py writes them: `<code store>/entropy.npy`
+Also reads stored entropies, as entropy_tools/score.py writes them: `<code store>/entropy.npy`
 (N, views, T) float16 with `<code store>/entropy.json` {"entropy_model_hash",
 "code_store_hash", "count", "stats", ...}; `load_entropies` refuses entropies made for other
 codes or by another entropy model.
@@ -29,9 +29,9 @@ from entropy_model.patching import (
     GATED_MODES,
     PAPER_THRESHOLDS,
     PATCH_MODES,
+    gate_scores,
     patch_lengths_from_starts,
     patch_starts,
-    quantize_entropy,
 )
 from utils.cli import HelpFormatter
 
@@ -52,7 +52,7 @@ def read_entropy_file(code_store_path: str) -> tuple[np.ndarray, dict[str, Any]]
     if entropy.ndim != 3 or entropy.dtype != np.float16:
         raise ValueError(f"{npy_path} must hold (N, views, T) float16, got {entropy.shape} {entropy.dtype}")
     if info.get("complete") is False:
-        raise ValueError(f"{json_path} records an unfinished scoring run; rerun python -m entropy_model.score")
+        raise ValueError(f"{json_path} records an unfinished scoring run; rerun python -m entropy_tools.score")
     if "count" in info and int(info["count"]) != entropy.shape[0]:
         raise ValueError(f"{json_path} records {info['count']} images but {npy_path} holds {entropy.shape[0]}")
     if "num_views" in info and "T" in info and (int(info["num_views"]), int(info["T"])) != entropy.shape[1:]:
@@ -129,17 +129,6 @@ def compression_for_threshold(
     """Tokens per patch (total tokens / total patches) over entropies (N, T) for threshold tau."""
     patches = sum(int(s.sum()) for s in _iter_starts(entropies, threshold, max_patch_length, row_width, mode))
     return entropies.numel() / patches
-
-
-def gate_scores(entropies: torch.Tensor, mode: str = "entropy") -> torch.Tensor:
-    """Values compared against tau, flattened float32: quantized entropies (mode "entropy")
-    or differences of consecutive quantized entropies (mode "relative")."""
-    if mode not in GATED_MODES:
-        raise ValueError(f"mode {mode!r} has no threshold; expected one of {GATED_MODES}")
-    q = quantize_entropy(entropies)  # (N, T)
-    if mode == "relative":
-        q = q[:, 1:] - q[:, :-1]  # (N, T - 1)
-    return q.reshape(-1)
 
 
 def threshold_for_compression(
@@ -314,6 +303,19 @@ def main(args: argparse.Namespace) -> None:
         print(f"wrote {args.json}")
 
 
+def finish_patching_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """The patching flags the entropy command lines share (--mode, --threshold or
+    --target-compression, --max-patch-length and --sample, 0 = none): checked, the paper's tau
+    filled in for a gated mode given neither."""
+    if args.mode not in GATED_MODES and args.target_compression is not None:
+        parser.error(f"mode {args.mode!r} has a fixed compression; drop --target-compression")
+    if args.mode in GATED_MODES and args.threshold is None and args.target_compression is None:
+        args.threshold = PAPER_THRESHOLD
+    args.max_patch_length = args.max_patch_length or None
+    args.sample = args.sample or None
+    return args
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Calibrate the patching threshold on stored entropies.",
                                      formatter_class=HelpFormatter)
@@ -330,13 +332,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.max_patch_length < 0 or args.sample < 0:
         parser.error("--max-patch-length and --sample must be >= 0")
-    if args.mode not in GATED_MODES and args.target_compression is not None:
-        parser.error(f"mode {args.mode!r} has a fixed compression; drop --target-compression")
-    if args.mode in GATED_MODES and args.threshold is None and args.target_compression is None:
-        args.threshold = PAPER_THRESHOLD
-    args.max_patch_length = args.max_patch_length or None
-    args.sample = args.sample or None
-    return args
+    return finish_patching_flags(parser, args)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 from fractions import Fraction
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -55,6 +55,18 @@ def quantize_entropy(entropy: torch.Tensor) -> torch.Tensor:
     fly) compare the same rounded values, so the same tokens give the same patches.
     """
     return entropy.to(torch.float16).to(torch.float32)
+
+
+def gate_scores(entropy: torch.Tensor, mode: str = "entropy") -> torch.Tensor:
+    """The values a gated mode compares against tau, float32: quantized entropies (B, T) for
+    "entropy", differences of consecutive quantized entropies (B, T - 1) for "relative"
+    (column i is token i + 1's score; token 0 has none)."""
+    if mode not in GATED_MODES:
+        raise ValueError(f"mode {mode!r} has no threshold; expected one of {GATED_MODES}")
+    q = quantize_entropy(entropy)  # (B, T)
+    if mode == "relative":
+        q = q[:, 1:] - q[:, :-1]  # (B, T - 1)
+    return q
 
 
 def patch_starts(
@@ -111,13 +123,9 @@ def patch_starts(
         if row_width is not None:
             opens = opens | (pos % row_width == 0)
     opens = opens.expand(B, T)  # (B, T)
-    if mode == "entropy":
-        opens = opens | (quantize_entropy(entropy) > threshold)
-    elif mode == "relative":
-        q = quantize_entropy(entropy)
-        rise = torch.zeros(B, T, dtype=torch.bool, device=device)
-        rise[:, 1:] = (q[:, 1:] - q[:, :-1]) > threshold
-        opens = opens | rise
+    if mode in GATED_MODES:
+        gate = gate_scores(entropy, mode) > threshold  # (B, T) or (B, T - 1) for the tokens after the first
+        opens = torch.cat([opens[:, : T - gate.shape[1]], opens[:, T - gate.shape[1]:] | gate], dim=1)  # (B, T)
     if max_patch_length is None:
         return opens
     # Offset of each token from the first token of its segment (opened by a gate or a row).
@@ -373,10 +381,9 @@ class StepRule:
         cfg = self.config
         if self.fixed is not None:
             return self.fixed[step].expand(open_length.shape[0])
-        if cfg.mode == "entropy":
-            opens = quantize_entropy(entropy) > cfg.threshold
-        else:
-            opens = quantize_entropy(entropy) - quantize_entropy(prev_entropy) > cfg.threshold
+        recent = [entropy] if cfg.mode == "entropy" else [prev_entropy, entropy]
+        recent = torch.stack([quantize_entropy(e) for e in recent], dim=1)  # (B, 1) or (B, 2)
+        opens = gate_scores(recent, cfg.mode)[:, -1] > cfg.threshold  # (B,)
         if cfg.row_reset and step % self.grid_width == 0:
             opens = torch.ones_like(opens)
         if cfg.max_patch_length is not None:
@@ -419,17 +426,3 @@ def build_patch_batch(
     lengths = config.lengths(entropy, grid_width, tuple(tokens.shape), tokens.device, num_patches)
     return {"tokens": tokens, "labels": labels, "patch_lengths": lengths}
 
-
-class PatchCollate:
-    """DataLoader collate_fn: stacks per-sample dicts ("codes" (T,), "labels" scalar,
-    "entropy" (T,)) and applies build_patch_batch; returns tokens, labels, patch_lengths."""
-
-    def __init__(self, config: PatchingConfig, grid_width: int, num_patches: int | None = None):
-        self.config = config
-        self.grid_width = grid_width
-        self.num_patches = num_patches
-
-    def __call__(self, samples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-        keys = ("codes", "labels", "entropy") if self.config.needs_entropy else ("codes", "labels")
-        batch = {k: torch.stack([_to_tensor(s[k]) for s in samples]) for k in keys}
-        return build_patch_batch(batch, self.config, self.grid_width, self.num_patches)

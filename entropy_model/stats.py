@@ -21,12 +21,13 @@ import torch
 
 from entropy_model.calibrate import (
     PAPER_THRESHOLD,
+    finish_patching_flags,
     read_entropy_file,
     sample_entropies,
     store_grid_width,
     threshold_for_compression,
 )
-from entropy_model.patching import GATED_MODES, PATCH_MODES, PatchingConfig
+from entropy_model.patching import PATCH_MODES, PatchingConfig
 from utils.cli import HelpFormatter
 
 
@@ -149,13 +150,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.max_patch_length < 0 or args.sample < 0 or args.batch_size < 1:
         parser.error("--max-patch-length and --sample must be >= 0, --batch-size >= 1")
-    if args.mode not in GATED_MODES and args.target_compression is not None:
-        parser.error(f"mode {args.mode!r} has a fixed compression; drop --target-compression")
-    if args.mode in GATED_MODES and args.threshold is None and args.target_compression is None:
-        args.threshold = PAPER_THRESHOLD
-    args.max_patch_length = args.max_patch_length or None
-    args.sample = args.sample or None
-    return args
+    return finish_patching_flags(parser, args)
 
 
 if __name__ == "__main__":

@@ -47,8 +47,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from autoregressive.models import all_models, build_model
-from autoregressive.models.dpar import DPAR_models, PatchCrossAttention
+from autoregressive.models import all_models, build_model, model_family
+from autoregressive.models.dpar import PatchCrossAttention
 from autoregressive.models.modules import Attention
 from entropy_model.calibrate import read_entropy_file, sample_entropies, store_grid_width
 from entropy_model.patching import PATCH_MODES, PAPER_THRESHOLDS, PatchingConfig, paper_threshold
@@ -235,16 +235,16 @@ def flops_per_image(
         raise ValueError(f"image size {image_size} is not a multiple of the downsample size {downsample_size}")
     grid = image_size // downsample_size
     T = grid * grid
-    is_dpar = model_name in DPAR_models
+    patched = model_family(model_name).patched
     given = [n for n, v in (("compression", compression), ("lengths", lengths), ("patch_counts", patch_counts))
              if v is not None]
-    if not is_dpar and given:
+    if not patched and given:
         raise ValueError(f"{given[0]} applies to DPAR models only; {model_name} runs every layer over all tokens")
-    if is_dpar and len(given) != 1:
+    if patched and len(given) != 1:
         raise ValueError("a DPAR count needs exactly one of compression, lengths or patch_counts")
     model = meta_model(model_name, vocab_size=vocab_size, block_size=T, num_classes=num_classes, **model_kwargs)
 
-    if not is_dpar:
+    if not patched:
         macs, patches, method = _forward_count(model, None), float(T), "one forward pass"
     elif compression is not None:
         if not 1.0 <= compression <= T:
@@ -283,7 +283,7 @@ def flops_per_image(
         "tokens": T,
         "patches": patches,
         "compression": T / patches,
-        "g_positions": patches if is_dpar else float(T),
+        "g_positions": patches if patched else float(T),
         "params": params,
         "embedding_params": embedding,
         "forward_macs": macs.linear,
@@ -344,7 +344,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     g = p.add_argument_group("patching rule for --entropy-path")
     g.add_argument("--patching-mode", choices=PATCH_MODES, default="entropy", help="patch boundary rule")
     g.add_argument("--threshold", type=float, default=None,
-                   help="entropy threshold tau (default the paper's at --image-size: 7.8 at 256 px, 7.9 at 384 px)")
+                   help="entropy threshold tau (default the paper's at --image-size: "
+                        + ", ".join(f"{tau} at {size} px" for size, tau in PAPER_THRESHOLDS.items()) + ")")
     g.add_argument("--static-length", type=float, default=None,
                    help="mode static: mean length of the uniform pattern (fractional allowed)")
     g.add_argument("--max-patch-length", type=int, default=4, help="length cap (0 = none)")

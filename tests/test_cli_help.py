@@ -10,10 +10,10 @@ from utils.cli import HelpFormatter
 # (module, entry point called with an empty argument list)
 COMMAND_LINES = [
     ("autoregressive.train.args", "parse_args"), ("autoregressive.sample.cli", "parse_args"),
-    ("extract_codes", "parse_args"), ("entropy_model.score", "parse_args"), ("entropy_model.calibrate", "parse_args"),
-    ("entropy_model.stats", "parse_args"), ("entropy_model.visualize", "parse_args"), ("utils.checkpoint", "main"),
+    ("extract_codes", "parse_args"), ("entropy_tools.score", "parse_args"), ("entropy_model.calibrate", "parse_args"),
+    ("entropy_model.stats", "parse_args"), ("entropy_tools.visualize", "parse_args"), ("utils.checkpoint", "main"),
     ("tokenizer.train_vq", "main"), ("evaluations.c2i.evaluator", "parse_args"), ("evaluations.flops", "parse_args"),
-    ("evaluations.benchmark", "parse_args"), ("evaluations.gpu_check", "parse_args"),
+    ("benchmarks.benchmark", "parse_args"), ("benchmarks.gpu_check", "parse_args"),
     ("evaluations.domain_metric", "main"), ("dataset.synthetic", "main"), ("demo.__main__", "parse_args"),
 ]
 
@@ -54,7 +54,7 @@ def test_fid_mode_reports_the_time_the_user_waits():
     from autoregressive.sample.fid import format_waiting
     from autoregressive.sample.sampler import Throughput
 
-    run = Throughput(images=64, tokens=64 * 256, patches=0, seconds=6.4).summary(is_dpar=False)
+    run = Throughput(images=64, tokens=64 * 256, patches=0, seconds=6.4).summary(patched=False)
     run.update(wall_seconds=217.0, decode_and_write_seconds=210.6)
     line = format_waiting(run)
     assert line.startswith("64 images in 217.0 s (0.29 images/s): generation 6.4 s, VQ decoding and writing 210.6 s")

@@ -1,6 +1,10 @@
+import dataclasses
+
 import pytest
 import torch
 
+from autoregressive.models import (
+    DPAR_FAMILY, FAMILIES, GPT_FAMILY, all_models, build_model, build_model_from_config, model_family)
 from autoregressive.models.dpar import DPAR, DPAR_models, DPARConfig
 from autoregressive.models.generate import Sampling, draw_uniforms, generate, generate_dpar, reference_generate_dpar
 from autoregressive.models.gpt import GPT_models
@@ -140,3 +144,21 @@ def test_parameter_counts_close_to_gpt():
         print(f"GPT-{size} {n_gpt / 1e6:.1f}M  DPAR-{size} {n_dpar / 1e6:.1f}M")
         assert abs(n_dpar / n_gpt - 1) < 0.10
         assert dpar.config.n_layer == gpt.config.n_layer
+
+
+def test_every_registry_name_belongs_to_one_family():
+    """model_family answers for names, built models and compiled models alike; each family's
+    record builds its own model and config classes, also back from a stored config."""
+    assert sum(len(f.models) for f in FAMILIES) == len(all_models())  # no name in two registries
+    assert all(model_family(name) is family for family in FAMILIES for name in family.models)
+    for family, name in ((GPT_FAMILY, "GPT-T"), (DPAR_FAMILY, "DPAR-T")):
+        model = build_model(name, vocab_size=32, block_size=16, num_classes=5)
+        again = build_model_from_config(name, dataclasses.asdict(model.config))
+        assert type(model) is family.model_class and type(model.config) is family.config_class
+        assert model_family(model) is family and model_family(torch.compile(model)) is family
+        assert again.config == model.config
+    assert DPAR_FAMILY.patched and not GPT_FAMILY.patched
+    with pytest.raises(ValueError, match="unknown model"):
+        model_family("DPAR-unknown")
+    with pytest.raises(ValueError, match="not a model of any family"):
+        model_family(torch.nn.Linear(2, 2))

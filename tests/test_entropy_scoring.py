@@ -1,4 +1,4 @@
-"""Entropy scoring of code stores (entropy_model/score.py), incremental scoring, causality of
+"""Entropy scoring of code stores (entropy_tools/score.py), incremental scoring, causality of
 the boundary decision, and the heatmap command line, with a tiny random entropy model."""
 import dataclasses
 import json
@@ -19,7 +19,7 @@ from dataset.augmentation import center_crop_arr
 from dataset.code_store import CodeStoreWriter, code_store_hash
 from dataset.imagefolder import load_rgb
 from dataset.synthetic import generate_dataset
-from entropy_model import score, visualize
+from entropy_tools import heatmaps, score, visualize
 from entropy_model.calibrate import load_entropies
 from entropy_model.entropy import IncrementalEntropy, teacher_forced_entropy
 from entropy_model.patching import PatchingConfig, patch_starts
@@ -242,7 +242,7 @@ def test_torchrun_two_processes_match_single_process(setup, tmp_path):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(port), "-m", "entropy_model.score", "--code-path", str(setup["store"]), "--entropy-ckpt", str(setup["ckpt"]),
+           "--master_port", str(port), "-m", "entropy_tools.score", "--code-path", str(setup["store"]), "--entropy-ckpt", str(setup["ckpt"]),
            "--entropy-path", str(double), "--batch-size", str(BATCH), "--slice-size", str(SLICE), "--device", "cpu"]
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
@@ -336,18 +336,18 @@ def test_heatmaps_for_codes_decode_and_rescore():
     model, vq = entropy_model(4), tiny_vq()
     codes = torch.randint(0, VOCAB, (3, T), generator=torch.Generator().manual_seed(3))
     patching = PatchingConfig("entropy", 1.0, 3, True)
-    figures = visualize.heatmaps_for_codes(model, vq, codes, patching, GRID, vmin=0.0, vmax=3.0)
+    figures = heatmaps.heatmaps_for_codes(model, vq, codes, patching, GRID, vmin=0.0, vmax=3.0)
     assert len(figures) == 3
     entropy = teacher_forced_entropy(model, codes)
-    images = visualize.decode_codes(vq, codes, GRID)  # (3, 24, 24, 3)
+    images = heatmaps.decode_codes(vq, codes, GRID)  # (3, 24, 24, 3)
     assert images.shape == (3, GRID * 4, GRID * 4, 3) and images.dtype == np.uint8
     for b, figure in enumerate(figures):
-        want = visualize.entropy_heatmap_figure(images[b], entropy[b].reshape(GRID, GRID),
+        want = heatmaps.entropy_heatmap_figure(images[b], entropy[b].reshape(GRID, GRID),
                                                 patch_starts(entropy[b:b + 1], 1.0, 3, GRID)[0], GRID, 0.0, 3.0)
         np.testing.assert_array_equal(np.asarray(figure), np.asarray(want))
         assert contains(figure, images[b])
     with pytest.raises(ValueError, match="codes"):
-        visualize.heatmaps_for_codes(model, tiny_vq(64), codes, patching, GRID)
+        heatmaps.heatmaps_for_codes(model, tiny_vq(64), codes, patching, GRID)
 
 
 @pytest.fixture(scope="module")
@@ -394,9 +394,9 @@ def test_visualize_cli_decoded_codes_and_generated_samples(extracted, tmp_path):
     figure = Image.open(out)
     codes = np.load(extracted["store"] / "codes.npy")
     for i in (0, 4):
-        assert contains(figure, visualize.decode_codes(extracted["vq"], torch.from_numpy(codes[i, 0].astype(np.int64)),
+        assert contains(figure, heatmaps.decode_codes(extracted["vq"], torch.from_numpy(codes[i, 0].astype(np.int64)),
                                                        GRID)[0])
-    single = visualize.entropy_heatmap_figure(np.zeros((GRID * 4, GRID * 4, 3), np.uint8), np.zeros(T),
+    single = heatmaps.entropy_heatmap_figure(np.zeros((GRID * 4, GRID * 4, 3), np.uint8), np.zeros(T),
                                               np.ones(T, dtype=bool), GRID)
     assert figure.width == 4 * single.width + 3 * 4  # 2 stored + 2 generated panels in one row
     with pytest.raises(SystemExit, match="outside"):

@@ -18,9 +18,9 @@ from autoregressive.models.generate import (
 )
 from autoregressive.models.gpt import GPTConfig
 from autoregressive.models.modules import rope_dynamic
-from autoregressive.sample.loading import PatchingOverrides, resolve_patching
+from autoregressive.sample.loading import PatchingOverrides, sampling_patching
 from autoregressive.train.args import parse_args
-from autoregressive.train.data import resolve_patching as resolve_training_patching
+from autoregressive.train.data import training_patching
 from autoregressive.train.model import model_kwargs
 from dpar_helpers import CLASSES, GRID, T, VOCAB, quantile_patching, random_dpar, random_entropy_model
 from entropy_model.entropy import entropy_from_logits, teacher_forced_entropy
@@ -368,13 +368,13 @@ def test_static_pattern_reaches_checkpoint_and_sampling():
     args = parse_args(["--code-path", "x", "--gpt-model", "DPAR-T", "--patching-mode", "static",
                        "--static-length", "1.8191"])
     args.image_size = 96
-    config = resolve_training_patching(args, None, GRID)
+    config = training_patching(args, None, GRID)
     assert args.patching == config.to_dict() and args.patching["static_length"] == 1.8191  # stored in checkpoints
     stored = {"patching": args.patching}
-    assert resolve_patching(stored, PatchingOverrides()) == config
-    assert resolve_patching(stored, PatchingOverrides(static_length=2.4)).static_length == 2.4
-    switched = resolve_patching(stored, PatchingOverrides(mode="entropy", threshold=7.8))
+    assert sampling_patching(stored, PatchingOverrides()) == config
+    assert sampling_patching(stored, PatchingOverrides(static_length=2.4)).static_length == 2.4
+    switched = sampling_patching(stored, PatchingOverrides(mode="entropy", threshold=7.8))
     assert switched.mode == "entropy" and switched.static_length is None
     args = parse_args(["--code-path", "x", "--gpt-model", "DPAR-T"])
     args.image_size = 384
-    assert resolve_training_patching(args, None, 24).threshold == 7.9  # the paper's tau at 384 px
+    assert training_patching(args, None, 24).threshold == 7.9  # the paper's tau at 384 px

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from evaluations import gpu_check
+from benchmarks import gpu_check
 
 ROOT = Path(__file__).resolve().parents[1]
 

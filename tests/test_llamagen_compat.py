@@ -12,13 +12,13 @@ import pytest
 import torch
 
 import extract_codes
+from autoregressive.models import model_from_checkpoint
 from autoregressive.models.gpt import GPT_models
 from autoregressive.sample import main as sample_main
 from autoregressive.sample import parse_args as sample_parse_args
 from autoregressive.sample.loading import load_generator
 from autoregressive.train import build_parser, main
 from autoregressive.train.args import parse_args as train_parse_args
-from autoregressive.train.checkpointing import latest_checkpoint, list_checkpoints
 from autoregressive.train.ema import ModelEMA
 from autoregressive.train.model import create_optimizer
 from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
@@ -26,7 +26,7 @@ from test_train import (  # noqa: F401 (one_thread is an autouse fixture)
     NO_DROPOUT, REPO, assert_same_weights, final_state, make_store, one_thread, read_log, train_argv)
 from test_sample import ckpts  # noqa: F401 (fixture)
 from test_train_distributed import torchrun
-from utils.checkpoint import load_checkpoint, model_from_checkpoint
+from utils.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from utils.distributed import DistInfo
 
 # The argument lines of LlamaGen's GETTING_STARTED.md, run by scripts/autoregressive/*.sh ("$@")

@@ -14,7 +14,6 @@ from entropy_model.calibrate import (
     threshold_for_compression,
 )
 from entropy_model.patching import (
-    PatchCollate,
     PatchingConfig,
     build_patch_batch,
     patch_geometry,
@@ -24,7 +23,7 @@ from entropy_model.patching import (
     quantize_entropy,
     starts_from_lengths,
 )
-from entropy_model.visualize import entropy_heatmap_figure, save_figure_grid
+from entropy_tools.heatmaps import entropy_heatmap_figure, save_figure_grid
 
 MAX_ENTROPY = float(np.log(16384))
 
@@ -284,9 +283,9 @@ def test_batch_builder_matches_per_sample_reference():
         want = reference_lengths(reference_starts(entropy[b], 5.5, 3, w, "entropy")[0])
         assert out["patch_lengths"][b].tolist() == want + [0] * (M - len(want))
     assert M == max(len(reference_lengths(reference_starts(entropy[b], 5.5, 3, w, "entropy")[0])) for b in range(B))
-    collate = PatchCollate(config, w)
     samples = [{"codes": codes[b], "labels": int(labels[b]), "entropy": entropy[b]} for b in range(B)]
-    again = collate(samples)
+    stacked = {k: np.stack([s[k] for s in samples]) for k in samples[0]}  # what a DataLoader's collate hands over
+    again = build_patch_batch(stacked, config, w)
     for k in out:
         assert torch.equal(again[k], out[k])
     static = build_patch_batch({"codes": codes, "labels": labels}, PatchingConfig("static", None, 4, True), w)

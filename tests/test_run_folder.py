@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from autoregressive.train import main
-from autoregressive.train.checkpointing import (
-    checkpoint_problem, latest_checkpoint, list_checkpoints, prune_checkpoints)
-from entropy_model.score import load_entropy_model
+from entropy_tools.score import load_entropy_model
 from test_train import (  # noqa: F401 (one_thread is an autouse fixture)
     assert_same_weights, final_state, make_store, one_thread, read_log, train_argv)
-from utils.checkpoint import checkpoint_sha256, file_sha256, load_checkpoint
+from utils.checkpoint import (
+    checkpoint_problem, checkpoint_sha256, file_sha256, latest_checkpoint, list_checkpoints, load_checkpoint,
+    prune_checkpoints)
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +145,7 @@ def test_heatmap_titles_wrap_inside_the_figure():
     """A long caption is wrapped at spaces, never clipped; the panel name keeps its own line."""
     from PIL import Image, ImageDraw
 
-    from entropy_model.visualize import _font, _text_size, entropy_heatmap_figure, fit_lines, panel_title
+    from entropy_tools.heatmaps import _font, _text_size, entropy_heatmap_figure, fit_lines, panel_title
 
     starts = torch.zeros(64, dtype=torch.bool)
     starts[::3] = True

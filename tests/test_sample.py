@@ -15,7 +15,7 @@ from autoregressive.models.gpt import GPT_models
 from autoregressive.sample import main, parse_args
 from autoregressive.sample.cli import fid_cfg_scale
 from autoregressive.sample.fid import plan_chunks
-from autoregressive.sample.loading import PatchingOverrides, resolve_patching
+from autoregressive.sample.loading import PatchingOverrides, sampling_patching
 from autoregressive.sample.sampler import image_seed, to_uint8
 from dpar_helpers import CLASSES, GRID, T, VOCAB, quantile_patching, random_dpar, random_entropy_model
 from entropy_model.patching import PatchingConfig
@@ -104,8 +104,8 @@ def test_defaults_and_patching_overrides():
     assert [fid_cfg_scale(m) for m in ("GPT-B", "GPT-L", "GPT-XL", "DPAR-XL", "DPAR-XXL", "GPT-3B", "DPAR-T")] == \
         [2.0, 2.0, 1.75, 1.75, 1.75, 1.65, 1.5]
     stored = {"patching": PatchingConfig("entropy", 7.8, 4, True).to_dict()}
-    assert resolve_patching(stored, PatchingOverrides()) == PatchingConfig("entropy", 7.8, 4, True)
-    changed = resolve_patching(stored, PatchingOverrides(threshold=6.5, max_patch_length=0, row_reset=False))
+    assert sampling_patching(stored, PatchingOverrides()) == PatchingConfig("entropy", 7.8, 4, True)
+    changed = sampling_patching(stored, PatchingOverrides(threshold=6.5, max_patch_length=0, row_reset=False))
     assert changed == PatchingConfig("entropy", 6.5, None, False)
     args = parse_args(["--gpt-ckpt", "g", "--vq-ckpt", "v", "--max-patch-length", "none"])
     assert args.max_patch_length == 0 and args.cfg_scale is None and args.top_k is None

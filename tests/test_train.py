@@ -14,13 +14,14 @@ import numpy as np
 import pytest
 import torch
 
+from autoregressive.models import model_from_checkpoint
 from autoregressive.train import main
 from autoregressive.train.args import parse_args
-from autoregressive.train.checkpointing import latest_checkpoint, list_checkpoints, prune_checkpoints
 from autoregressive.train.data import BatchStream, GPTBatches, build_stream, open_training_store
 from autoregressive.train.model import create_model, learning_rate
 from dataset.code_store import CodeDataset, CodeStoreWriter, code_store_hash, open_code_store
-from utils.checkpoint import load_checkpoint, model_from_checkpoint
+import train_faults
+from utils.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, prune_checkpoints
 from utils.distributed import DistInfo
 
 REPO = Path(__file__).resolve().parents[1]
@@ -134,13 +135,13 @@ def test_resume_after_max_steps_and_sigterm_is_bit_exact(store, tmp_path, monkey
     main(train_argv(store, tmp_path, "split", max_steps=6))
     main(train_argv(store, tmp_path, "split", max_steps=10))
     handler = signal.getsignal(signal.SIGTERM)
-    monkeypatch.setenv("DPAR_TEST_SIGTERM_AT_STEP", "5")
-    main(train_argv(store, tmp_path, "killed", max_steps=10))
+    with monkeypatch.context() as patch:
+        train_faults.inject(patch, "sigterm", at_step=5)
+        main(train_argv(store, tmp_path, "killed", max_steps=10))
     assert signal.getsignal(signal.SIGTERM) == handler  # main restores the handlers
     # the signal arrives after step 5; all ranks agree one step later and checkpoint there
     assert [s for s, _ in list_checkpoints(tmp_path / "killed" / "checkpoints")] == [4, 7]
     assert "stopped by SIGTERM at step 7" in (tmp_path / "killed" / "log.txt").read_text()
-    monkeypatch.delenv("DPAR_TEST_SIGTERM_AT_STEP")
     main(train_argv(store, tmp_path, "killed", max_steps=10))
     full = final_state(tmp_path / "full")
     for run in ("split", "killed"):

@@ -240,7 +240,7 @@ def test_log_speed_leaves_out_the_warmup(tmp_path):
     import time
     from argparse import Namespace
 
-    from autoregressive.train.data import Batch
+    from autoregressive.train.data import TrainBatch
     from autoregressive.train.logger import TrainLogger
     from utils.distributed import DistInfo
 
@@ -249,7 +249,7 @@ def test_log_speed_leaves_out_the_warmup(tmp_path):
     one = torch.ones(())
     for step in range(1, 7):
         time.sleep(0.4 if step == 1 else 0.01)  # step 1 "compiles"
-        logger.update(step, 0, 1e-4, one * step, one, one, [Batch({}, tokens=64, images=4)])
+        logger.update(step, 0, 1e-4, one * step, one, one, [TrainBatch({}, tokens=64, images=4)])
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [2, 4, 6]
     assert [r.get("warmup", False) for r in log] == [True, False, False]

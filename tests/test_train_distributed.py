@@ -9,17 +9,18 @@ import numpy as np
 import pytest
 
 from autoregressive.train import main
-from autoregressive.train.checkpointing import latest_checkpoint
 from test_train import (  # noqa: F401 (one_thread is an autouse fixture)
     NO_DROPOUT, REPO, assert_same_weights, final_state, free_port, make_store, one_thread, read_log, subprocess_env,
     train_argv)
+from utils.checkpoint import latest_checkpoint
 
 STEPS = 8  # two epochs of 4 steps; checkpoints at 4 and 8
 
 
-def torchrun(argv: list, *launcher: str, timeout: int = 240, **env) -> subprocess.CompletedProcess:
+def torchrun(argv: list, *launcher: str, script: str = "train_c2i.py", timeout: int = 240,
+             **env) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           *launcher, "train_c2i.py", *argv]
+           *launcher, script, *argv]
     proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(**env), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
@@ -82,8 +83,8 @@ def test_killed_rank_is_restarted_and_finishes(runs, tmp_path):
     checkpoint and reach step 8 with exactly the weights of the uninterrupted DDP run."""
     marker = tmp_path / "rank1-died"
     argv = train_argv(runs.store, runs.results, "killed", *NO_DROPOUT, max_steps=STEPS)
-    proc = torchrun(argv, "--max-restarts", "1",
-                    DPAR_TEST_EXIT_AT_STEP="5", DPAR_TEST_EXIT_RANK="1", DPAR_TEST_EXIT_MARKER=str(marker))
+    proc = torchrun(argv, "--max-restarts", "1", script="tests/train_faults.py",
+                    FAULT="exit", FAULT_AT_STEP="5", FAULT_RANK="1", FAULT_MARKER=str(marker))
     assert marker.exists()
     assert f"resumed from {runs.results / 'killed' / 'checkpoints' / '0000004.pt'} at step 4" in proc.stdout
     ckpt = final_state(runs.results / "killed")

@@ -1,26 +1,76 @@
-"""Model registries: every model kind is looked up by its exact registry name."""
+"""Model registries and families: every model is looked up by its exact registry name, and
+everything that differs between the GPT baseline and DPAR is asked of its family's record
+(`model_family(name or model)`), never of the name."""
+from dataclasses import dataclass
+from typing import Callable, Dict, Union
+
+import torch.nn as nn
+
+from autoregressive.models.dpar import DPAR, DPAR_models, DPARConfig
 from autoregressive.models.gpt import GPT_models, GPTConfig, Transformer
+from utils.checkpoint import checkpoint_weights, load_checkpoint
+
+
+@dataclass(frozen=True, eq=False)
+class ModelFamily:
+    """One model family: its registry (LlamaGen style, name -> constructor), model and config
+    classes, and whether its middle layers run over patches (then training and sampling need a
+    patching rule, generation an entropy model for the gated modes, and FLOPs a patch count)."""
+
+    name: str
+    models: Dict[str, Callable[..., nn.Module]]
+    model_class: type
+    config_class: type
+    patched: bool
+
+
+GPT_FAMILY = ModelFamily("GPT", GPT_models, Transformer, GPTConfig, patched=False)
+DPAR_FAMILY = ModelFamily("DPAR", DPAR_models, DPAR, DPARConfig, patched=True)
+FAMILIES = (GPT_FAMILY, DPAR_FAMILY)
 
 
 def all_models() -> dict:
-    from autoregressive.models.dpar import DPAR_models
-
-    return {**GPT_models, **DPAR_models}
+    return {name: ctor for family in FAMILIES for name, ctor in family.models.items()}
 
 
-def build_model(name: str, **kwargs):
-    models = all_models()
-    if name not in models:
-        raise ValueError(f"unknown model {name!r}; choose one of {sorted(models)}")
-    return models[name](**kwargs)
+def model_family(model: Union[str, nn.Module]) -> ModelFamily:
+    """The family of a registry name or of a model (a torch.compile'd one included)."""
+    if isinstance(model, str):
+        family = next((f for f in FAMILIES if model in f.models), None)
+        if family is None:
+            raise ValueError(f"unknown model {model!r}; choose one of {sorted(all_models())}")
+        return family
+    module = getattr(model, "_orig_mod", model)
+    family = next((f for f in FAMILIES if isinstance(module, f.model_class)), None)
+    if family is None:
+        names = ", ".join(f.name for f in FAMILIES)
+        raise ValueError(f"{type(module).__name__} is not a model of any family ({names})")
+    return family
 
 
-def build_model_from_config(name: str, config: dict):
+def build_model(name: str, **kwargs) -> nn.Module:
+    return model_family(name).models[name](**kwargs)
+
+
+def build_model_from_config(name: str, config: dict) -> nn.Module:
     """Rebuild a model from its registry name and stored config dict."""
-    if name.startswith("DPAR"):
-        from autoregressive.models.dpar import DPAR, DPARConfig
+    family = model_family(name)
+    return family.model_class(family.config_class(**config))
 
-        return DPAR(DPARConfig(**config))
-    if name not in GPT_models:
-        raise ValueError(f"unknown model {name!r}")
-    return Transformer(GPTConfig(**config))
+
+def model_from_checkpoint(ckpt, strict: bool = True, prefer_ema: bool = False):
+    """(path or loaded dict) -> (model in eval mode, args dict). Rebuilds the model from the
+    stored registry name and config, then loads the weights strict: the EMA weights when
+    prefer_ema and the checkpoint has them (args["weights"] says "ema" or "raw")."""
+    if not isinstance(ckpt, dict):
+        ckpt = load_checkpoint(ckpt)
+    args = ckpt.get("args")
+    if not isinstance(args, dict) or "gpt_model" not in args or "model_config" not in args:
+        raise ValueError("checkpoint does not record its model (args.gpt_model / args.model_config missing)")
+    model = build_model_from_config(args["gpt_model"], args["model_config"])
+    weights, used_ema = checkpoint_weights(ckpt, prefer_ema)
+    try:
+        model.load_state_dict(weights, strict=strict)
+    except RuntimeError as e:
+        raise ValueError(f"checkpoint weights do not fit {args['gpt_model']}: {str(e).splitlines()[0]}") from e
+    return model.eval(), {**args, "weights": "ema" if used_ema else "raw"}

@@ -285,8 +285,6 @@ def build_patch_layout(
 
 
 class DPAR(nn.Module):
-    is_dpar = True
-
     def __init__(self, config: DPARConfig):
         super().__init__()
         self.config = config

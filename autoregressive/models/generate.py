@@ -20,6 +20,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from autoregressive.models import model_family
 from autoregressive.models.modules import read_length
 from entropy_model.entropy import IncrementalEntropy, entropy_from_logits
 from entropy_model.patching import PatchingConfig, StepRule
@@ -213,7 +214,7 @@ def generate(
     default; fast_decoding(device) for the compiled fast path."""
     sampling = Sampling(cfg_scale, cfg_interval, temperature, top_k, top_p)
     uniforms = draw_uniforms(cond.shape[0], max_new_tokens, generator, row_seeds).to(cond.device)
-    if getattr(model, "is_dpar", False):
+    if model_family(model).patched:
         return generate_dpar(model, cond, max_new_tokens, sampling, uniforms, decoding=decoding, **dpar_kwargs)
     if dpar_kwargs:
         raise ValueError(f"unexpected arguments for a GPT model: {sorted(dpar_kwargs)}")

@@ -13,24 +13,25 @@ for the model size (GETTING_STARTED.md: B and L 2.0, XL and XXL 1.75, 3B 1.65; o
 import argparse
 import os
 import sys
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 
-from autoregressive.models import all_models
+from autoregressive.models import all_models, model_family
 from autoregressive.models.generate import Decoding, Sampling, fast_decoding
 from autoregressive.sample.loading import (
     PatchingOverrides,
     cast_parameters,
-    load_entropy_model,
+    entropy_model_for_dpar,
     load_generator,
     load_vq,
     precision_dtype,
-    resolve_patching,
+    sampling_patching,
 )
 from autoregressive.sample.fid import run_fid
 from autoregressive.sample.grid import run_grid
 from autoregressive.sample.sampler import Sampler
+from autoregressive.sample.settings import SampleRun
 from entropy_model.patching import PATCH_MODES
 from tokenizer.vq_model import VQ_models
 from utils.cli import HelpFormatter
@@ -145,9 +146,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-def build_sampler(args: argparse.Namespace, device: torch.device) -> Sampler:
-    """Load every model, check that they fit together and resolve the mode's defaults
-    (args.cfg_scale, args.top_k, args.image_size, args.image_size_eval are filled in)."""
+def build_sampler(args: argparse.Namespace, device: torch.device) -> Tuple[Sampler, SampleRun]:
+    """Load every model, check that they fit together and resolve the run's settings (the
+    mode's defaults, the checkpoint's model and image size); `args` is left as parsed."""
     vq = load_vq(args.vq_ckpt, args.vq_model, args.codebook_size, args.codebook_embed_dim)
     f = vq.downsample_factor
     if args.downsample_size is not None and args.downsample_size != f:
@@ -155,7 +156,6 @@ def build_sampler(args: argparse.Namespace, device: torch.device) -> Sampler:
     block_size = (args.image_size // f) ** 2 if args.image_size else None
     model, ckpt_args = load_generator(args.gpt_ckpt, args.gpt_model, vq.config.codebook_size, block_size,
                                       args.num_classes, args.cls_token_num, prefer_ema=not args.raw_weights)
-    args.weights = ckpt_args["weights"]
     name = ckpt_args.get("gpt_model", args.gpt_model)
     if model.config.vocab_size != vq.config.codebook_size:
         raise ValueError(f"{name} predicts {model.config.vocab_size} codes but the VQ codebook has "
@@ -164,33 +164,36 @@ def build_sampler(args: argparse.Namespace, device: torch.device) -> Sampler:
     if args.image_size is not None and args.image_size != image_size:
         raise ValueError(f"{name} generates a {model.config.grid_size}x{model.config.grid_size} token grid, "
                          f"{image_size} px with {args.vq_model}; --image-size {args.image_size} does not match")
-    args.gpt_model, args.image_size = name, image_size
-    args.image_size_eval = args.image_size_eval or image_size
 
     fid = args.num_fid_samples is not None
-    if args.cfg_scale is None:
-        args.cfg_scale = fid_cfg_scale(name) if fid else GRID_CFG_SCALE
-    if args.top_k is None:
-        args.top_k = 0 if fid else GRID_TOP_K
+    cfg_scale = args.cfg_scale if args.cfg_scale is not None else fid_cfg_scale(name) if fid else GRID_CFG_SCALE
+    top_k = args.top_k if args.top_k is not None else 0 if fid else GRID_TOP_K
     entropy_model, patching = None, None
     overrides = PatchingOverrides(args.patching_mode, args.threshold, args.max_patch_length, args.row_reset,
                                   args.static_length)
-    if getattr(model, "is_dpar", False):
-        patching = resolve_patching(ckpt_args, overrides)
+    if model_family(model).patched:
+        patching = sampling_patching(ckpt_args, overrides)
         if patching.needs_entropy:
-            entropy_model = load_entropy_model(args.entropy_ckpt, model, ckpt_args)
+            entropy_model = entropy_model_for_dpar(args.entropy_ckpt, model, ckpt_args)
     elif args.entropy_ckpt is not None or any(v is not None for v in vars(overrides).values()):
         raise ValueError(f"--entropy-ckpt and the patching flags apply to DPAR models, not {name}")
-    args.patching = patching.to_dict() if patching else None
 
     dtype = precision_dtype(args.precision, device)
-    args.precision = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
     model = cast_parameters(model.to(device), dtype)
     if entropy_model is not None:
         entropy_model = cast_parameters(entropy_model.to(device), dtype)
-    sampling = Sampling(args.cfg_scale, args.cfg_interval, args.temperature, args.top_k, args.top_p)
-    return Sampler(model, vq.to(device), sampling, device, entropy_model, patching,
-                   decoding_for(args.compile, device))
+    run = SampleRun(
+        gpt_model=name, gpt_ckpt=args.gpt_ckpt, vq_model=args.vq_model, vq_ckpt=args.vq_ckpt, image_size=image_size,
+        image_size_eval=args.image_size_eval or image_size, cfg_scale=cfg_scale, cfg_interval=args.cfg_interval,
+        temperature=args.temperature, top_k=top_k, top_p=args.top_p, seed=args.seed,
+        precision={torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype],
+        patching=patching.to_dict() if patching else None, weights=ckpt_args["weights"],
+        per_proc_batch_size=args.per_proc_batch_size, num_fid_samples=args.num_fid_samples,
+        sample_dir=args.sample_dir, class_labels=args.class_labels, out=args.out, nrow=args.nrow)
+    sampling = Sampling(run.cfg_scale, run.cfg_interval, run.temperature, run.top_k, run.top_p)
+    sampler = Sampler(model, vq.to(device), sampling, device, entropy_model, patching,
+                      decoding_for(args.compile, device))
+    return sampler, run
 
 
 def decoding_for(compile: Optional[bool], device: torch.device) -> Decoding:
@@ -199,13 +202,13 @@ def decoding_for(compile: Optional[bool], device: torch.device) -> Decoding:
     return fast_decoding(device) if fast else Decoding()
 
 
-def describe(args: argparse.Namespace) -> str:
-    weights = "EMA weights" if args.weights == "ema" else "raw weights"
-    line = (f"{args.gpt_model} ({args.precision}, {weights}): {args.image_size} px, cfg {args.cfg_scale} "
-            f"(interval {args.cfg_interval}), temperature {args.temperature}, top-k {args.top_k}, "
-            f"top-p {args.top_p}, seed {args.seed}")
-    if args.patching:
-        line += f", patching {args.patching}"
+def describe(run: SampleRun) -> str:
+    weights = "EMA weights" if run.weights == "ema" else "raw weights"
+    line = (f"{run.gpt_model} ({run.precision}, {weights}): {run.image_size} px, cfg {run.cfg_scale} "
+            f"(interval {run.cfg_interval}), temperature {run.temperature}, top-k {run.top_k}, "
+            f"top-p {run.top_p}, seed {run.seed}")
+    if run.patching:
+        line += f", patching {run.patching}"
     return line
 
 
@@ -217,13 +220,13 @@ def configure_torch() -> None:
 
 @torch.no_grad()
 def run(args: argparse.Namespace, info: DistInfo) -> None:
-    sampler = build_sampler(args, info.device)
+    sampler, settings = build_sampler(args, info.device)
     if info.is_main:
-        print(describe(args))
-    if args.num_fid_samples is None:
-        run_grid(args, sampler)
+        print(describe(settings))
+    if settings.num_fid_samples is None:
+        run_grid(settings, sampler)
     else:
-        run_fid(args, sampler, info)
+        run_fid(settings, sampler, info)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -15,7 +15,6 @@ At the end rank 0 checks that all N images exist and writes
   DIR.json  images/s and tokens/s of this run's generation (all ranks together: images over
             the slowest rank's generation time), mean patches per image over all N (DPAR).
 """
-import argparse
 import json
 import os
 import re
@@ -32,6 +31,7 @@ from PIL.PngImagePlugin import PngInfo
 from tqdm import tqdm
 
 from autoregressive.sample.sampler import Sampler, Throughput, format_throughput, image_seed, to_uint8
+from autoregressive.sample.settings import SampleRun
 from utils.checkpoint import file_sha256, load_train_state
 from utils.distributed import DistInfo, all_reduce, barrier, broadcast_object
 
@@ -40,11 +40,11 @@ PNG_NAME = re.compile(r"(\d{6,})\.png")
 READ_CHUNK = 1024
 
 
-def default_sample_dir(args: argparse.Namespace) -> str:
+def default_sample_dir(cfg: SampleRun) -> str:
     """LlamaGen's folder naming, under samples/."""
-    ckpt = Path(args.gpt_ckpt.rstrip("/")).stem
-    return (f"samples/{args.gpt_model}-{ckpt}-size-{args.image_size}-size-{args.image_size_eval}-{args.vq_model}-"
-            f"topk-{args.top_k}-topp-{args.top_p}-temperature-{args.temperature}-cfg-{args.cfg_scale}-seed-{args.seed}")
+    ckpt = Path(cfg.gpt_ckpt.rstrip("/")).stem
+    return (f"samples/{cfg.gpt_model}-{ckpt}-size-{cfg.image_size}-size-{cfg.image_size_eval}-{cfg.vq_model}-"
+            f"topk-{cfg.top_k}-topp-{cfg.top_p}-temperature-{cfg.temperature}-cfg-{cfg.cfg_scale}-seed-{cfg.seed}")
 
 
 def checkpoint_identity(path: str) -> str:
@@ -54,15 +54,15 @@ def checkpoint_identity(path: str) -> str:
     return file_sha256(path)
 
 
-def run_settings(args: argparse.Namespace) -> dict:
+def run_settings(cfg: SampleRun) -> dict:
     """Everything that decides the images of a folder (not N, the batch size or the ranks)."""
     return {
-        "gpt_model": args.gpt_model, "gpt_ckpt_sha256": checkpoint_identity(args.gpt_ckpt),
-        "vq_model": args.vq_model, "vq_ckpt_sha256": file_sha256(args.vq_ckpt),
-        "image_size": args.image_size, "image_size_eval": args.image_size_eval,
-        "cfg_scale": args.cfg_scale, "cfg_interval": args.cfg_interval, "temperature": args.temperature,
-        "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed, "precision": args.precision,
-        "patching": args.patching, "weights": args.weights,
+        "gpt_model": cfg.gpt_model, "gpt_ckpt_sha256": checkpoint_identity(cfg.gpt_ckpt),
+        "vq_model": cfg.vq_model, "vq_ckpt_sha256": file_sha256(cfg.vq_ckpt),
+        "image_size": cfg.image_size, "image_size_eval": cfg.image_size_eval,
+        "cfg_scale": cfg.cfg_scale, "cfg_interval": cfg.cfg_interval, "temperature": cfg.temperature,
+        "top_k": cfg.top_k, "top_p": cfg.top_p, "seed": cfg.seed, "precision": cfg.precision,
+        "patching": cfg.patching, "weights": cfg.weights,
     }
 
 
@@ -118,18 +118,18 @@ def plan_chunks(missing: Sequence[int], chunk_size: int, rank: int, world: int) 
     return ordered[rank::world]
 
 
-def generate_missing(args: argparse.Namespace, sampler: Sampler, sample_dir: Path, missing: Sequence[int],
+def generate_missing(cfg: SampleRun, sampler: Sampler, sample_dir: Path, missing: Sequence[int],
                      info: DistInfo) -> Tuple[Throughput, float]:
     """Generate and write this rank's share of the missing images; returns the generation
     counts and the wall-clock seconds of the whole loop (VQ decoding and PNG writing included)."""
     C, throughput = sampler.num_classes, Throughput()
     start = time.perf_counter()
-    plan = plan_chunks(missing, args.per_proc_batch_size, info.rank, info.world_size)
+    plan = plan_chunks(missing, cfg.per_proc_batch_size, info.rank, info.world_size)
     for chunk in tqdm(plan, disable=not info.is_main, desc=f"sampling ({info.world_size} ranks)", unit="batch"):
-        seeds = [image_seed(args.seed, i) for i in chunk]
+        seeds = [image_seed(cfg.seed, i) for i in chunk]
         batch = sampler.sample([i % C for i in chunk], seeds)
         throughput.add(batch)
-        pixels = to_uint8(batch.images, args.image_size_eval)  # (B, H, W, 3)
+        pixels = to_uint8(batch.images, cfg.image_size_eval)  # (B, H, W, 3)
         for j, i in enumerate(chunk):
             meta = {"index": i, "class": i % C, "seed": seeds[j]}
             if batch.num_patches is not None:
@@ -185,16 +185,16 @@ def pack_npz(sample_dir: Path, n: int, num_classes: int, size: int, workers: int
     return npz, summary
 
 
-def _prepare(args: argparse.Namespace, sample_dir: Path, info: DistInfo) -> List[int]:
+def _prepare(cfg: SampleRun, sample_dir: Path, info: DistInfo) -> List[int]:
     """Rank 0 checks the folder and lists the missing indices; every rank gets the list (or
     the same error)."""
     plan: Tuple[str, object] = ("ok", None)
     if info.is_main:
         try:
             sample_dir.mkdir(parents=True, exist_ok=True)
-            check_settings(sample_dir, run_settings(args))
-            done = existing_indices(sample_dir, args.num_fid_samples)
-            plan = ("ok", [i for i in range(args.num_fid_samples) if i not in done])
+            check_settings(sample_dir, run_settings(cfg))
+            done = existing_indices(sample_dir, cfg.num_fid_samples)
+            plan = ("ok", [i for i in range(cfg.num_fid_samples) if i not in done])
         except (ValueError, OSError) as e:
             plan = ("error", str(e))
     status, value = broadcast_object(plan)
@@ -203,16 +203,16 @@ def _prepare(args: argparse.Namespace, sample_dir: Path, info: DistInfo) -> List
     return value
 
 
-def run_fid(args: argparse.Namespace, sampler: Sampler, info: DistInfo) -> Optional[dict]:
+def run_fid(cfg: SampleRun, sampler: Sampler, info: DistInfo) -> Optional[dict]:
     """Generate the missing images on every rank, then (rank 0) pack DIR.npz and write DIR.json.
     Returns the statistics on rank 0, None elsewhere."""
-    sample_dir = Path(args.sample_dir or default_sample_dir(args))
-    n = args.num_fid_samples
-    missing = _prepare(args, sample_dir, info)
+    sample_dir = Path(cfg.sample_dir or default_sample_dir(cfg))
+    n = cfg.num_fid_samples
+    missing = _prepare(cfg, sample_dir, info)
     if info.is_main:
         print(f"{sample_dir}: {n - len(missing)} of {n} images present, generating {len(missing)} "
               f"on {info.world_size} process(es)")
-    throughput, wall = generate_missing(args, sampler, sample_dir, missing, info)
+    throughput, wall = generate_missing(cfg, sampler, sample_dir, missing, info)
 
     counts = [throughput.images, throughput.tokens, throughput.patches]
     totals = torch.tensor(counts, dtype=torch.float64, device=info.device)  # NCCL reduces CUDA tensors
@@ -223,18 +223,18 @@ def run_fid(args: argparse.Namespace, sampler: Sampler, info: DistInfo) -> Optio
     if not info.is_main:
         return None
     totals, (seconds, wall) = totals.tolist(), seconds.tolist()
-    run = Throughput(int(totals[0]), int(totals[1]), int(totals[2]), seconds).summary(sampler.is_dpar)
+    run = Throughput(int(totals[0]), int(totals[1]), int(totals[2]), seconds).summary(sampler.patched)
     run["wall_seconds"] = wall
     run["decode_and_write_seconds"] = max(0.0, wall - seconds)
     absent = [i for i in range(n) if not png_path(sample_dir, i).is_file()]
     if absent:
         raise ValueError(f"{len(absent)} of {n} images are missing in {sample_dir} (first {absent[0]}); "
                          f"rerun to finish")
-    npz, stored = pack_npz(sample_dir, n, sampler.num_classes, args.image_size_eval)
+    npz, stored = pack_npz(sample_dir, n, sampler.num_classes, cfg.image_size_eval)
     stats = {
-        "npz": str(npz), "num_images": n, "image_size": args.image_size, "image_size_eval": args.image_size_eval,
+        "npz": str(npz), "num_images": n, "image_size": cfg.image_size, "image_size_eval": cfg.image_size_eval,
         "num_classes": sampler.num_classes, "labels_key": "arr_1", "world_size": info.world_size,
-        "per_proc_batch_size": args.per_proc_batch_size, "this_run": run, **stored,
+        "per_proc_batch_size": cfg.per_proc_batch_size, "this_run": run, **stored,
         "settings": json.loads((sample_dir / SETTINGS_FILE).read_text()),
     }
     if "mean_patches_per_image" in stored:
@@ -242,6 +242,6 @@ def run_fid(args: argparse.Namespace, sampler: Sampler, info: DistInfo) -> Optio
     json_path = npz.with_suffix(".json")
     json_path.write_text(json.dumps(stats, indent=2))
     print(f"this run: {format_waiting(run)}")
-    size = args.image_size_eval
+    size = cfg.image_size_eval
     print(f"wrote {npz} ({n} x {size} x {size} x 3 uint8, labels arr_1) and {json_path}")
     return stats

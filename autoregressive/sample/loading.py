@@ -10,11 +10,10 @@ from typing import Optional, Tuple
 import torch
 import torch.nn as nn
 
-from autoregressive.models import build_model
-from autoregressive.models.dpar import DPAR_models
-from entropy_model.patching import PatchingConfig
+from autoregressive.models import build_model, model_family, model_from_checkpoint
+from entropy_model.patching import GATED_MODES, PatchingConfig
 from tokenizer.vq_model import VQModel, load_vq_checkpoint
-from utils.checkpoint import checkpoint_sha256, checkpoint_weights, load_checkpoint, model_from_checkpoint
+from utils.checkpoint import checkpoint_sha256, checkpoint_weights, load_checkpoint
 
 @dataclass
 class PatchingOverrides:
@@ -75,7 +74,7 @@ def load_generator(
         return model_from_checkpoint(ckpt, prefer_ema=prefer_ema)
     if gpt_model is None:
         raise ValueError(f"{path} does not record its model; name it with --gpt-model")
-    if gpt_model in DPAR_models:
+    if model_family(gpt_model).patched:
         raise ValueError(f"{path} does not record its model; DPAR checkpoints must come from this project's trainer")
     if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
         ckpt = {"model": ckpt}  # a bare state dict (LlamaGen's --from-fsdp files)
@@ -91,25 +90,26 @@ def load_generator(
     return model.eval(), {"weights": "ema" if used_ema else "raw"}
 
 
-def resolve_patching(ckpt_args: dict, overrides: PatchingOverrides) -> PatchingConfig:
+def sampling_patching(ckpt_args: dict, overrides: PatchingOverrides) -> PatchingConfig:
     """The DPAR checkpoint's patching rule (args["patching"]) with the overrides applied."""
     stored = ckpt_args.get("patching")
     if stored is None:
-        print("note: the checkpoint records no patching rule; using the paper's (entropy, tau 7.8, cap 4, row reset)")
         base = PatchingConfig()
+        print(f"note: the checkpoint records no patching rule; using the paper's ({base.mode}, tau {base.threshold}, "
+              f"cap {base.max_patch_length}, row reset)")
     else:
         base = PatchingConfig.from_dict(stored)
     changes = {k: v for k, v in vars(overrides).items() if v is not None}
     if changes.get("max_patch_length") == 0:
         changes["max_patch_length"] = None
-    if changes.get("mode") in ("entropy", "relative") and base.threshold is None and "threshold" not in changes:
+    if changes.get("mode") in GATED_MODES and base.threshold is None and "threshold" not in changes:
         changes["threshold"] = PatchingConfig().threshold
     if changes.get("mode", "static") != "static":
         changes.setdefault("static_length", None)  # a stored static pattern does not carry to another mode
     return replace(base, **changes)
 
 
-def load_entropy_model(path: Optional[str], dpar: nn.Module, ckpt_args: dict) -> nn.Module:
+def entropy_model_for_dpar(path: Optional[str], dpar: nn.Module, ckpt_args: dict) -> nn.Module:
     """The frozen entropy model in eval mode on CPU. `path` (--entropy-ckpt) defaults to the
     file the DPAR checkpoint's training run named; its SHA-256 must equal the recorded
     args["entropy_model_hash"] when the checkpoint has one."""
@@ -129,7 +129,7 @@ def load_entropy_model(path: Optional[str], dpar: nn.Module, ckpt_args: dict) ->
                              f"model was trained with (sha256 {expected[:12]})")
     model, args = model_from_checkpoint(path)
     config = model.config
-    if args["gpt_model"] in DPAR_models or getattr(config, "model_type", None) != "uncond":
+    if model_family(model).patched or config.model_type != "uncond":
         raise ValueError(f"--entropy-ckpt {path} is not an unconditional GPT (the entropy model)")
     if (config.vocab_size, config.block_size) != (dpar.config.vocab_size, dpar.config.block_size):
         raise ValueError(f"entropy model (vocab {config.vocab_size}, {config.block_size} tokens) does not match "

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from autoregressive.models import model_family
 from autoregressive.models.generate import Decoding, Generated, Sampling, generate
 from entropy_model.patching import PatchingConfig
 
@@ -40,7 +41,7 @@ def synchronize(device: torch.device) -> None:
 
 
 @dataclass
-class Batch:
+class SampleBatch:
     images: torch.Tensor  # (B, 3, H, W) float32 in [-1, 1] (unclamped decoder output)
     tokens: torch.Tensor  # (B, T) codes
     num_patches: Optional[torch.Tensor]  # (B,) patch-transformer steps per image (DPAR)
@@ -65,9 +66,9 @@ class Sampler:
         self.model, self.vq, self.sampling, self.device = model, vq, sampling, device
         self.entropy_model, self.patching = entropy_model, patching
         self.decoding = decoding or Decoding()
-        self.is_dpar = getattr(model, "is_dpar", False)
-        if self.is_dpar and patching is None:
-            raise ValueError("a DPAR sampler needs its patching rule")
+        self.patched = model_family(model).patched
+        if self.patched and patching is None:
+            raise ValueError(f"a {model_family(model).name} sampler needs its patching rule")
 
     @property
     def num_classes(self) -> int:
@@ -92,11 +93,11 @@ class Sampler:
                              f"(0..{self.num_classes - 1})")
 
     @torch.no_grad()
-    def sample(self, classes: Sequence[int], seeds: Sequence[int]) -> Batch:
+    def sample(self, classes: Sequence[int], seeds: Sequence[int]) -> SampleBatch:
         """Images for classes (B,), image i drawn from seeds[i]."""
         self.check_classes(classes)
         cond = torch.tensor(list(classes), dtype=torch.long, device=self.device)
-        extra = dict(entropy_model=self.entropy_model, patching=self.patching) if self.is_dpar else {}
+        extra = dict(entropy_model=self.entropy_model, patching=self.patching) if self.patched else {}
         synchronize(self.device)
         start = time.perf_counter()
         out: Generated = generate(self.model, cond, self.num_tokens, row_seeds=list(seeds),
@@ -106,7 +107,7 @@ class Sampler:
         B, h = cond.shape[0], self.grid_size
         shape = (B, self.vq.config.codebook_embed_dim, h, h)
         images = self.vq.decode_code(out.tokens, shape).float()  # (B, 3, H, W)
-        return Batch(images, out.tokens, out.num_patches, seconds)
+        return SampleBatch(images, out.tokens, out.num_patches, seconds)
 
 
 @dataclass
@@ -118,20 +119,20 @@ class Throughput:
     patches: int = 0
     seconds: float = 0.0
 
-    def add(self, batch: Batch) -> None:
+    def add(self, batch: SampleBatch) -> None:
         self.images += batch.tokens.shape[0]
         self.tokens += batch.tokens.numel()
         self.patches += int(batch.num_patches.sum()) if batch.num_patches is not None else 0
         self.seconds += batch.seconds
 
-    def summary(self, is_dpar: bool) -> dict:
+    def summary(self, patched: bool) -> dict:
         out = {
             "images": self.images,
             "generation_seconds": self.seconds,
             "images_per_second": self.images / self.seconds if self.seconds > 0 else None,
             "tokens_per_second": self.tokens / self.seconds if self.seconds > 0 else None,
         }
-        if is_dpar and self.images:
+        if patched and self.images:
             out["mean_patches_per_image"] = self.patches / self.images
             out["compression"] = self.tokens / self.patches
         return out

@@ -4,10 +4,11 @@ store, the device or the model in the trainer and recorded in the run's args.jso
 import argparse
 from typing import Optional, Sequence
 
-from autoregressive.models import all_models
-from autoregressive.models.dpar import DPAR_models
-from entropy_model.patching import PATCH_MODES
+from autoregressive.models import all_models, model_family
+from entropy_model.patching import PAPER_THRESHOLDS, PATCH_MODES
 from utils.cli import HelpFormatter
+
+PAPER_TAUS = " and ".join(f"{tau} at {size} px" for size, tau in PAPER_THRESHOLDS.items())
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
@@ -51,7 +52,7 @@ def _dpar_args(p: argparse.ArgumentParser) -> None:
                    help="entropy model checkpoint; when given, the entropies must have been made by it (hash check)")
     g.add_argument("--patching-mode", choices=PATCH_MODES, default="entropy", help="patch boundary rule")
     g.add_argument("--threshold", type=float, default=None,
-                   help="entropy threshold tau in nats (default the paper's, 7.8 at 256 px and 7.9 at 384 px, unless "
+                   help=f"entropy threshold tau in nats (default the paper's, {PAPER_TAUS}, unless "
                         "--target-compression; tau belongs to the paper's entropy model: with another one calibrate)")
     g.add_argument("--target-compression", type=float, default=None,
                    help="choose tau so that the mean patch length on the stored entropies is this (e.g. 1.81)")
@@ -218,15 +219,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error("--max-steps must be >= 1")
     if args.threshold is not None and args.target_compression is not None:
         p.error("give --threshold or --target-compression, not both")
-    is_dpar = args.gpt_model in DPAR_models
-    if is_dpar and args.unconditional:
+    patched = model_family(args.gpt_model).patched
+    if patched and args.unconditional:
         p.error("--unconditional trains a GPT entropy model; DPAR is class-conditional")
     dpar_only = ("entropy_path", "entropy_model", "threshold", "target_compression", "encoder_layers", "decoder_layers",
                  "static_length")
     given = [n for n in dpar_only if getattr(args, n) is not None]
     given += ["local_dropout"] if args.local_dropout else []
     given += ["patch_init"] if args.patch_init != "llamagen" else []
-    if not is_dpar and given:
+    if not patched and given:
         p.error(f"--{given[0].replace('_', '-')} applies to DPAR models only")
     if args.static_length is not None and args.patching_mode != "static":
         p.error("--static-length needs --patching-mode static")

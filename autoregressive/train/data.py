@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 from torch.utils.data.dataloader import default_collate
 
+from autoregressive.models import model_family
 from autoregressive.models.dpar import DPARConfig, build_patch_layout
 from autoregressive.models.modules import drop_labels
 from autoregressive.train.guards import TrainingError
@@ -116,7 +117,7 @@ def open_entropies(args: argparse.Namespace, store: CodeStore, info: DistInfo) -
     return entropies
 
 
-def resolve_patching(args: argparse.Namespace, entropies: Optional[np.ndarray], grid_width: int) -> PatchingConfig:
+def training_patching(args: argparse.Namespace, entropies: Optional[np.ndarray], grid_width: int) -> PatchingConfig:
     """Patching settings from the flags; --target-compression picks tau on a fixed sample of the
     stored entropies (the same on every rank). Records args.patching and args.threshold."""
     cap = args.max_patch_length or None
@@ -142,7 +143,7 @@ def resolve_patching(args: argparse.Namespace, entropies: Optional[np.ndarray], 
 # (label dropout draws from a checkpointed generator).
 # ---------------------------------------------------------------------------------------
 @dataclass
-class Batch:
+class TrainBatch:
     """Model inputs (model(**inputs) -> (logits, loss)) and the sizes throughput is counted in."""
 
     inputs: dict
@@ -150,10 +151,10 @@ class Batch:
     images: int
     patches: Optional[int] = None
 
-    def to(self, device: torch.device) -> "Batch":
+    def to(self, device: torch.device) -> "TrainBatch":
         """Copies queued with non_blocking=True (from pinned memory when the loader pins it)."""
         inputs = {k: v.to(device, non_blocking=True) if v is not None else None for k, v in self.inputs.items()}
-        return Batch(inputs, self.tokens, self.images, self.patches)
+        return TrainBatch(inputs, self.tokens, self.images, self.patches)
 
 
 class GPTBatches:
@@ -180,13 +181,13 @@ class GPTBatches:
         # null class = num_classes (the embedding's extra row)
         return drop_labels(labels, self.class_dropout_prob, self.num_classes, generator)
 
-    def __call__(self, raw: dict, generator: torch.Generator) -> Batch:
+    def __call__(self, raw: dict, generator: torch.Generator) -> TrainBatch:
         codes = raw["codes"]  # (B, T), on the CPU: checking costs no device sync
         if int(codes.max()) >= self.vocab_size:
             raise TrainingError(f"code {int(codes.max())} in the code store is outside the codebook "
                                 f"0..{self.vocab_size - 1}")
         inputs = {"idx": codes[:, :-1], "cond_idx": self.labels(raw["labels"], generator), "targets": codes}
-        return Batch(inputs, tokens=codes.numel(), images=codes.shape[0])
+        return TrainBatch(inputs, tokens=codes.numel(), images=codes.shape[0])
 
 
 class DPARBatches(GPTBatches):
@@ -208,7 +209,7 @@ class DPARBatches(GPTBatches):
         layout = build_patch_layout(lengths, self.model_config)
         return {"codes": out["tokens"], "labels": out["labels"], "layout": layout, "patches": int((lengths > 0).sum())}
 
-    def __call__(self, raw: dict, generator: torch.Generator) -> Batch:
+    def __call__(self, raw: dict, generator: torch.Generator) -> TrainBatch:
         batch = super().__call__(raw, generator)
         batch.inputs["patch_lengths"] = raw["layout"]
         batch.patches = raw["patches"]
@@ -278,7 +279,7 @@ class BatchStream:
         self.iterator = iter(self.loader)
 
     def next_step(self, generator: torch.Generator) -> list:
-        """The `accum` micro-batches (Batch, on the device) of the next optimizer step."""
+        """The `accum` micro-batches (TrainBatch, on the device) of the next optimizer step."""
         if self.iterator is None or self.samples >= self.steps_per_epoch * self.global_batch:
             self._start_epoch()
         batches = [self.builder(next(self.iterator), generator).to(self.info.device) for _ in range(self.accum)]
@@ -292,9 +293,9 @@ def build_stream(args: argparse.Namespace, store: CodeStore, info: DistInfo, mod
         raise ValueError(f"--global-batch-size {args.global_batch_size} is not divisible by world size "
                          f"{info.world_size} x --grad-accum-steps {args.grad_accum_steps}")
     drop = model.config.class_dropout_prob
-    if getattr(model, "is_dpar", False):
+    if model_family(model).patched:
         entropies = open_entropies(args, store, info) if args.patching_mode in GATED_MODES else None
-        patching = resolve_patching(args, entropies, store.grid_width)
+        patching = training_patching(args, entropies, store.grid_width)
         builder = DPARBatches(args.vocab_size, args.num_classes, drop, patching, store.grid_width, model.config)
         dataset = CodeDataset(store, seed=args.seed, entropies=entropies)
     else:

@@ -12,17 +12,12 @@ from typing import Dict
 import torch
 import torch.nn as nn
 
-CHECKPOINT_WRAPPER = "_checkpoint_wrapped_module."
+from utils.checkpoint import named_parameters
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     """The tensor this rank holds: a DTensor's local shard, else the tensor itself."""
     return t.to_local() if hasattr(t, "to_local") else t
-
-
-def named_parameters(model: nn.Module) -> Dict[str, nn.Parameter]:
-    """Parameters under their state-dict names."""
-    return {name.replace(CHECKPOINT_WRAPPER, ""): p for name, p in model.named_parameters()}
 
 
 class ModelEMA:

@@ -2,15 +2,9 @@
 
 One loop for every model kind: the GPT baseline, the unconditional entropy model and DPAR
 differ only in the registry entry and the batch builder (DPAR's adds patch lengths).
-
-Test-only fault injection (environment variables, used by tests/test_train*.py):
-  DPAR_TEST_SIGTERM_AT_STEP=k   rank 0 sends itself SIGTERM after step k
-  DPAR_TEST_EXIT_AT_STEP=k      rank DPAR_TEST_EXIT_RANK (default 0) exits abruptly after step k,
-                                once: only while the file DPAR_TEST_EXIT_MARKER does not exist
 """
 import argparse
 import json
-import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +13,6 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from autoregressive.train import checkpointing as ckpt
 from autoregressive.train.args import parse_args
 from autoregressive.train.data import BatchStream, build_stream, open_training_store
 from autoregressive.train.ema import ModelEMA
@@ -27,6 +20,7 @@ from autoregressive.train.guards import StepGuard, StopRequest, TrainingError
 from autoregressive.train.logger import TrainLogger, truncate_log
 from autoregressive.train.model import (
     autocast_context, create_model, create_optimizer, flop_params, gradient_sync, learning_rate, parallelize, uses_fsdp)
+from utils import checkpoint as ckpt
 from utils.distributed import DistInfo, broadcast_object, init_distributed, teardown_distributed
 
 
@@ -238,17 +232,6 @@ def save(t: Trainer) -> None:
     t.logger.print(f"saved checkpoint {path}")
 
 
-def _test_faults(step: int, rank: int) -> None:
-    if os.environ.get("DPAR_TEST_SIGTERM_AT_STEP") == str(step) and rank == 0:
-        os.kill(os.getpid(), signal.SIGTERM)
-    marker = os.environ.get("DPAR_TEST_EXIT_MARKER")
-    exit_rank = int(os.environ.get("DPAR_TEST_EXIT_RANK", "0"))
-    if os.environ.get("DPAR_TEST_EXIT_AT_STEP") == str(step) and rank == exit_rank and marker \
-            and not os.path.exists(marker):
-        Path(marker).touch()
-        os._exit(17)
-
-
 def train(t: Trainer, stop: StopRequest) -> None:
     args, guard = t.args, StepGuard(stop)
     if t.step >= t.total_steps:
@@ -281,7 +264,6 @@ def train(t: Trainer, stop: StopRequest) -> None:
             name = signal.Signals(stop.signum).name if stop.signum else "a signal on another rank"
             t.logger.print(f"stopped by {name} at step {t.step}; rerun the same command to continue")
             return
-        _test_faults(t.step, t.info.rank)
     t.logger.print(f"done: {t.step} steps")
 
 

@@ -18,8 +18,7 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from autoregressive.models import build_model
-from autoregressive.models.dpar import DPAR_models
+from autoregressive.models import build_model, model_family
 from autoregressive.models.modules import TransformerBlock
 from utils.distributed import DistInfo
 
@@ -32,7 +31,7 @@ def model_kwargs(args: argparse.Namespace) -> dict:
         resid_dropout_p=args.dropout_p, ffn_dropout_p=args.dropout_p, token_dropout_p=args.token_dropout_p,
         drop_path_rate=args.drop_path_rate,
     )
-    if args.gpt_model not in DPAR_models:
+    if not model_family(args.gpt_model).patched:
         return {**kwargs, "model_type": "uncond" if args.unconditional else "c2i"}
     kwargs.update(patch_rope=args.patch_rope, local_dropout=args.local_dropout, patch_init=args.patch_init)
     if args.encoder_layers is None and args.decoder_layers is None:

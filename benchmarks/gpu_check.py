@@ -2,8 +2,8 @@
 training throughput and decoding speed of GPT vs DPAR at real sizes. Fits in about 8 minutes
 on one H100/H200; every section records its own failure and the run goes on.
 
-    python -m evaluations.gpu_check --out results/gpu_check          # on the GPU machine
-    python -m evaluations.gpu_check --out /tmp/check --dry-run       # same code, CPU, tiny sizes
+    python -m benchmarks.gpu_check --out results/gpu_check          # on the GPU machine
+    python -m benchmarks.gpu_check --out /tmp/check --dry-run       # same code, CPU, tiny sizes
 
 Sections (results in OUT/gpu_check.json):
   attention  each backend available on the device (sdpa, flex, varlen) in bf16: dense causal
@@ -14,7 +14,7 @@ Sections (results in OUT/gpu_check.json):
              bf16 autocast, the trainer's step (chunked loss, layouts built on the host), two
              compile scopes: the whole model (train_c2i.py's default) and each transformer block;
              alternating steps after a warm-up that covers every patch layout
-             (evaluations.benchmark), patch layouts at the paper's compression (1.81 / 2.06):
+             (benchmarks.benchmark), patch layouts at the paper's compression (1.81 / 2.06):
              images/s, speed-up, FLOPs ratio, MFU against the measured bf16 matmul rate, peak
              memory, graphs compiled per model, recompiles after warm-up and graph breaks.
   decoding   whole images at batch 256 with guidance (512 rows), bf16 weights: GPT-L and
@@ -46,7 +46,7 @@ from autoregressive.models.attention import (
     set_attention_backend,
 )
 from autoregressive.models.generate import Decoding, fast_decoding
-from evaluations import benchmark
+from benchmarks import benchmark
 from utils.cli import HelpFormatter
 
 TOLERANCE = 2e-2

@@ -1,7 +1,7 @@
 """Training throughput of train_c2i.py on CPU: one process vs two torchrun processes (DDP, gloo).
 
-    python scripts/benchmark_train.py                       # GPT-XS, 256 tokens per image
-    python scripts/benchmark_train.py --gpt-model GPT-T --steps 20 --out bench.json
+    python -m benchmarks.train_scaling                       # GPT-XS, 256 tokens per image
+    python -m benchmarks.train_scaling --gpt-model GPT-T --steps 20 --out bench.json
 
 Every configuration trains the same model on the same global batch of a synthetic code
 store; tokens/s is measured over the steps after --warmup from train_c2i.py's own per-step
@@ -77,7 +77,7 @@ def main() -> None:
     p.add_argument("--cores", type=int, default=os.cpu_count(), help="CPU cores to use")
     p.add_argument("--repeats", type=int, default=1,
                    help="runs per configuration, in alternating order; the table shows the fastest")
-    p.add_argument("--out", default="benchmark_train.json", help="JSON output")
+    p.add_argument("--out", default="train_scaling.json", help="JSON output")
     args = p.parse_args()
     if args.steps <= args.warmup or args.global_batch_size % 2 or args.cores < 2:
         raise SystemExit("error: need --steps > --warmup, an even --global-batch-size and at least 2 cores")

@@ -1,7 +1,7 @@
 """Training and sampling speed of DPAR against the LlamaGen GPT, beside the FLOPs ratio.
 
-    python -m evaluations.benchmark --json OUT.json     # default comparison on this device
-    python -m evaluations.benchmark --gpt-model GPT-L --dpar-model DPAR-L --image-size 384 --batch-size 32
+    python -m benchmarks.benchmark --json OUT.json     # default comparison on this device
+    python -m benchmarks.benchmark --gpt-model GPT-L --dpar-model DPAR-L --image-size 384 --batch-size 32
 
 One run measures both models with their steps alternating (GPT, DPAR, GPT, ...), so load
 changes on a shared machine hit both; after warm-up steps the medians are reported, and the

@@ -1,7 +1,7 @@
 """Score a code store with the entropy model: e_t in nats for every token of every stored view.
 
-    python -m entropy_model.score --code-path STORE --entropy-ckpt entropy.pt [--batch-size 64]
-    torchrun --nproc_per_node 8 -m entropy_model.score --code-path STORE --entropy-ckpt entropy.pt
+    python -m entropy_tools.score --code-path STORE --entropy-ckpt entropy.pt [--batch-size 64]
+    torchrun --nproc_per_node 8 -m entropy_tools.score --code-path STORE --entropy-ckpt entropy.pt
 
 Writes beside the codes (or into --entropy-path):
     entropy.npy   (N, views, T) float16; entropy[n, v, t] = H(p(x_t | x_<t)) for view v of image n
@@ -34,9 +34,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from autoregressive.models import model_family, model_from_checkpoint
 from dataset.code_store import CodeStore, check_code_store, code_store_hash, open_code_store
 from entropy_model.entropy import entropy_from_logits
-from utils.checkpoint import checkpoint_sha256, model_from_checkpoint
+from utils.checkpoint import checkpoint_sha256
 from utils.cli import HelpFormatter
 from utils.distributed import all_reduce, barrier, broadcast_object, init_distributed, teardown_distributed
 
@@ -57,8 +58,8 @@ def load_entropy_model(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any
     """(unconditional GPT in eval mode, its stored args) from a project checkpoint (file or FSDP
     directory); ValueError (one line) for anything else."""
     model, args = model_from_checkpoint(path)
-    if getattr(model, "is_dpar", False):
-        raise ValueError(f"{path} holds a DPAR model; the entropy model is an unconditional GPT")
+    if model_family(model).patched:
+        raise ValueError(f"{path} holds a {model_family(model).name} model; the entropy model is an unconditional GPT")
     if model.config.model_type != "uncond":
         raise ValueError(f"{path} holds a class-conditional GPT; the entropy model must be unconditional "
                          f"(train it with --unconditional)")
