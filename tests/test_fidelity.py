@@ -367,14 +367,13 @@ def test_trainer_flags_reach_the_model_config():
 def test_static_pattern_reaches_checkpoint_and_sampling():
     args = parse_args(["--code-path", "x", "--gpt-model", "DPAR-T", "--patching-mode", "static",
                        "--static-length", "1.8191"])
-    args.image_size = 96
-    config = training_patching(args, None, GRID)
-    assert args.patching == config.to_dict() and args.patching["static_length"] == 1.8191  # stored in checkpoints
-    stored = {"patching": args.patching}
+    config, achieved = training_patching(args, 96, None, GRID)
+    assert achieved is None and config.to_dict()["static_length"] == 1.8191  # stored in checkpoints
+    assert PatchingConfig.from_dict(config.to_dict()) == config  # what the trainer's batches rebuild from the run
+    stored = {"patching": config.to_dict()}
     assert sampling_patching(stored, PatchingOverrides()) == config
     assert sampling_patching(stored, PatchingOverrides(static_length=2.4)).static_length == 2.4
     switched = sampling_patching(stored, PatchingOverrides(mode="entropy", threshold=7.8))
     assert switched.mode == "entropy" and switched.static_length is None
     args = parse_args(["--code-path", "x", "--gpt-model", "DPAR-T"])
-    args.image_size = 384
-    assert training_patching(args, None, 24).threshold == 7.9  # the paper's tau at 384 px
+    assert training_patching(args, 384, None, 24)[0].threshold == 7.9  # the paper's tau at 384 px

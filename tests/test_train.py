@@ -17,7 +17,8 @@ import torch
 from autoregressive.models import model_from_checkpoint
 from autoregressive.train import main
 from autoregressive.train.args import parse_args
-from autoregressive.train.data import BatchStream, GPTBatches, build_stream, open_training_store
+from autoregressive.train.data import BatchStream, GPTBatches, build_stream
+from autoregressive.train.loop import resolve_run
 from autoregressive.train.model import create_model, learning_rate
 from dataset.code_store import CodeDataset, CodeStoreWriter, code_store_hash, open_code_store
 import train_faults
@@ -236,7 +237,9 @@ def test_label_dropout_rate_in_training_batches(tmp_path):
     store = make_store(tmp_path / "many", count=512)
     prob, steps = 0.25, 8
     args = parse_args(train_argv(store, tmp_path, "drop", "--class-dropout-prob", str(prob), global_batch_size=512))
-    stream = build_stream(args, open_training_store(args), DistInfo(0, 1, 0, torch.device("cpu")), create_model(args))
+    info = DistInfo(0, 1, 0, torch.device("cpu"))
+    run, store, entropies = resolve_run(args, info)
+    stream = build_stream(run, store, entropies, info, create_model(run))
     generator = torch.Generator().manual_seed(0)
     batches = [b.inputs for _ in range(steps) for b in stream.next_step(generator)]
     labels = torch.cat([b["cond_idx"] for b in batches])  # (steps * 512,)
@@ -250,6 +253,36 @@ def test_label_dropout_rate_in_training_batches(tmp_path):
     assert (per_batch > 0.15).all() and (per_batch < 0.35).all()  # per label, not per batch
     for c in range(CLASSES):  # independent of the class
         assert abs(dropped[classes == c].float().mean().item() - prob) < 0.06
+
+
+def test_run_settings_resolve_once_and_stay_frozen(tmp_path):
+    """resolve_run reads the parsed flags without writing to them and returns a frozen TrainRun
+    whose derived values match their plain references (DistributedSampler's per-rank share for
+    the step count); args_dict() is the flags with the resolved values plus the derived ones."""
+    import copy
+    import dataclasses
+
+    from torch.utils.data import DistributedSampler
+
+    store = make_store(tmp_path / "odd", count=33)
+    args = parse_args(train_argv(store, tmp_path, "frozen", "--epochs", "3", global_batch_size=9))
+    before = copy.deepcopy(vars(args))
+    run, opened, entropies = resolve_run(args, DistInfo(0, 3, 0, torch.device("cpu")))
+    assert vars(args) == before  # only read
+    share = DistributedSampler(range(33), num_replicas=3, rank=0, shuffle=True, drop_last=False).num_samples
+    assert share == 11 and run.per_rank_batch_size == 3  # precondition: a padded, uneven share
+    assert run.total_steps == 3 * (share // 3)
+    assert (run.vocab_size, run.block_size, run.num_classes, run.world_size) == (VOCAB, GRID * GRID, CLASSES, 3)
+    assert run.run_dir == str(tmp_path / "frozen") and entropies is None and len(opened) == 33
+    assert run.model_config == dataclasses.asdict(create_model(run).config) and run.lr == args.lr
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        run.total_steps = 1
+    with pytest.raises(TypeError):
+        run.flags["lr"] = 1.0
+    recorded = run.args_dict()
+    derived = {"world_size", "block_size", "model_config", "run_dir", "per_rank_batch_size", "total_steps"}
+    assert set(recorded) == set(before) | derived and json.loads(json.dumps(recorded)) == recorded
+    assert recorded["vocab_size"] == VOCAB and before["vocab_size"] is None and recorded["lr"] == args.lr
 
 
 def test_learning_rate_schedule():

@@ -38,25 +38,25 @@ CALIBRATION_SAMPLE = 8192  # (image, view) rows used by --target-compression
 # ---------------------------------------------------------------------------------------
 # Code store and validation
 # ---------------------------------------------------------------------------------------
-def open_training_store(args: argparse.Namespace) -> CodeStore:
-    """Open --code-path and resolve vocab size, image size and class count from it; explicit
-    flags that disagree with the store raise a one-line ValueError. Updates args in place."""
+def open_training_store(args: argparse.Namespace) -> tuple:
+    """Open --code-path and resolve vocab size, tokens per image, image size, downsampling and
+    class count from it; explicit flags that disagree with the store raise a one-line ValueError.
+    Returns (store, {"vocab_size", "block_size", "image_size", "downsample_size", "num_classes"})."""
     codebook = args.vocab_size
     has_manifest = (Path(args.code_path) / "manifest.json").is_file()  # else LlamaGen's layout
     store = open_code_store(args.code_path, codebook_size=None if has_manifest else codebook or LLAMAGEN_VOCAB_SIZE)
     check_code_store(store, codebook_size=codebook)
-    args.vocab_size = store.codebook_size
     if store.grid_height != store.grid_width:
         raise ValueError(f"code store {store.path} has a {store.grid_height}x{store.grid_width} grid; "
                          f"the models need a square token grid")
-    _resolve_grid(args, store)
-    args.block_size = store.seq_len
-    _resolve_classes(args, store)
-    return store
+    image_size, downsample_size = _resolve_grid(args, store)
+    resolved = dict(vocab_size=store.codebook_size, block_size=store.seq_len, image_size=image_size,
+                    downsample_size=downsample_size, num_classes=_resolve_classes(args, store))
+    return store, resolved
 
 
-def _resolve_grid(args: argparse.Namespace, store: CodeStore) -> None:
-    """--image-size and --downsample-size from the store: a manifest records the image size, and
+def _resolve_grid(args: argparse.Namespace, store: CodeStore) -> tuple:
+    """(image size, downsampling factor) from the store: a manifest records the image size, and
     with the token grid that fixes the downsampling factor; a flag that contradicts it stops."""
     grid = store.grid_width
     recorded = store.image_size
@@ -67,35 +67,36 @@ def _resolve_grid(args: argparse.Namespace, store: CodeStore) -> None:
             if value is not None and value != expected:
                 raise ValueError(f"{flag} {value} contradicts the code store {store.path}: it holds {recorded} px "
                                  f"images as a {grid}x{grid} token grid (downsample {factor}); drop {flag}")
-        args.image_size, args.downsample_size = recorded, factor
-        return
-    args.downsample_size = args.downsample_size or LLAMAGEN_DOWNSAMPLE
-    args.image_size = args.image_size or grid * args.downsample_size
-    if args.image_size % args.downsample_size:
-        raise ValueError(f"--image-size {args.image_size} is not a multiple of --downsample-size "
-                         f"{args.downsample_size}")
-    check_code_store(store, grid=args.image_size // args.downsample_size)
+        return recorded, factor
+    downsample_size = args.downsample_size or LLAMAGEN_DOWNSAMPLE
+    image_size = args.image_size or grid * downsample_size
+    if image_size % downsample_size:
+        raise ValueError(f"--image-size {image_size} is not a multiple of --downsample-size {downsample_size}")
+    check_code_store(store, grid=image_size // downsample_size)
+    return image_size, downsample_size
 
 
-def _resolve_classes(args: argparse.Namespace, store: CodeStore) -> None:
-    """Default --num-classes from the store; check every stored label fits (full scan for the
+def _resolve_classes(args: argparse.Namespace, store: CodeStore) -> int:
+    """--num-classes, by default from the store; checks every stored label fits (full scan for the
     memory-mapped layout; LlamaGen's per-file layout is checked batch by batch instead)."""
     labels = np.asarray(store.labels) if store.layout != "llamagen" else None
-    if args.num_classes is None:
+    num_classes = args.num_classes
+    if num_classes is None:
         if "num_classes" in store.manifest:
-            args.num_classes = int(store.manifest["num_classes"])
+            num_classes = int(store.manifest["num_classes"])
         elif labels is not None and len(labels):
-            args.num_classes = int(labels.max()) + 1
+            num_classes = int(labels.max()) + 1
         else:
-            args.num_classes = LLAMAGEN_NUM_CLASSES
-    if args.num_classes < 1:
-        raise ValueError(f"--num-classes must be >= 1, got {args.num_classes}")
+            num_classes = LLAMAGEN_NUM_CLASSES
+    if num_classes < 1:
+        raise ValueError(f"--num-classes must be >= 1, got {num_classes}")
     if args.unconditional or labels is None or not len(labels):
-        return
+        return num_classes
     low, high = int(labels.min()), int(labels.max())
-    if low < 0 or high >= args.num_classes:
-        raise ValueError(f"code store {store.path} holds class ids {low}..{high}, outside 0..{args.num_classes - 1} "
-                         f"(--num-classes {args.num_classes})")
+    if low < 0 or high >= num_classes:
+        raise ValueError(f"code store {store.path} holds class ids {low}..{high}, outside 0..{num_classes - 1} "
+                         f"(--num-classes {num_classes})")
+    return num_classes
 
 
 def entropy_dir(args: argparse.Namespace) -> Path:
@@ -104,37 +105,36 @@ def entropy_dir(args: argparse.Namespace) -> Path:
     return path.parent if path.suffix == ".npy" else path
 
 
-def open_entropies(args: argparse.Namespace, store: CodeStore, info: DistInfo) -> np.ndarray:
-    """Memory-mapped entropies (N, views, T) float16 made for exactly this code store (and, with
-    --entropy-model, by that checkpoint); records both hashes in args. Rank 0 hashes, all check."""
+def open_entropies(args: argparse.Namespace, store: CodeStore, info: DistInfo) -> tuple:
+    """(entropies, code store hash, entropy model hash): memory-mapped entropies (N, views, T)
+    float16 made for exactly this code store (and, with --entropy-model, by that checkpoint).
+    Rank 0 hashes, all check."""
     hashes = None
     if info.is_main:
         model_hash = checkpoint_sha256(args.entropy_model) if args.entropy_model else None
         hashes = (code_store_hash(store.path), model_hash)
-    args.code_store_hash, expected_model = broadcast_object(hashes)
-    entropies, record = load_entropies(str(entropy_dir(args)), args.code_store_hash, expected_model)
-    args.entropy_model_hash = record.get("entropy_model_hash")
-    return entropies
+    store_hash, expected_model = broadcast_object(hashes)
+    entropies, record = load_entropies(str(entropy_dir(args)), store_hash, expected_model)
+    return entropies, store_hash, record.get("entropy_model_hash")
 
 
-def training_patching(args: argparse.Namespace, entropies: Optional[np.ndarray], grid_width: int) -> PatchingConfig:
-    """Patching settings from the flags; --target-compression picks tau on a fixed sample of the
-    stored entropies (the same on every rank). Records args.patching and args.threshold."""
+def training_patching(args: argparse.Namespace, image_size: int, entropies: Optional[np.ndarray],
+                      grid_width: int) -> tuple:
+    """(PatchingConfig, achieved compression or None): the patching settings from the flags;
+    --target-compression picks tau on a fixed sample of the stored entropies (the same on every
+    rank); a gated mode without --threshold uses the paper's tau for image_size."""
     cap = args.max_patch_length or None
     row_width = None if args.no_row_reset else grid_width
-    threshold, args.achieved_compression = args.threshold, None
+    threshold, achieved = args.threshold, None
     if args.patching_mode in GATED_MODES and threshold is None:
-        threshold = paper_threshold(args.image_size)
+        threshold = paper_threshold(image_size)
         if args.target_compression is not None:
             sample = sample_entropies(entropies, CALIBRATION_SAMPLE, seed=args.seed)  # (S, T)
             threshold, achieved = threshold_for_compression(sample, args.target_compression, cap, row_width,
                                                             args.patching_mode)
-            args.achieved_compression = achieved
     config = PatchingConfig(mode=args.patching_mode, threshold=threshold, max_patch_length=cap,
                             row_reset=not args.no_row_reset, static_length=args.static_length)
-    args.threshold = threshold
-    args.patching = config.to_dict()
-    return config
+    return config, achieved
 
 
 # ---------------------------------------------------------------------------------------
@@ -234,11 +234,23 @@ class ResumableSampler(DistributedSampler):
         return self.num_samples - self.start
 
 
-def resolve_workers(args: argparse.Namespace) -> int:
-    """--num-workers, by default the CPU cores this process may use (at most 4); recorded in args."""
-    if args.num_workers is None:
-        args.num_workers = default_workers(MAX_DEFAULT_WORKERS)
-    return args.num_workers
+def resolve_workers(args: Any) -> int:
+    """--num-workers, by default the CPU cores this process may use (at most 4)."""
+    return default_workers(MAX_DEFAULT_WORKERS) if args.num_workers is None else args.num_workers
+
+
+def per_rank_batch(args: Any, world_size: int) -> int:
+    """Samples per rank and micro-batch; one-line ValueError when the global batch does not split."""
+    if args.global_batch_size % (world_size * args.grad_accum_steps):
+        raise ValueError(f"--global-batch-size {args.global_batch_size} is not divisible by world size "
+                         f"{world_size} x --grad-accum-steps {args.grad_accum_steps}")
+    return args.global_batch_size // (world_size * args.grad_accum_steps)
+
+
+def steps_per_epoch(num_images: int, world_size: int, batch: int, accum: int) -> int:
+    """Optimizer steps in one epoch: each rank's share (DistributedSampler pads it to
+    ceil(N / world)) in whole steps of `accum` micro-batches of `batch`."""
+    return -(-num_images // world_size) // batch // accum
 
 
 class BatchStream:
@@ -246,16 +258,17 @@ class BatchStream:
     An epoch has num_samples // per_rank_batch // accum steps; leftovers are dropped so an
     optimizer step never spans two epochs."""
 
-    def __init__(self, dataset: CodeDataset, builder: GPTBatches, info: DistInfo, args: argparse.Namespace):
+    def __init__(self, dataset: CodeDataset, builder: GPTBatches, info: DistInfo, args: Any):
+        """args: the run's settings (a TrainRun, or parsed flags): batch sizes, seed, workers."""
         self.dataset, self.builder, self.info = dataset, builder, info
         self.global_batch, self.accum = args.global_batch_size, args.grad_accum_steps
-        self.batch = args.global_batch_size // (info.world_size * args.grad_accum_steps)
+        self.batch = per_rank_batch(args, info.world_size)
         self.seed = args.seed
         self.sampler = ResumableSampler(dataset, info.world_size, info.rank, args.seed)
         self.loader = DataLoader(dataset, batch_size=self.batch, sampler=self.sampler, drop_last=True,
                                  num_workers=resolve_workers(args), collate_fn=builder.collate,
                                  pin_memory=info.device.type == "cuda", generator=torch.Generator())
-        self.steps_per_epoch = self.sampler.num_samples // self.batch // self.accum
+        self.steps_per_epoch = steps_per_epoch(len(dataset), info.world_size, self.batch, self.accum)
         if self.steps_per_epoch < 1:
             raise ValueError(f"the code store holds {len(dataset)} images, fewer than one global batch "
                              f"({args.global_batch_size}); lower --global-batch-size")
@@ -287,19 +300,16 @@ class BatchStream:
         return batches
 
 
-def build_stream(args: argparse.Namespace, store: CodeStore, info: DistInfo, model: Any) -> BatchStream:
-    """Dataset + batch builder for the model kind (DPAR needs entropies) -> BatchStream."""
-    if args.global_batch_size % (info.world_size * args.grad_accum_steps):
-        raise ValueError(f"--global-batch-size {args.global_batch_size} is not divisible by world size "
-                         f"{info.world_size} x --grad-accum-steps {args.grad_accum_steps}")
+def build_stream(run: Any, store: CodeStore, entropies: Optional[np.ndarray], info: DistInfo,
+                 model: Any) -> BatchStream:
+    """Dataset + batch builder for the model kind (DPAR: run.patching, and the entropies of a
+    gated mode) -> BatchStream. run: the TrainRun (autoregressive.train.settings)."""
     drop = model.config.class_dropout_prob
     if model_family(model).patched:
-        entropies = open_entropies(args, store, info) if args.patching_mode in GATED_MODES else None
-        patching = training_patching(args, entropies, store.grid_width)
-        builder = DPARBatches(args.vocab_size, args.num_classes, drop, patching, store.grid_width, model.config)
-        dataset = CodeDataset(store, seed=args.seed, entropies=entropies)
+        patching = PatchingConfig.from_dict(run.patching)
+        builder = DPARBatches(run.vocab_size, run.num_classes, drop, patching, store.grid_width, model.config)
+        dataset = CodeDataset(store, seed=run.seed, entropies=entropies)
     else:
-        builder = GPTBatches(args.vocab_size, args.num_classes, drop, conditional=not args.unconditional)
-        dataset = CodeDataset(store, seed=args.seed)
-    args.per_rank_batch_size = args.global_batch_size // (info.world_size * args.grad_accum_steps)
-    return BatchStream(dataset, builder, info, args)
+        builder = GPTBatches(run.vocab_size, run.num_classes, drop, conditional=not run.unconditional)
+        dataset = CodeDataset(store, seed=run.seed)
+    return BatchStream(dataset, builder, info, run)

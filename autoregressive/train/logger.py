@@ -9,7 +9,6 @@ Speed (steps/s, images/s, tokens/s, patches/s, MFU) is steady-state: the first
 apart: a record whose timed steps include any of them carries "warmup": true ("warm-up" in the
 line), and the window in which the warm-up ends is timed from its end.
 """
-import argparse
 import json
 import os
 import re
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from autoregressive.train.settings import TrainRun
 from utils.distributed import DistInfo, all_reduce
 
 
@@ -31,7 +31,7 @@ def truncate_log(path: Path, step: int) -> None:
 
 
 class TrainLogger:
-    def __init__(self, run_dir: Path, args: argparse.Namespace, info: DistInfo, total_steps: int, flop_params: tuple):
+    def __init__(self, run_dir: Path, args: TrainRun, info: DistInfo, total_steps: int, flop_params: tuple):
         self.args, self.info, self.total_steps = args, info, total_steps
         self.jsonl, self.text = run_dir / "log.jsonl", run_dir / "log.txt"
         self.flop_params = flop_params  # (token-level, patch-level) matmul parameters
@@ -49,7 +49,7 @@ class TrainLogger:
         import wandb
 
         run_id = re.sub(r"[^A-Za-z0-9_.-]", "_", run_dir.name)
-        config = {k: v for k, v in vars(self.args).items() if isinstance(v, (str, int, float, bool, type(None)))}
+        config = {k: v for k, v in self.args.args_dict().items() if isinstance(v, (str, int, float, bool, type(None)))}
         return wandb.init(project=self.args.wandb_project, name=run_dir.name, id=run_id, dir=str(run_dir),
                           config=config, resume="allow")
 

@@ -10,23 +10,31 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn as nn
 
 from autoregressive.train.args import parse_args
-from autoregressive.train.data import BatchStream, build_stream, open_training_store
+from autoregressive.models import model_family
+from autoregressive.train.data import (
+    BatchStream, build_stream, open_entropies, open_training_store, per_rank_batch, resolve_workers, steps_per_epoch,
+    training_patching)
 from autoregressive.train.ema import ModelEMA
 from autoregressive.train.guards import StepGuard, StopRequest, TrainingError
 from autoregressive.train.logger import TrainLogger, truncate_log
 from autoregressive.train.model import (
-    autocast_context, create_model, create_optimizer, flop_params, gradient_sync, learning_rate, parallelize, uses_fsdp)
+    autocast_context, create_model, create_optimizer, flop_params, gradient_sync, learning_rate, model_config, parallelize,
+    uses_fsdp)
+from autoregressive.train.settings import TrainRun
+from dataset.code_store import CodeStore
+from entropy_model.patching import GATED_MODES
 from utils import checkpoint as ckpt
 from utils.distributed import DistInfo, broadcast_object, init_distributed, teardown_distributed
 
 
 @dataclass
 class Trainer:
-    args: argparse.Namespace
+    run: TrainRun  # the resolved settings, read only
     info: DistInfo
     run_dir: Path
     model: nn.Module  # unwrapped (FSDP shards it in place): state dicts use registry names
@@ -42,39 +50,69 @@ class Trainer:
     ema: Optional[ModelEMA] = None  # --ema
 
 
-def configure_torch(args: argparse.Namespace, info: DistInfo) -> None:
-    """Global torch settings, resolved 'auto' flags, and the checks that need the device."""
+def configure_torch(info: DistInfo) -> None:
+    """Global torch settings for the device (TF32 matmuls on CUDA)."""
     if info.device.type == "cuda":
-        torch.set_float32_matmul_precision("high")  # TF32 matmuls
+        torch.set_float32_matmul_precision("high")
         torch.backends.cudnn.allow_tf32 = True
-    if args.mixed_precision == "auto":
-        args.mixed_precision = "bf16" if info.device.type == "cuda" else "none"
-    if args.compile is None:
-        args.compile = info.device.type == "cuda"
-    if args.mixed_precision == "fp16" and (info.device.type != "cuda" or uses_fsdp(args, info)):
+
+
+def device_settings(args: argparse.Namespace, info: DistInfo) -> dict:
+    """The 'auto' flags decided for the device, and the checks that need the device."""
+    mixed_precision = args.mixed_precision
+    if mixed_precision == "auto":
+        mixed_precision = "bf16" if info.device.type == "cuda" else "none"
+    if mixed_precision == "fp16" and (info.device.type != "cuda" or uses_fsdp(args, info)):
         raise ValueError("--mixed-precision fp16 needs CUDA and DDP; use bf16")
-    args.world_size = info.world_size
+    compile = info.device.type == "cuda" if args.compile is None else args.compile
+    return dict(mixed_precision=mixed_precision, compile=compile, world_size=info.world_size)
 
 
-def prepare_run_dir(args: argparse.Namespace, info: DistInfo) -> Path:
+def resolve_run(args: argparse.Namespace, info: DistInfo) -> Tuple[TrainRun, CodeStore, Optional[np.ndarray]]:
+    """The one step from parsed flags to a TrainRun: device settings, the code store's sizes,
+    the model config, the patching rule (DPAR; a gated mode opens and checks the entropies),
+    workers, batch split, run folder and step count. args is only read. Returns (TrainRun,
+    opened store, entropies (N, views, T) or None)."""
+    resolved = device_settings(args, info)
+    store, sizes = open_training_store(args)
+    resolved.update(sizes)
+    resolved["model_config"] = model_config(argparse.Namespace(**{**vars(args), **resolved}))
+    entropies = None
+    resolved["threshold"] = args.threshold
+    if model_family(args.gpt_model).patched:
+        if args.patching_mode in GATED_MODES:
+            entropies, resolved["code_store_hash"], resolved["entropy_model_hash"] = open_entropies(args, store, info)
+        patching, resolved["achieved_compression"] = training_patching(args, resolved["image_size"], entropies,
+                                                                       store.grid_width)
+        resolved.update(threshold=patching.threshold, patching=patching.to_dict())
+    batch = per_rank_batch(args, info.world_size)
+    run_name, run_dir = run_dir_path(args)
+    per_epoch = steps_per_epoch(len(store), info.world_size, batch, args.grad_accum_steps)
+    run = TrainRun(flags=vars(args), num_workers=resolve_workers(args), per_rank_batch_size=batch,
+                   run_name=run_name, run_dir=str(run_dir), total_steps=args.max_steps or args.epochs * per_epoch,
+                   **resolved)
+    return run, store, entropies
+
+
+def prepare_run_dir(run: TrainRun, info: DistInfo) -> Path:
     """RESULTS/<run-name>/ with checkpoints/; leftovers of an interrupted save are removed."""
-    run_dir = run_dir_path(args)
+    run_dir = Path(run.run_dir)
     if info.is_main:
         ckpt.checkpoint_dir(run_dir).mkdir(parents=True, exist_ok=True)
         ckpt.remove_partial_checkpoints(ckpt.checkpoint_dir(run_dir))
     return run_dir
 
 
-def run_dir_path(args: argparse.Namespace) -> Path:
-    if args.run_name is None:
+def run_dir_path(args: argparse.Namespace) -> Tuple[str, Path]:
+    """(run name, RESULTS/<run-name>): --run-name, by default the model, -uncond and the store's name."""
+    run_name = args.run_name
+    if run_name is None:
         kind = "-uncond" if args.unconditional else ""
-        args.run_name = f"{args.gpt_model}{kind}-{Path(args.code_path).resolve().name}"
-    run_dir = Path(args.results_dir) / args.run_name
-    args.run_dir = str(run_dir)
-    return run_dir
+        run_name = f"{args.gpt_model}{kind}-{Path(args.code_path).resolve().name}"
+    return run_name, Path(args.results_dir) / run_name
 
 
-def resume_source(args: argparse.Namespace, run_dir: Path) -> Tuple[Optional[Path], list]:
+def resume_source(run: TrainRun, run_dir: Path) -> Tuple[Optional[Path], list]:
     """(checkpoint to continue from, notes): the run folder's newest readable checkpoint (newer
     unreadable ones are renamed *.unreadable, never deleted), else --resume / --gpt-ckpt, else
     None; checked to hold this run's architecture before anything trains."""
@@ -85,23 +123,23 @@ def resume_source(args: argparse.Namespace, run_dir: Path) -> Tuple[Optional[Pat
     notes = [f"note: {reason}; kept as {ckpt.set_aside(path).name}, resuming from {source.name} instead"
              for path, reason in bad]
     hint = f" (the run folder {run_dir} holds it: choose another --run-name)" if source is not None else ""
-    if source is None and args.resume is not None:
-        source = Path(args.resume)
+    if source is None and run.resume is not None:
+        source = Path(run.resume)
         if not source.exists():
             raise ValueError(f"--resume {source}: no such checkpoint")
     if source is not None:
         try:
-            ckpt.check_same_architecture(ckpt.read_checkpoint_args(source), args, source)
+            ckpt.check_same_architecture(ckpt.read_checkpoint_args(source), run, source)
         except ValueError as e:
             raise ValueError(f"{e}{hint}") from None
     return source, notes
 
 
-def changed_args(saved: dict, args: argparse.Namespace) -> list:
+def changed_args(saved: dict, run: TrainRun) -> list:
     """Flags that differ from the checkpoint's run (reported, not refused)."""
     ignore = {"resume", "gpt_ckpt", "init_weights", "max_steps", "epochs", "run_dir", "world_size",
               "per_rank_batch_size", "total_steps"}
-    current = ckpt.plain_args(args)
+    current = run.args_dict()
     return [f"{k}: {saved[k]!r} -> {current[k]!r}" for k in sorted(current)
             if k in saved and k not in ignore and saved[k] != current[k]]
 
@@ -109,11 +147,11 @@ def changed_args(saved: dict, args: argparse.Namespace) -> list:
 def restore(t: Trainer, source: Path) -> None:
     """Weights, optimizer, EMA, step, data position and (same world size) RNG states from source.
     LlamaGen's files have no data position: the stream continues at the step's batch."""
-    state = ckpt.load_training_checkpoint(source, t.model, t.optimizer, uses_fsdp(t.args, t.info), t.ema)
+    state = ckpt.load_training_checkpoint(source, t.model, t.optimizer, uses_fsdp(t.run, t.info), t.ema)
     t.step, t.skipped = int(state["step"]), int(state.get("skipped", 0))
     position = state.get("data_position") or {
         "epoch": t.step // t.stream.steps_per_epoch,
-        "samples": t.step % t.stream.steps_per_epoch * t.args.global_batch_size}
+        "samples": t.step % t.stream.steps_per_epoch * t.run.global_batch_size}
     t.stream.seek(position)
     if t.scaler is not None and state.get("scaler"):
         t.scaler.load_state_dict(state["scaler"])
@@ -123,50 +161,50 @@ def restore(t: Trainer, source: Path) -> None:
     if len(rng) == t.info.world_size:
         ckpt.restore_rng(rng[t.info.rank], t.generator)
     else:
-        ckpt.seed_rng(t.args.seed + t.step, t.info.rank, t.generator)
+        ckpt.seed_rng(t.run.seed + t.step, t.info.rank, t.generator)
         t.logger.print(f"note: checkpoint has RNG states for {len(rng)} ranks, this run has {t.info.world_size}; "
                        f"dropout randomness is reseeded")
-    if t.args.resume is not None and Path(t.args.resume).resolve() != source.resolve():
-        t.logger.print(f"note: --resume {t.args.resume} ignored: the run folder has its own checkpoints")
-    for line in changed_args(state.get("args") or {}, t.args):
+    if t.run.resume is not None and Path(t.run.resume).resolve() != source.resolve():
+        t.logger.print(f"note: --resume {t.run.resume} ignored: the run folder has its own checkpoints")
+    for line in changed_args(state.get("args") or {}, t.run):
         t.logger.print(f"note: changed since the checkpoint: {line}")
     t.logger.print(f"resumed from {source} at step {t.step} (epoch {t.stream.epoch})")
 
 
 def setup(args: argparse.Namespace, info: DistInfo) -> Trainer:
-    """Everything before the first step; every bad input stops here with a one-line ValueError."""
-    configure_torch(args, info)
-    store = open_training_store(args)
-    model = create_model(args)
-    run_dir = run_dir_path(args)
-    decided = resume_source(args, run_dir) if info.is_main else None
+    """Everything before the first step; every bad input stops here with a one-line ValueError.
+    args is only read: the run's settings are resolved once into a TrainRun."""
+    configure_torch(info)
+    run, store, entropies = resolve_run(args, info)
+    model = create_model(run)
+    run_dir = Path(run.run_dir)
+    decided = resume_source(run, run_dir) if info.is_main else None
     source, notes = broadcast_object(decided)  # one decision for all
-    run_dir = prepare_run_dir(args, info)  # only once the source is known: a failed --resume leaves no folder
-    stream = build_stream(args, store, info, model)
-    args.total_steps = args.max_steps or args.epochs * stream.steps_per_epoch
+    run_dir = prepare_run_dir(run, info)  # only once the source is known: a failed --resume leaves no folder
+    stream = build_stream(run, store, entropies, info, model)
     flops = flop_params(model)
     model.to(info.device)
-    module = parallelize(model, args, info)
-    optimizer = create_optimizer(model, args, info)
-    scaler = torch.amp.GradScaler("cuda") if args.mixed_precision == "fp16" else None
-    t = Trainer(args, info, run_dir, model, module, optimizer, scaler, stream, torch.Generator(), args.total_steps)
-    ckpt.seed_rng(args.seed, info.rank, t.generator)
-    t.logger = TrainLogger(run_dir, args, info, t.total_steps, flops)
+    module = parallelize(model, run, info)
+    optimizer = create_optimizer(model, run, info)
+    scaler = torch.amp.GradScaler("cuda") if run.mixed_precision == "fp16" else None
+    t = Trainer(run, info, run_dir, model, module, optimizer, scaler, stream, torch.Generator(), run.total_steps)
+    ckpt.seed_rng(run.seed, info.rank, t.generator)
+    t.logger = TrainLogger(run_dir, run, info, t.total_steps, flops)
     for line in notes:
         t.logger.print(line)
-    if args.ema:
-        t.ema = ModelEMA(model, args.ema_decay)
+    if run.ema:
+        t.ema = ModelEMA(model, run.ema_decay)
     if source is not None:
         restore(t, source)
         if info.is_main:
             truncate_log(run_dir / "log.jsonl", t.step)
-    elif args.init_weights is not None:
-        ckpt.load_initial_weights(Path(args.init_weights), model, uses_fsdp(args, info))
+    elif run.init_weights is not None:
+        ckpt.load_initial_weights(Path(run.init_weights), model, uses_fsdp(run, info))
         if t.ema is not None:
             t.ema.copy_from_model()
-        t.logger.print(f"new run from the weights of {args.init_weights}")
+        t.logger.print(f"new run from the weights of {run.init_weights}")
     if info.is_main:
-        (run_dir / "args.json").write_text(json.dumps(ckpt.plain_args(args), indent=2) + "\n")
+        (run_dir / "args.json").write_text(json.dumps(run.args_dict(), indent=2) + "\n")
     return t
 
 
@@ -181,18 +219,18 @@ def train_step(t: Trainer, batches: list) -> tuple:
     total = torch.zeros((), device=t.info.device)
     for i, batch in enumerate(batches):
         with gradient_sync(t.module, sync=i == n - 1):
-            with autocast_context(t.args, t.info):
+            with autocast_context(t.run, t.info):
                 _, loss = t.module(**batch.inputs, return_logits=False)  # chunked loss, no (B, T, V) logits
             scaled = loss / n
             (t.scaler.scale(scaled) if t.scaler is not None else scaled).backward()
         total += loss.detach().float()
     if t.scaler is not None:
         t.scaler.unscale_(t.optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(t.model.parameters(), t.args.max_grad_norm or float("inf"))
+    grad_norm = torch.nn.utils.clip_grad_norm_(t.model.parameters(), t.run.max_grad_norm or float("inf"))
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
     loss = total / n
     weight = torch.ones((), device=t.info.device)
-    if t.args.skip_nonfinite and not _all_finite(loss, grad_norm, t.scaler is not None):
+    if t.run.skip_nonfinite and not _all_finite(loss, grad_norm, t.scaler is not None):
         t.optimizer.zero_grad(set_to_none=True)
         return loss, grad_norm, weight.zero_()
     if t.scaler is not None:
@@ -217,47 +255,47 @@ def _all_finite(loss: torch.Tensor, grad_norm: torch.Tensor, scaled: bool) -> bo
 
 def save(t: Trainer) -> None:
     pos = t.stream.position()
-    state = {"step": t.step, "epoch": pos["epoch"], "data_position": pos, "args": ckpt.plain_args(t.args),
+    state = {"step": t.step, "epoch": pos["epoch"], "data_position": pos, "args": t.run.args_dict(),
              "skipped": t.skipped}
     if t.scaler is not None:
         state["scaler"] = t.scaler.state_dict()
-    sharded = uses_fsdp(t.args, t.info)
+    sharded = uses_fsdp(t.run, t.info)
     ckpt_dir = ckpt.checkpoint_dir(t.run_dir)
     path = ckpt.save_training_checkpoint(ckpt_dir, t.model, t.optimizer, state, t.info, sharded, t.generator, t.ema)
-    if sharded and t.args.export_consolidated:
+    if sharded and t.run.export_consolidated:
         export = t.run_dir / "exports" / f"{t.step:07d}.pt"
         ckpt.export_weights(t.model, {k: v for k, v in state.items() if k != "optimizer"}, export, t.info, t.ema)
     if t.info.is_main:
-        ckpt.prune_checkpoints(ckpt_dir, t.args.keep_last, t.args.keep_every)
+        ckpt.prune_checkpoints(ckpt_dir, t.run.keep_last, t.run.keep_every)
     t.logger.print(f"saved checkpoint {path}")
 
 
 def train(t: Trainer, stop: StopRequest) -> None:
-    args, guard = t.args, StepGuard(stop)
+    run, guard = t.run, StepGuard(stop)
     if t.step >= t.total_steps:
         t.logger.print(f"already at step {t.step} of {t.total_steps}; nothing to train")
         return
-    parallel = args.data_parallel if t.info.distributed else "single process"
-    ema = f", EMA decay {args.ema_decay}" if t.ema is not None else ""
-    t.logger.print(f"training {args.gpt_model} ({sum(p.numel() for p in t.model.parameters()):,} parameters), "
+    parallel = run.data_parallel if t.info.distributed else "single process"
+    ema = f", EMA decay {run.ema_decay}" if t.ema is not None else ""
+    t.logger.print(f"training {run.gpt_model} ({sum(p.numel() for p in t.model.parameters()):,} parameters), "
                    f"steps {t.step} -> {t.total_steps} ({t.stream.steps_per_epoch} per epoch) on {t.info.world_size} x "
-                   f"{t.info.device.type} ({parallel}, {args.mixed_precision}), batch {args.per_rank_batch_size} x "
-                   f"{args.grad_accum_steps} accumulation per rank{ema}; run folder {t.run_dir}")
+                   f"{t.info.device.type} ({parallel}, {run.mixed_precision}), batch {run.per_rank_batch_size} x "
+                   f"{run.grad_accum_steps} accumulation per rank{ema}; run folder {t.run_dir}")
     t.module.train()
     while t.step < t.total_steps:
-        lr = learning_rate(t.step, args, t.total_steps)
+        lr = learning_rate(t.step, run, t.total_steps)
         for group in t.optimizer.param_groups:
             group["lr"] = lr
         batches = t.stream.next_step(t.generator)
         loss, grad_norm, weight = train_step(t, batches)
-        t.skipped += int(weight.item() == 0) if args.skip_nonfinite else 0
-        if t.skipped > args.skip_nonfinite:
-            raise TrainingError(f"more than {args.skip_nonfinite} non-finite steps (the last at step {t.step + 1})")
+        t.skipped += int(weight.item() == 0) if run.skip_nonfinite else 0
+        if t.skipped > run.skip_nonfinite:
+            raise TrainingError(f"more than {run.skip_nonfinite} non-finite steps (the last at step {t.step + 1})")
         t.step += 1
         finite = torch.isfinite(loss) if t.scaler is not None else torch.isfinite(loss) & torch.isfinite(grad_norm)
         stopping = guard.after_step(t.step, finite | (weight == 0))
         t.logger.update(t.step, t.stream.epoch, lr, loss, grad_norm, weight, batches)
-        if stopping or t.step == t.total_steps or t.step % args.ckpt_every == 0:
+        if stopping or t.step == t.total_steps or t.step % run.ckpt_every == 0:
             stopping = guard.flush() or stopping
             save(t)
         if stopping:

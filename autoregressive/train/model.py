@@ -46,13 +46,18 @@ def model_kwargs(args: argparse.Namespace) -> dict:
     return {**kwargs, "n_encoder_layer": enc, "n_patch_layer": patch, "n_decoder_layer": dec}
 
 
+def model_config(args: argparse.Namespace) -> dict:
+    """The registry config of the model create_model builds, as a plain dict (built on the meta
+    device: no memory, no random numbers)."""
+    with torch.device("meta"):
+        return dataclasses.asdict(build_model(args.gpt_model, **model_kwargs(args)).config)
+
+
 def create_model(args: argparse.Namespace) -> nn.Module:
     """The registry model in float32 on CPU, initialised from --seed (identical on every rank).
-    Records args.gpt_model's config as args.model_config."""
+    args: anything with the flags and the store's resolved sizes (a TrainRun in training)."""
     torch.manual_seed(args.seed)
-    model = build_model(args.gpt_model, **model_kwargs(args))
-    args.model_config = dataclasses.asdict(model.config)
-    return model
+    return build_model(args.gpt_model, **model_kwargs(args))
 
 
 def transformer_blocks(model: nn.Module) -> list:
