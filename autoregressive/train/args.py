@@ -185,7 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _resolve_llamagen_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Map LlamaGen's flags onto ours: --gpt-ckpt -> --resume, --cloud-save-path -> --results-dir."""
+    """Map LlamaGen's flags onto ours: --gpt-ckpt -> --resume, --cloud-save-path -> --results-dir.
+    Part of parsing, and the only place that writes to args: everything resolved later goes into
+    the frozen TrainRun (autoregressive.train.settings)."""
     if args.gpt_type == "t2i":
         p.error("--gpt-type t2i: text-to-image is not supported (class-conditional c2i only)")
     if args.gpt_ckpt is not None:

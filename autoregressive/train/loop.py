@@ -64,8 +64,8 @@ def device_settings(args: argparse.Namespace, info: DistInfo) -> dict:
         mixed_precision = "bf16" if info.device.type == "cuda" else "none"
     if mixed_precision == "fp16" and (info.device.type != "cuda" or uses_fsdp(args, info)):
         raise ValueError("--mixed-precision fp16 needs CUDA and DDP; use bf16")
-    compile = info.device.type == "cuda" if args.compile is None else args.compile
-    return dict(mixed_precision=mixed_precision, compile=compile, world_size=info.world_size)
+    compiled = info.device.type == "cuda" if args.compile is None else args.compile
+    return dict(mixed_precision=mixed_precision, compile=compiled, world_size=info.world_size)
 
 
 def resolve_run(args: argparse.Namespace, info: DistInfo) -> Tuple[TrainRun, CodeStore, Optional[np.ndarray]]:
