@@ -177,6 +177,12 @@ def test_dpar_batches_carry_patch_lengths(tmp_path):
     args = final_state(tmp_path / "dpar")["args"]
     assert args["patching"] == {"mode": "entropy", "threshold": 2.0, "max_patch_length": 4, "row_reset": True}
     assert args["entropy_model_hash"] == "e" * 64 and args["code_store_hash"] == record["code_store_hash"]
+    flags = vars(parse_args(train_argv(entropy_store, tmp_path, "dpar", gpt_model="DPAR-T", threshold=2.0,
+                                       max_steps=3)))
+    derived = {"world_size", "block_size", "model_config", "run_dir", "per_rank_batch_size", "total_steps",
+               "code_store_hash", "entropy_model_hash", "achieved_compression", "patching"}
+    assert set(args) == set(flags) | derived and args["achieved_compression"] is None and args["total_steps"] == 3
+    assert json.loads((tmp_path / "dpar" / "args.json").read_text()) == args  # one record of the run
     record["code_store_hash"] = "0" * 64  # entropies of other codes are refused
     (entropy_store / "entropy.json").write_text(json.dumps(record))
     with pytest.raises(SystemExit, match="^error: entropies in .* were made for code store 0000"):
