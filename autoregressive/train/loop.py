@@ -14,8 +14,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from autoregressive.train.args import parse_args
 from autoregressive.models import model_family
+from autoregressive.train.args import parse_args
 from autoregressive.train.data import (
     BatchStream, build_stream, open_entropies, open_training_store, per_rank_batch, resolve_workers, steps_per_epoch,
     training_patching)
