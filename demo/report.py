@@ -44,6 +44,7 @@ GRID_PER_CLASS = 4
 ADAPTIVE_TOLERANCE = 0.25
 SAMPLE_COMPRESSION_SHARE = 0.9
 INCONCLUSIVE = "inconclusive"
+SMOKE_PRESETS = ("tiny", "quick")
 
 
 def fmt(x: Any, digits: int = 3) -> str:
@@ -277,6 +278,10 @@ def write_markdown(demo: Demo, d: dict, cl: dict, figs: dict, path: Path) -> Non
     add(f"Preset **{c.preset}**, seed {c.seed}, written {time.strftime('%Y-%m-%d %H:%M')}. This report contains: "
         + "; ".join(contains) + ". Everything here was produced by this run of `python -m demo` on synthetic "
         "data; the numbers show whether DPAR's mechanisms work at toy scale, not the paper's ImageNet results.\n")
+    if c.preset in SMOKE_PRESETS:
+        add(f"**This is a smoke run** (--{c.preset}): it checks that every stage runs end to end. Its models are "
+            "trained far too briefly to draw their classes, so its pictures and quality numbers prove nothing about "
+            "quality; run the default preset for those.\n")
     add(f"Machine: {machine.get('cpu_count', '?')} CPU cores, torch {machine.get('torch', '?')} with "
         f"{machine.get('torch_threads', '?')} threads, GPU: {machine.get('cuda') or 'none'}. Load average when the "
         f"report was written: {', '.join(fmt(x, 2) for x in machine.get('load_average', [])) or 'n/a'} "
