@@ -34,6 +34,7 @@ from utils.checkpoint import file_sha256
 from utils.distributed import pick_device
 
 ROOT = Path(__file__).resolve().parents[1]
+HELD_OUT_PER_CLASS = 32  # held-out images per class (another seed) for the tokenizer's PSNR
 ENTROPY_FILES = ("entropy.npy", "entropy.json", "entropy.progress.json", "entropy.progress.npy")
 
 
@@ -47,6 +48,10 @@ class Paths:
 
     def images(self, size: int) -> Path:
         return self.res(size) / "images"
+
+    def held_out_images(self, size: int) -> Path:
+        """Images no model trains on (another seed): the tokenizer's held-out reconstruction PSNR."""
+        return self.res(size) / "images_held_out"
 
     def vq_dir(self, size: int) -> Path:
         return self.res(size) / "vq"
@@ -144,23 +149,26 @@ class Demo:
                 self.entropy_model_stage(size), self.entropy_stage(size), self.analysis_stage(size, main)]
 
     def data_stage(self, size: int, per_class: int) -> Stage:
-        c, images = self.config, self.paths.images(size)
-        expected = c.classes * per_class
+        c, images, held_out = self.config, self.paths.images(size), self.paths.held_out_images(size)
+        expected = {images: c.classes * per_class, mask_dir(images): c.classes * per_class,
+                    held_out: c.classes * HELD_OUT_PER_CLASS}
 
         def run() -> dict:
             self.tool(f"data_{size}", "-m", "dataset.synthetic", "--out", images, "--classes", c.classes,
                       "--per-class", per_class, "--size", size, "--seed", c.seed, "--masks")
-            return {"images": expected}
+            self.tool(f"data_{size}", "-m", "dataset.synthetic", "--out", held_out, "--classes", c.classes,
+                      "--per-class", HELD_OUT_PER_CLASS, "--size", size, "--seed", c.seed + 1)
+            return {"images": expected[images], "held_out_images": expected[held_out]}
 
         def validate() -> None:
-            for folder in (images, mask_dir(images)):
+            for folder, count in expected.items():
                 n = len(list(folder.glob("*/*.png")))
-                if n != expected:
-                    raise ValueError(f"{folder} holds {n} images, expected {expected}")
+                if n != count:
+                    raise ValueError(f"{folder} holds {n} images, expected {count}")
 
         return Stage(f"data_{size}", f"synthetic dataset, {c.classes} classes x {per_class} images at {size}px "
                      f"with detail masks", {"classes": c.classes, "per_class": per_class, "size": size, "seed": c.seed},
-                     run, validate, outputs=[images, mask_dir(images)])
+                     run, validate, outputs=[images, mask_dir(images), held_out])
 
     def vq_stage(self, size: int) -> Stage:
         c, vq_dir = self.config, self.paths.vq_dir(size)
@@ -169,6 +177,7 @@ class Demo:
 
         def run() -> dict:
             self.tool(f"vq_{size}", "-m", "tokenizer.train_vq", "--data-path", self.paths.images(size),
+                      "--val-data-path", self.paths.held_out_images(size),
                       "--results-dir", vq_dir, "--vq-model", "VQ-16", "--image-size", size, "--ch", c.vq_ch,
                       "--ch-mult", *c.vq_ch_mult, "--num-res-blocks", c.vq_res_blocks, "--z-channels", c.vq_z_channels,
                       "--codebook-size", c.codebook_size, "--norm-groups", 8, "--max-steps", c.vq_steps,
