@@ -34,8 +34,8 @@ class DemoConfig:
     vq_ch_mult: list[int] = field(default_factory=lambda: [1, 2, 2])
     vq_res_blocks: int = 1
     vq_z_channels: int = 32
-    codebook_size: int = 1024
-    vq_steps: int = 3000
+    codebook_size: int = 512
+    vq_steps: int = 2500
     vq_batch: int = 16
     vq_lr: float = 2e-3
     vq_restart_every: int = 50
@@ -119,8 +119,8 @@ def preset(name: str) -> DemoConfig:
     """The settings of a preset (before command-line overrides)."""
     if name == "tiny":
         return DemoConfig(
-            preset=name, classes=3, per_class=16, vq_ch=8, vq_z_channels=16, codebook_size=256, vq_steps=30,
-            vq_batch=16, vq_lr=2e-3, entropy_steps=100, entropy_batch=16, entropy_lr=3e-3, model_size="T",
+            preset=name, classes=3, per_class=16, image_size=64, vq_ch=8, vq_z_channels=16, codebook_size=256,
+            vq_steps=30, vq_batch=16, vq_lr=2e-3, entropy_steps=100, entropy_batch=16, entropy_lr=3e-3, model_size="T",
             train_steps=8, batch_size=16, warmup_steps=0, inference_compressions=[2.4],
             samples_per_class=2, sample_batch=6, classifier_epochs=2,
         )

@@ -93,7 +93,7 @@ def figure_samples(demo: Demo, class_names: list[str], path: Path) -> None:
     for name, title in (("gpt", f"{c.gpt_model} (baseline)"), ("dpar", f"{c.dpar_model}")):
         with np.load(demo.paths.samples / f"{name}.npz") as data:
             columns.append((title, data["arr_0"], data["labels"]))
-    sample_grid(columns, class_names, GRID_PER_CLASS, scale=2 if size <= 64 else 1).save(path)
+    sample_grid(columns, class_names, GRID_PER_CLASS, scale=max(1, 128 // size)).save(path)
 
 
 def figure_heatmaps(demo: Demo, patching: PatchingConfig, class_names: list[str], real_path: Path,
