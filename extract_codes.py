@@ -32,6 +32,7 @@ from dataset.code_store import MANIFEST, CodeStoreWriter, check_codebook_fits
 from dataset.imagefolder import CheckedImageFolderDataset, list_image_folder, to_tensor
 from tokenizer.vq_model import VQ_models, VQModel, load_vq_checkpoint
 from utils.checkpoint import file_sha256
+from utils.cli import HelpFormatter, default_workers
 from utils.distributed import barrier, gather_objects, init_distributed, teardown_distributed
 
 TEN_CROP_NAMES = ["top_left", "top_right", "bottom_left", "bottom_right", "center"]
@@ -48,7 +49,7 @@ class ExtractConfig:
     crop_range: float = 1.1  # ten-crop only: crops are taken from a center crop this much larger
     flip: bool = False
     batch_size: int = 32
-    num_workers: int = 4
+    num_workers: int | None = None  # None: the available cores, at most 4
 
 
 def view_names(ten_crop: bool, flip: bool) -> list[str]:
@@ -75,7 +76,7 @@ def check_config(cfg: ExtractConfig) -> None:
         raise ValueError("--ten-crop already includes flipped views; drop --flip")
     if cfg.ten_crop and cfg.crop_range < 1.0:
         raise ValueError(f"--crop-range must be >= 1, got {cfg.crop_range}")
-    if cfg.image_size < 1 or cfg.batch_size < 1 or cfg.num_workers < 0:
+    if cfg.image_size < 1 or cfg.batch_size < 1 or (cfg.num_workers is not None and cfg.num_workers < 0):
         raise ValueError("--image-size and --batch-size must be positive, --num-workers non-negative")
     if (Path(cfg.code_path) / MANIFEST).exists():
         raise ValueError(f"a code store already exists at {cfg.code_path}; remove it or choose another --code-path")
@@ -118,6 +119,15 @@ def _encode_block(loader: DataLoader, vq: VQModel, writer: CodeStoreWriter, data
     return skipped
 
 
+def tokenizer_name(registry_name: str, downsample: int) -> str:
+    """The registry name, qualified when the checkpoint's downsampling differs from the one the
+    name states (a VQ-16 layout trained with fewer stages is not a VQ-16 tokenizer)."""
+    named = registry_name.rsplit("-", 1)[-1]
+    if named.isdigit() and int(named) == downsample:
+        return registry_name
+    return f"{registry_name} layout, downsample {downsample}"
+
+
 def extract_codes(cfg: ExtractConfig, vq: VQModel, tokenizer_hash: str, rank: int = 0, world_size: int = 1,
                   device: torch.device | str = "cpu") -> dict[str, Any]:
     """Encode every readable image of cfg.data_path into the store at cfg.code_path.
@@ -139,7 +149,8 @@ def extract_codes(cfg: ExtractConfig, vq: VQModel, tokenizer_hash: str, rank: in
 
     block = range(rank * n // world_size, (rank + 1) * n // world_size)
     loader = DataLoader(Subset(dataset, block), batch_size=cfg.batch_size, shuffle=False,
-                        num_workers=cfg.num_workers, pin_memory=torch.device(device).type == "cuda")
+                        num_workers=default_workers() if cfg.num_workers is None else cfg.num_workers,
+                        pin_memory=torch.device(device).type == "cuda")
     skipped = _encode_block(loader, vq.to(device).eval(), writer, dataset, len(views), device, rank == 0)
     skipped = sorted((s for part in gather_objects(skipped) for s in part), key=lambda s: s["index"])
     if len(skipped) == n:
@@ -151,7 +162,7 @@ def extract_codes(cfg: ExtractConfig, vq: VQModel, tokenizer_hash: str, rank: in
         "codebook_size": vq.config.codebook_size, "num_views": len(views), "views": views,
         "count": int(keep.sum()), "source_count": n,
         "num_classes": len(dataset.classes), "classes": dataset.classes,
-        "tokenizer": cfg.vq_model, "tokenizer_hash": tokenizer_hash,
+        "tokenizer": tokenizer_name(cfg.vq_model, vq.downsample_factor), "tokenizer_hash": tokenizer_hash,
         "tokenizer_checkpoint": Path(cfg.vq_ckpt).name, "downsample_factor": vq.downsample_factor,
         "augmentation": {"resize": "center_crop_arr", "ten_crop": cfg.ten_crop,
                          "crop_range": cfg.crop_range if cfg.ten_crop else None, "flip": cfg.flip},
@@ -166,17 +177,22 @@ def extract_codes(cfg: ExtractConfig, vq: VQModel, tokenizer_hash: str, rank: in
 
 
 def parse_args(argv: list[str] | None = None) -> ExtractConfig:
-    parser = argparse.ArgumentParser(description="Encode an ImageFolder into a VQ code store.")
+    parser = argparse.ArgumentParser(description="Encode an ImageFolder into a VQ code store.",
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--data-path", type=str, required=True, help="ImageFolder root: <class>/<image>")
     parser.add_argument("--code-path", type=str, required=True, help="code store directory to create")
-    parser.add_argument("--vq-model", type=str, choices=list(VQ_models), default="VQ-16")
-    parser.add_argument("--vq-ckpt", type=str, required=True)
-    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--vq-model", type=str, choices=list(VQ_models), default="VQ-16",
+                        help="tokenizer registry name")
+    parser.add_argument("--vq-ckpt", type=str, required=True, help="VQ tokenizer checkpoint (ours or LlamaGen's)")
+    parser.add_argument("--image-size", type=int, default=256,
+                        help="images are resized and center-cropped to this size")
     parser.add_argument("--ten-crop", action="store_true", help="10 views: TenCrop of a crop-range larger center crop")
     parser.add_argument("--crop-range", type=float, default=1.1, help="ten-crop only")
     parser.add_argument("--flip", action="store_true", help="add the horizontally flipped center view")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--num-workers", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=32, help="images per encoder batch and process")
+    parser.add_argument("--num-workers", type=int, default=None,
+                        help="DataLoader workers per process (0 = in process); default: the CPU cores this "
+                             "process may use, at most 4")
     return ExtractConfig(**vars(parser.parse_args(argv)))
 
 

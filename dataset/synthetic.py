@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from utils.cli import HelpFormatter
 
 # Families drawn as a filled region whose inside carries a pattern of two colours.
 TEXTURED = ("stripes", "checker", "dots", "noise_blob")
@@ -272,12 +273,13 @@ def generate_dataset(out: str | Path, classes: int, per_class: int, size: int,
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=str, required=True)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--out", type=str, required=True, help="ImageFolder root to write: <class>/<image>.png")
     parser.add_argument("--classes", type=int, default=10, help=f"1..{len(FAMILIES)}")
-    parser.add_argument("--per-class", type=int, default=100)
-    parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--per-class", type=int, default=100, help="images per class")
+    parser.add_argument("--size", type=int, default=64, help="image size in pixels")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the images")
     parser.add_argument("--masks", action="store_true", help="also write detail masks to <out>_masks")
     args = parser.parse_args(argv)
     try:

@@ -19,11 +19,12 @@ from typing import Optional, Sequence
 
 from demo.config import add_arguments, config_from_args
 from demo.pipeline import Demo, clear_stale, machine_description, write_run_record
+from utils.cli import HelpFormatter
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m demo", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                formatter_class=HelpFormatter,
                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     p.add_argument("--out", default="demo_out", help="output folder (report.md lands here)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data, every model and the samples")
@@ -32,6 +33,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="redo every stage, or only the named ones (e.g. --force sample report)")
     add_arguments(p)
     return p.parse_args(argv)
+
+
+def load_text(machine: dict) -> str:
+    """The 1-minute load average, rounded (or '?' where the platform has none)."""
+    load = machine.get("load_average")
+    return f"{load[0]:.2f}" if load else "?"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -47,7 +54,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
           f"{config.image_size}px ({config.grid}x{config.grid} tokens), {config.gpt_model} vs {config.dpar_model}, "
           f"{config.train_steps} steps; output in {out}/")
     print(f"machine: {machine['cpu_count']} CPUs, torch {machine['torch']} ({machine['torch_threads']} threads), "
-          f"GPU {machine['cuda'] or 'none'}, load average {machine.get('load_average', ['?'])[0]}")
+          f"GPU {machine['cuda'] or 'none'}, load average {load_text(machine)}")
     start = time.time()
     try:
         demo = Demo(config, out, args.force)

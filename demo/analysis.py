@@ -22,7 +22,7 @@ from dataset.code_store import code_store_hash, open_code_store
 from dataset.synthetic import mask_dir
 from entropy_model.calibrate import (
     compression_table, default_taus, load_entropies, sample_entropies, store_grid_width, threshold_for_compression)
-from entropy_model.patching import PatchingConfig
+from entropy_model.patching import PAPER_THRESHOLDS, PatchingConfig
 from entropy_model.stats import store_statistics
 from entropy_model.visualize import store_image_paths
 from evaluations.domain_metric import score_domain_metric
@@ -30,7 +30,7 @@ from evaluations.flops import flops_per_image
 from tokenizer.vq_model import load_vq_checkpoint
 from utils.checkpoint import file_sha256
 
-PAPER_TAU, PAPER_VOCAB = 7.8, 16384  # the paper's threshold and its VQ-16 codebook
+PAPER_TAU, PAPER_VOCAB = PAPER_THRESHOLDS[256], 16384  # the paper's threshold and its VQ-16 codebook
 
 
 def paper_equivalent_tau(codebook_size: int) -> float:
@@ -170,6 +170,12 @@ def training_summary(run_dir: Path, batch_size: int) -> dict:
             prev = step
         out["training_compression"] = weight / total
     return out
+
+
+def static_patch_counts(config) -> np.ndarray:
+    """(1,) patches per image of the static model's uniform pattern (same for every image)."""
+    patching = PatchingConfig("static", None, config.max_patch_length, True, config.static_mean_length)
+    return patching.starts(None, config.grid, shape=(1, config.grid**2)).sum(-1).numpy()
 
 
 def compute_accounting(model_name: str, image_size: int, downsample: int, vocab: int, classes: int,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Optional, Sequence
 
 from autoregressive.models.dpar import DPAR_models
 from autoregressive.models.gpt import GPT_models
@@ -65,8 +65,10 @@ class DemoConfig:
     classifier_epochs: int = 60
     # --full only
     static_model: bool = False
-    static_patch_length: int = 2
-    static_eval_lengths: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
+    # the static model's uniform patches (entropy_model.patching.static_pattern_starts): None = the
+    # calibrated mean length, as in the paper's ablation (uniform patches of DPAR's mean length)
+    static_patch_length: Optional[float] = None
+    static_eval_lengths: list[float] = field(default_factory=lambda: [1.0, 1.4, 2.4])  # also sampled at these
     resolutions: list[int] = field(default_factory=list)  # extra image sizes of the multi-resolution study
 
     @staticmethod
@@ -111,8 +113,20 @@ class DemoConfig:
         if self.train_rounds > 1 and self.min_lr != self.lr:
             raise ValueError("train_rounds > 1 restarts the cosine learning-rate schedule in every round; use 1 "
                              "(or min_lr = lr for a constant rate)")
+        if min([self.static_mean_length, *self.static_eval_lengths]) < 1:
+            raise ValueError("static patch lengths must be >= 1")
         if self.vq_ch % 8:
             raise ValueError(f"--vq-ch must be a multiple of 8 (GroupNorm with 8 groups), got {self.vq_ch}")
+
+    @property
+    def static_mean_length(self) -> float:
+        """Mean patch length the static model trains with."""
+        return self.target_compression if self.static_patch_length is None else self.static_patch_length
+
+    @property
+    def static_sample_lengths(self) -> list[float]:
+        """Mean patch lengths the static model is sampled at: its training length first."""
+        return [self.static_mean_length] + [n for n in self.static_eval_lengths if n != self.static_mean_length]
 
 
 def preset(name: str) -> DemoConfig:

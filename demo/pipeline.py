@@ -221,7 +221,8 @@ class Demo:
         c = self.config
         return ["train_c2i.py", "--code-path", code_path, "--gpt-model", model, "--results-dir", results,
                 "--run-name", run_name, "--global-batch-size", batch, "--max-steps", steps, "--lr", lr,
-                "--lr-schedule", "cosine", "--min-lr", min_lr, "--warmup-steps", warmup, "--seed", c.seed, "--num-workers", 0, "--downsample-size", c.downsample,
+                "--lr-schedule", "cosine", "--min-lr", min_lr, "--warmup-steps", warmup, "--seed", c.seed,
+                "--num-workers", 0, "--downsample-size", c.downsample,
                 "--log-every", max(1, c.log_every(steps)), "--ckpt-every", max(1, steps // 4), "--keep-last", 1,
                 "--device", self.device_flag]
 
@@ -431,11 +432,11 @@ class Demo:
         c = self.config
         run_dir = self.paths.models / "static"
         params = {**stage_params(c, ["dpar_model", "train_steps", "batch_size", "lr", "warmup_steps", "min_lr",
-                                     "seed"]),
-                  "static_patch_length": c.static_patch_length}
+                                     "seed", "max_patch_length"]), "static_length": c.static_mean_length}
 
         def run() -> dict:
-            flags = ["--patching-mode", "static", "--max-patch-length", c.static_patch_length]
+            flags = ["--patching-mode", "static", "--static-length", c.static_mean_length,
+                     "--max-patch-length", c.max_patch_length]
             self.train_alternating({"static": (c.dpar_model, run_dir, flags)}, 1)
             return {k: v for k, v in analysis.training_summary(run_dir, c.batch_size).items() if k != "loss_curve"}
 
@@ -443,22 +444,23 @@ class Demo:
             if analysis.checkpoint_step(run_dir) != c.train_steps:
                 raise ValueError(f"the static model has not reached step {c.train_steps}")
 
-        return Stage("train_static", f"{c.dpar_model} with static patches of {c.static_patch_length} tokens "
+        return Stage("train_static", f"{c.dpar_model} with uniform patches of mean length {c.static_mean_length:g} "
                      f"(same data, seed and steps)", params, run, validate, outputs=[run_dir],
                      deps=[f"codes_{c.image_size}"], resumable=True)
 
     def sample_static_stage(self) -> Stage:
         c = self.config
-        names = [f"static_p{n}" for n in c.static_eval_lengths]
+        lengths = c.static_sample_lengths
+        names = [f"static_p{n:g}" for n in lengths]
 
         def run() -> dict:
             ckpt = analysis.run_checkpoint(self.paths.models / "static")
-            sets = {f"static_p{n}": (ckpt, PatchingOverrides(max_patch_length=n)) for n in c.static_eval_lengths}
+            sets = {name: (ckpt, PatchingOverrides(static_length=n)) for name, n in zip(names, lengths)}
             return self.sample_sets(sets, "sampling the static-patch model")
 
         params = {**stage_params(c, ["samples_per_class", "cfg_scale", "temperature", "top_k", "sample_batch",
-                                     "seed"]), "lengths": c.static_eval_lengths}
-        return Stage("sample_static", f"static-patch model sampled at patch lengths {c.static_eval_lengths}",
+                                     "seed"]), "lengths": lengths}
+        return Stage("sample_static", f"static-patch model sampled at mean patch lengths {lengths}",
                      params, run, self.samples_validator(names),
                      outputs=[self.paths.samples / f"{n}.{e}" for n in names for e in ("npz", "json")],
                      deps=["train_static", "classifier"])
@@ -474,7 +476,7 @@ class Demo:
                       "dpar": analysis.compute_accounting(c.dpar_model, counts=analysis.patch_counts(a), **common)}
             if c.static_model:
                 result["static"] = analysis.compute_accounting(
-                    c.dpar_model, compression=float(c.static_patch_length), **common)
+                    c.dpar_model, counts=analysis.static_patch_counts(c), **common)
             write_json_atomic(path, result)
             return {n: r["training_flops"] for n, r in result.items()}
 
@@ -483,7 +485,8 @@ class Demo:
                 raise ValueError("no flops.json")
 
         return Stage("flops", "training FLOPs and forward MACs per image, counted from the modules "
-                     "(evaluations/flops.py)", stage_params(c, ["gpt_model", "dpar_model", "static_model"]), run,
+                     "(evaluations/flops.py)", {**stage_params(c, ["gpt_model", "dpar_model", "static_model"]),
+                                                "static_length": c.static_mean_length}, run,
                      validate, outputs=[path], deps=[f"analysis_{c.image_size}"])
 
 

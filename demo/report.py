@@ -13,9 +13,12 @@ here, before any run (never tuned to a result):
       inconclusive when the two differ by less than the real-vs-real distance at that sample
       size (two real sets of the same size differ by about that much).
   (4) adaptive patching at inference: every inference tau keeps the domain Fréchet distance
-      within 25% of the training tau's; --full: the static-patch model degrades more (worst
-      relative increase) at patch lengths other than its training length than DPAR does.
+      within 25% of the training tau's; --full: the static-patch model (uniform patches of the
+      calibrated mean length, the paper's ablation) degrades more (worst relative increase) at
+      mean patch lengths other than its training length than DPAR does.
   Entropy: mean entropy on the masks' detailed tokens exceeds that on flat tokens.
+Verdicts built on the domain metric ((3), (4), static) are inconclusive whenever the domain
+classifier's held-out accuracy is below 90%: a weaker classifier's features cannot tell models apart.
 """
 from __future__ import annotations
 
@@ -43,7 +46,9 @@ HEATMAP_CLASSES = 5
 GRID_PER_CLASS = 4
 ADAPTIVE_TOLERANCE = 0.25
 SAMPLE_COMPRESSION_SHARE = 0.9
+CLASSIFIER_BAR = 0.9  # held-out accuracy the domain classifier needs before its metric decides a verdict
 INCONCLUSIVE = "inconclusive"
+WEAK_CLASSIFIER = "inconclusive (weak classifier)"
 SMOKE_PRESETS = ("tiny", "quick")
 VQ_PSNR_TARGET, CLASSIFIER_TARGET, CONSISTENCY_TARGET = 24.0, 0.95, 0.7  # the default preset's targets
 
@@ -65,7 +70,22 @@ def percent(x: Optional[float]) -> str:
 
 def verdict(held: Any) -> str:
     return {True: "**held**", False: "**did not hold**", None: "**not measured**",
-            INCONCLUSIVE: "**inconclusive** (the difference is within sampling noise)"}[held]
+            INCONCLUSIVE: "**inconclusive** (the difference is within sampling noise)",
+            WEAK_CLASSIFIER: f"**inconclusive** (the domain classifier's held-out accuracy is below "
+                             f"{CLASSIFIER_BAR:.0%}: its metric is too weak to support a verdict)"}[held]
+
+
+def classifier_note(accuracy: Optional[float]) -> str:
+    """What stands beside every verdict built on the domain metric."""
+    return (f"Domain classifier: held-out accuracy {fmt(accuracy)} (a verdict needs at least "
+            f"{fmt(CLASSIFIER_BAR)}).")
+
+
+def metric_verdict(held: Any, accuracy: Optional[float]) -> Any:
+    """A domain-metric verdict, inconclusive when the classifier behind it is below the bar."""
+    if held is None or accuracy is None or accuracy >= CLASSIFIER_BAR:
+        return held
+    return WEAK_CLASSIFIER
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -165,6 +185,7 @@ def claims(d: dict) -> dict:
     """Measured values and verdicts of the paper's claims (criteria in the module docstring)."""
     c, main, flops, samples, train = d["config"], d["main"], d["flops"], d["samples"], d["train"]
     out: dict[str, Any] = {}
+    accuracy = d["classifier"]["classifier_held_out_accuracy"]
     target = main["patching"]
     sampled = samples["dpar"]["throughput"]["compression"]
     out["token_reduction"] = {
@@ -195,28 +216,34 @@ def claims(d: dict) -> dict:
     else:
         held = fd_d <= fd_g
     out["quality"] = {"fd_gpt": fd_g, "fd_dpar": fd_d, "consistency_gpt": mg["class_consistency"],
-                      "consistency_dpar": md["class_consistency"], "noise_floor": noise, "held": held}
+                      "consistency_dpar": md["class_consistency"], "noise_floor": noise,
+                      "classifier_accuracy": accuracy, "held": metric_verdict(held, accuracy)}
     adaptive = [("dpar", "training tau", samples["dpar"])]
     adaptive += [(n, f"tau for {n.split('_c')[1]} tok/patch", samples[n]) for n in samples if n.startswith("dpar_c")]
+    calibrated = {None: main["compression"]}
+    calibrated.update({t["target_compression"]: t["compression"] for t in main["inference_thresholds"]})
     rows = [{"set": n, "label": label, "threshold": s["patching"]["threshold"],
              "compression": s["throughput"]["compression"],
+             "calibrated_compression": calibrated.get(float(n.split("_c")[1]) if "_c" in n else None),
              "fd": s["domain_metric"]["domain_frechet_distance"],
              "consistency": s["domain_metric"]["class_consistency"]} for n, label, s in adaptive]
     base = rows[0]["fd"]
     worst = max((r["fd"] / base - 1.0 for r in rows[1:] if r["fd"] is not None), default=None) if base else None
-    out["adaptive"] = {"rows": rows, "worst_relative_fd_increase": worst,
-                       "held": None if worst is None else worst <= ADAPTIVE_TOLERANCE}
-    static = [(n, s) for n, s in samples.items() if n.startswith("static_p")]
+    out["adaptive"] = {"rows": rows, "worst_relative_fd_increase": worst, "classifier_accuracy": accuracy,
+                       "held": metric_verdict(None if worst is None else worst <= ADAPTIVE_TOLERANCE, accuracy)}
+    static = sorted(((n, s) for n, s in samples.items() if n.startswith("static_p")),
+                    key=lambda item: float(item[0].split("_p")[1]))
     if static:
-        trained = f"static_p{c.static_patch_length}"
-        srows = [{"set": n, "length": int(n.split("_p")[1]), "compression": s["throughput"]["compression"],
+        trained = f"static_p{c.static_mean_length:g}"
+        srows = [{"set": n, "length": float(n.split("_p")[1]), "compression": s["throughput"]["compression"],
                   "fd": s["domain_metric"]["domain_frechet_distance"],
                   "consistency": s["domain_metric"]["class_consistency"]} for n, s in static]
         sbase = samples[trained]["domain_metric"]["domain_frechet_distance"] if trained in samples else None
         sworst = (max(r["fd"] / sbase - 1.0 for r in srows if r["set"] != trained and r["fd"] is not None)
                   if sbase else None)
-        out["static"] = {"rows": srows, "worst_relative_fd_increase": sworst,
-                         "held": None if sworst is None or worst is None else sworst > worst}
+        out["static"] = {"rows": srows, "worst_relative_fd_increase": sworst, "classifier_accuracy": accuracy,
+                         "held": metric_verdict(None if sworst is None or worst is None else sworst > worst,
+                                                accuracy)}
     m = main["masks"]
     out["entropy_masks"] = {**m, "held": m["mean_entropy_detailed"] > m["mean_entropy_flat"]}
     return out
@@ -247,7 +274,7 @@ def layers(config: dict) -> str:
 def model_table(d: dict, names: Sequence[tuple[str, str]]) -> str:
     rows = []
     for key, label in names:
-        sample_key = f"static_p{d['config'].static_patch_length}" if key == "static" else key
+        sample_key = f"static_p{d['config'].static_mean_length:g}" if key == "static" else key
         f, t, s = d["flops"][key], d["train"][key], d["samples"].get(sample_key)
         metric = s["domain_metric"] if s else {}
         rows.append([label, layers(d["model_configs"][key]), f["params"], f["g_positions"], f["training_gflops"],
@@ -279,15 +306,18 @@ def write_markdown(demo: Demo, d: dict, cl: dict, figs: dict, path: Path) -> Non
     main, flops, train, samples = d["main"], d["flops"], d["train"], d["samples"]
     T, tau = main["tokens_per_image"], main["patching"]["threshold"]
     machine = machine_description()
+    extra = len(c.inference_compressions)
     contains = [f"main study at {c.image_size}px ({c.gpt_model} vs {c.dpar_model})",
-                f"DPAR sampled at {len(c.inference_compressions)} extra inference thresholds"]
+                f"DPAR sampled at {extra} extra inference threshold{'' if extra == 1 else 's'}"]
     if c.static_model:
-        contains.append(f"static-patch {c.dpar_model} (patch length {c.static_patch_length}) sampled at lengths "
-                        f"{c.static_eval_lengths}")
+        contains.append(f"static-patch {c.dpar_model} (uniform patches of mean length {c.static_mean_length:g}) "
+                        f"sampled at mean lengths {c.static_sample_lengths}")
+    else:
+        contains.append("no static-patch model (--full or --static-model adds it)")
     if c.resolutions:
         contains.append(f"multi-resolution study at {sorted([c.image_size, *c.resolutions])}px")
     else:
-        contains.append("no multi-resolution study and no static-patch model (run with --full for them)")
+        contains.append("no multi-resolution study (--full adds it)")
     L = []
     add = L.append
     add("# DPAR at small scale: replication report\n")
@@ -355,7 +385,7 @@ def write_markdown(demo: Demo, d: dict, cl: dict, figs: dict, path: Path) -> Non
     add("## The two models\n")
     names = [("gpt", f"{c.gpt_model} (baseline)"), ("dpar", c.dpar_model)]
     if "static" in train:
-        names.append(("static", f"{c.dpar_model}, static patches of {c.static_patch_length}"))
+        names.append(("static", f"{c.dpar_model}, uniform patches of mean length {c.static_mean_length:g}"))
     add(model_table(d, names) + "\n")
     add("How each column was measured:")
     add("- *parameters*: all parameters including embeddings (evaluations/flops.py).")
@@ -409,6 +439,16 @@ def write_markdown(demo: Demo, d: dict, cl: dict, figs: dict, path: Path) -> Non
         f"check is generation: DPAR's own samples opened {fmt(T / tr['sampled_compression'])} patches per image, "
         f"a compression of {fmt(tr['sampled_compression'], 4)} (criterion: at least "
         f"{SAMPLE_COMPRESSION_SHARE:.0%} of the calibrated value). Verdict: {verdict(tr['held'])}.\n")
+    fewer = tr["sampled_compression"] > tr["calibrated_compression"]
+    add(f"Why generation ({fmt(tr['sampled_compression'], 4)} tokens per patch) and calibration "
+        f"({fmt(tr['calibrated_compression'], 4)}) differ: tau is fixed by calibration on the entropies of real codes, "
+        "while generation applies the same tau to the entropy model's scores of DPAR's own samples. Patch counts "
+        "follow the entropy of the tokens actually generated, so the two agree only as far as the samples are as "
+        "uncertain to the entropy model as real images. Here the samples opened "
+        + ("fewer patches than real codes: their tokens were less often above tau, i.e. more predictable to the "
+           "entropy model (for example smoother or more repetitive images)." if fewer else
+           "more patches than real codes: their tokens were more often above tau, i.e. less predictable to the "
+           "entropy model (for example the noisier images of a briefly trained model).") + "\n")
     if "patch_growth" in cl:
         pg = cl["patch_growth"]
         add("Across resolutions (each with its own tokenizer and entropy model, one tau):\n")
@@ -433,26 +473,31 @@ def write_markdown(demo: Demo, d: dict, cl: dict, figs: dict, path: Path) -> Non
         f"for L). *Measured* with the domain metric after {c.train_steps} steps each: Fréchet distance "
         f"{fmt(q['fd_dpar'])} (DPAR) vs {fmt(q['fd_gpt'])} (baseline), lower is better; class consistency "
         f"{fmt(q['consistency_dpar'])} vs {fmt(q['consistency_gpt'])}. A difference smaller than the real-vs-real "
-        f"distance at this sample size ({fmt(q['noise_floor'])}) counts as noise. Verdict: {verdict(q['held'])}.\n")
+        f"distance at this sample size ({fmt(q['noise_floor'])}) counts as noise. Verdict: {verdict(q['held'])}. "
+        f"{classifier_note(q['classifier_accuracy'])}\n")
     ad = cl["adaptive"]
     add("### 4. Adaptive patching at inference (Table 6 analogue)\n")
     add(f"*Claim*: changing tau at inference barely moves DPAR's FID (3.31-3.39), while a model trained with static "
         f"patches collapses (3.58 -> 25.59) when its patch length changes. *Measured*: DPAR trained at tau = "
         f"{fmt(tau, 4)} and sampled at other thresholds:\n")
-    add(table(["setting", "tau (nats)", "tokens per patch while sampling", "domain Fréchet distance",
-               "class consistency"],
-              [[r["label"], fmt(r["threshold"], 4), r["compression"], r["fd"], r["consistency"]] for r in ad["rows"]])
-        + "\n")
+    add(table(["setting", "tau (nats)", "tokens per patch while sampling", "tokens per patch on real codes",
+               "domain Fréchet distance", "class consistency"],
+              [[r["label"], fmt(r["threshold"], 4), r["compression"], r["calibrated_compression"], r["fd"],
+                r["consistency"]] for r in ad["rows"]]) + "\n")
     add(f"Worst increase of the Fréchet distance over the training tau: {percent(ad['worst_relative_fd_increase'])} "
-        f"(criterion: at most +{ADAPTIVE_TOLERANCE:.0%}). Verdict: {verdict(ad['held'])}.\n")
+        f"(criterion: at most +{ADAPTIVE_TOLERANCE:.0%}). Verdict: {verdict(ad['held'])}. "
+        f"{classifier_note(ad['classifier_accuracy'])}\n")
     if "static" in cl:
         s = cl["static"]
-        add(f"Static-patch model (trained with patches of {c.static_patch_length}):\n")
-        add(table(["patch length at inference", "tokens per patch", "domain Fréchet distance", "class consistency"],
-                  [[str(r["length"]), r["compression"], r["fd"], r["consistency"]] for r in s["rows"]]) + "\n")
+        add(f"Static-patch model (trained with uniform patches of mean length {c.static_mean_length:g}, the "
+            "calibrated mean, as in the paper's ablation; entropy_model.patching.static_pattern_starts):\n")
+        add(table(["mean patch length at inference", "tokens per patch", "domain Fréchet distance",
+                   "class consistency"],
+                  [[f"{r['length']:g}", r["compression"], r["fd"], r["consistency"]] for r in s["rows"]]) + "\n")
         worst = s["worst_relative_fd_increase"]
         add(f"Worst increase at other lengths: {percent(worst)}; the static model "
-            f"should degrade more than DPAR does across taus. Verdict: {verdict(s['held'])}.\n")
+            f"should degrade more than DPAR does across taus. Verdict: {verdict(s['held'])}. "
+            f"{classifier_note(s['classifier_accuracy'])}\n")
     else:
         add("Static-patch comparison: not in this run (--full).\n")
     m = cl["entropy_masks"]

@@ -205,8 +205,9 @@ def run_tool(cmd: Sequence[str], log_path: Path, cwd: Path, env: Optional[dict] 
                 if m:
                     step, total = int(m.group(1)), int(m.group(2))
                     if bar is None:
-                        bar = tqdm(total=total, desc=progress, unit="step", dynamic_ncols=True, leave=False,
-                                   file=sys.stderr)
+                        # initial: a resumed stage's earlier steps do not count towards the rate
+                        bar = tqdm(total=total, initial=step, desc=progress, unit="step", dynamic_ncols=True,
+                                   leave=False, file=sys.stderr)
                     bar.n = step
                     bar.set_postfix(loss=m.group(3))
                     bar.refresh()

@@ -25,9 +25,17 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from entropy_model.patching import GATED_MODES, PATCH_MODES, patch_lengths_from_starts, patch_starts, quantize_entropy
+from entropy_model.patching import (
+    GATED_MODES,
+    PAPER_THRESHOLDS,
+    PATCH_MODES,
+    patch_lengths_from_starts,
+    patch_starts,
+    quantize_entropy,
+)
+from utils.cli import HelpFormatter
 
-PAPER_THRESHOLD = 7.8
+PAPER_THRESHOLD = PAPER_THRESHOLDS[256]  # the paper's tau at 256 px (its entropy model only)
 QUANTILE_LEVELS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 
 
@@ -307,16 +315,17 @@ def main(args: argparse.Namespace) -> None:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Calibrate the patching threshold on stored entropies.")
+    parser = argparse.ArgumentParser(description="Calibrate the patching threshold on stored entropies.",
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--code-path", required=True, help="code store directory holding entropy.npy")
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--target-compression", type=float, default=None, help="tokens per patch to reach")
     target.add_argument("--threshold", type=float, default=None, help=f"tau to evaluate (default {PAPER_THRESHOLD})")
-    parser.add_argument("--mode", choices=PATCH_MODES, default="entropy")
+    parser.add_argument("--mode", choices=PATCH_MODES, default="entropy", help="patch boundary rule")
     parser.add_argument("--max-patch-length", type=int, default=4, help="length cap; 0 = no cap")
-    parser.add_argument("--no-row-reset", action="store_true")
+    parser.add_argument("--no-row-reset", action="store_true", help="let patches run across grid rows")
     parser.add_argument("--sample", type=int, default=10000, help="random sequences to use; 0 = all")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sample of (image, view) rows")
     parser.add_argument("--json", default=None, help="write the report here")
     args = parser.parse_args(argv)
     if args.max_patch_length < 0 or args.sample < 0:

@@ -13,7 +13,12 @@ from its segment's first token opens a patch iff o % max_patch_length == 0, whic
 the closed form below (a cummax of segment-start indices) instead of a loop over T.
 
 Two gate-free modes serve as ablations: "token" (every token is its own patch) and
-"static" (fixed-length patches of max_patch_length, honouring the row reset).
+"static": fixed-length patches of max_patch_length (honouring the row reset), or, with a
+`static_length` L (which may be fractional, e.g. the authors' 1.8191), uniform patches of mean
+length L laid out by a fixed pattern (see `static_pattern_starts`).
+
+`patch_starts` applies the rule to whole sequences (training, scoring); `StepRule` applies it
+one token at a time (generation) and is tested against it column by column.
 
 Shapes: B = batch, T = tokens per image, M = patches (padded to the batch maximum).
 Patch lengths are int64, zero-padded on the right.
@@ -21,6 +26,7 @@ Patch lengths are int64, zero-padded on the right.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from fractions import Fraction
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -28,6 +34,18 @@ import torch
 
 PATCH_MODES = ("entropy", "relative", "token", "static")
 GATED_MODES = ("entropy", "relative")
+
+# The paper's settings (the authors' configs, dsrivastavv/PixelAR). tau belongs to the entropy
+# model it was chosen for (GPT-B, unconditional, 300 epochs on ImageNet codes): with any other
+# entropy model choose tau by calibration to the compression instead.
+PAPER_THRESHOLDS = {256: 7.8, 384: 7.9}  # tau in nats, by image size
+PAPER_COMPRESSION = {256: 1.81, 384: 2.06}  # mean tokens per patch, by image size
+PAPER_STATIC_LENGTH = 1.8191  # mean length of the authors' uniform (static) baseline at 256 px
+
+
+def paper_threshold(image_size: int = 256) -> float:
+    """The paper's tau at `image_size` (256 and 384 px are published; other sizes get 256 px's)."""
+    return PAPER_THRESHOLDS.get(image_size, PAPER_THRESHOLDS[256])
 
 
 def quantize_entropy(entropy: torch.Tensor) -> torch.Tensor:
@@ -47,6 +65,7 @@ def patch_starts(
     mode: str = "entropy",
     shape: tuple[int, int] | None = None,
     device: torch.device | str | None = None,
+    static_length: float | None = None,
 ) -> torch.Tensor:
     """Boolean (B, T) mask of the tokens that open a patch.
 
@@ -56,6 +75,8 @@ def patch_starts(
         "entropy") or on differences of quantized entropies (mode "relative").
     max_patch_length: length cap (None = no cap); required for mode "static".
     row_width: grid width; when given, the first token of every row opens a patch.
+    static_length: mode "static" only: the mean patch length L >= 1 (may be fractional) of the
+        fixed pattern of `static_pattern_starts`; max_patch_length, when given, still caps it.
     """
     if mode not in PATCH_MODES:
         raise ValueError(f"unknown patching mode {mode!r}; expected one of {PATCH_MODES}")
@@ -63,8 +84,10 @@ def patch_starts(
         raise ValueError(f"max_patch_length must be >= 1, got {max_patch_length}")
     if row_width is not None and row_width < 1:
         raise ValueError(f"row_width must be >= 1, got {row_width}")
-    if mode == "static" and max_patch_length is None:
-        raise ValueError("mode 'static' needs max_patch_length (the fixed patch length)")
+    if static_length is not None and mode != "static":
+        raise ValueError(f"static_length applies to mode 'static' only, not {mode!r}")
+    if mode == "static" and max_patch_length is None and static_length is None:
+        raise ValueError("mode 'static' needs max_patch_length (the fixed patch length) or static_length")
     if entropy is not None:
         if entropy.ndim != 2 or not entropy.is_floating_point():
             raise ValueError(f"entropy must be a (B, T) float tensor, got {tuple(entropy.shape)} {entropy.dtype}")
@@ -81,9 +104,12 @@ def patch_starts(
     if mode == "token":
         return torch.ones(B, T, dtype=torch.bool, device=device)
     pos = torch.arange(T, dtype=torch.int32, device=device)  # (T,) int32: faster than int64 here
-    opens = pos == 0
-    if row_width is not None:
-        opens = opens | (pos % row_width == 0)
+    if static_length is not None:
+        opens = static_pattern_starts(T, static_length, row_width, device)
+    else:
+        opens = pos == 0
+        if row_width is not None:
+            opens = opens | (pos % row_width == 0)
     opens = opens.expand(B, T)  # (B, T)
     if mode == "entropy":
         opens = opens | (quantize_entropy(entropy) > threshold)
@@ -97,6 +123,42 @@ def patch_starts(
     # Offset of each token from the first token of its segment (opened by a gate or a row).
     segment_start = torch.where(opens, pos, 0).cummax(dim=1).values  # (B, T)
     return torch.fmod(pos - segment_start, max_patch_length) == 0  # offsets are >= 0
+
+
+def static_pattern_starts(
+    T: int, mean_length: float, row_width: int | None = None, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """(T,) bool starts of uniform patches whose mean length is `mean_length` = L >= 1 (fractional
+    allowed), spread evenly. The pattern is fixed (it depends on the token index and the grid
+    only, never on T), so a prefix of an image gets the same starts as the whole image, and
+    generation can apply it token by token.
+
+    - row_width None (no row reset): token i opens a patch iff i = ceil(k * L) for some integer k;
+      an image of T tokens holds floor((T - 1) / L) + 1 patches.
+    - row_width W (row reset): row r holds c_r = round((r + 1) * W / L) - round(r * W / L) patches
+      (clamped to 1..W), whose starts are the offsets ceil(j * W / c_r), j < c_r, from the row's
+      first token. The counts telescope, so an H x W grid holds round(H * W / L) patches: the mean
+      length is the nearest a whole patch count allows (256 tokens at L = 1.8191: 141 patches,
+      mean 1.8156), and the lengths within a row differ by at most one (they are L rounded down
+      or up when W / L is large, as at 16 or 24 tokens per row with L <= 4).
+    round() rounds halves up. L is taken as the nearest fraction with a denominator up to 10^6
+    (1.8191 = 18191/10000) and the pattern is computed in exact integer arithmetic.
+    """
+    if not mean_length >= 1.0:
+        raise ValueError(f"the static mean patch length must be >= 1, got {mean_length}")
+    ratio = Fraction(mean_length).limit_denominator(10**6)
+    num, den = ratio.numerator, ratio.denominator  # L = num / den
+    pos = torch.arange(T, dtype=torch.int64, device=device)  # (T,)
+    if row_width is None:  # floor(i / L) steps up exactly at i = ceil(k * L)
+        return pos * den // num > (pos - 1) * den // num
+    row, offset = pos // row_width, pos % row_width
+
+    def rounded(x_num: torch.Tensor) -> torch.Tensor:  # round(x_num / num), halves up
+        return (2 * x_num + num) // (2 * num)
+
+    count = rounded((row + 1) * row_width * den) - rounded(row * row_width * den)
+    count = count.clamp(1, row_width)  # (T,) patches in the token's row
+    return offset * count // row_width > (offset - 1) * count // row_width
 
 
 def _check_starts(starts: torch.Tensor) -> None:
@@ -182,16 +244,20 @@ def patch_geometry(lengths: torch.Tensor, row_width: int) -> tuple[torch.Tensor,
 class PatchingConfig:
     """Patching settings, stored in DPAR checkpoints (to_dict / from_dict).
 
-    mode: "entropy" (paper), "relative" (BLT), "token" (no merging), "static" (fixed length).
+    mode: "entropy" (paper), "relative" (BLT), "token" (no merging), "static" (uniform).
     threshold: entropy threshold tau in nats (gated modes).
-    max_patch_length: length cap P_max (None = no cap; required for "static").
+    max_patch_length: length cap P_max (None = no cap); for "static" without static_length,
+        the fixed patch length.
     row_reset: whether the first token of every grid row opens a patch.
+    static_length: "static" only: mean patch length of the fixed uniform pattern
+        (static_pattern_starts), e.g. PAPER_STATIC_LENGTH; None = max_patch_length's fixed length.
     """
 
     mode: str = "entropy"
-    threshold: float | None = 7.8
+    threshold: float | None = PAPER_THRESHOLDS[256]
     max_patch_length: int | None = 4
     row_reset: bool = True
+    static_length: float | None = None
 
     def __post_init__(self):
         if self.mode not in PATCH_MODES:
@@ -200,8 +266,12 @@ class PatchingConfig:
             raise ValueError(f"patching mode {self.mode!r} needs a threshold")
         if self.max_patch_length is not None and self.max_patch_length < 1:
             raise ValueError(f"max_patch_length must be >= 1, got {self.max_patch_length}")
-        if self.mode == "static" and self.max_patch_length is None:
-            raise ValueError("patching mode 'static' needs max_patch_length")
+        if self.static_length is not None and self.mode != "static":
+            raise ValueError(f"static_length applies to patching mode 'static' only, not {self.mode!r}")
+        if self.static_length is not None and not self.static_length >= 1.0:
+            raise ValueError(f"static_length must be >= 1, got {self.static_length}")
+        if self.mode == "static" and self.max_patch_length is None and self.static_length is None:
+            raise ValueError("patching mode 'static' needs max_patch_length or static_length")
 
     @property
     def needs_entropy(self) -> bool:
@@ -226,6 +296,7 @@ class PatchingConfig:
             mode=self.mode,
             shape=shape,
             device=device,
+            static_length=self.static_length,
         )
 
     def lengths(
@@ -240,7 +311,11 @@ class PatchingConfig:
         return patch_lengths_from_starts(self.starts(entropy, grid_width, shape, device), num_patches)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Plain dict; static_length only when set, so other modes' records stay as they were."""
+        d = asdict(self)
+        if d["static_length"] is None:
+            del d["static_length"]
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "PatchingConfig":
@@ -249,6 +324,64 @@ class PatchingConfig:
         if unknown:
             raise ValueError(f"unknown patching settings {unknown}; expected a subset of {sorted(known)}")
         return cls(**dict(d))
+
+
+class StepRule:
+    """The patching rule one token at a time, for generation: step i of `opens` decides the same
+    start as column i of `patch_starts` for the same (rounded) entropies.
+
+    Gated modes apply the gate, the row reset and the cap to the current step. The gate-free
+    modes ("token", "static") depend on the position alone, so their decisions are read from
+    the whole-sequence rule, computed once for one row of `num_tokens` tokens.
+    """
+
+    def __init__(self, config: PatchingConfig, grid_width: int, num_tokens: int,
+                 device: torch.device | str | None = None):
+        if grid_width < 1 or num_tokens < 1:
+            raise ValueError(f"grid_width and num_tokens must be >= 1, got {grid_width} and {num_tokens}")
+        self.config, self.grid_width, self.num_tokens = config, grid_width, num_tokens
+        self.fixed = None  # (T,) bool starts of the gate-free modes
+        if not config.needs_entropy:
+            self.fixed = config.starts(None, grid_width, shape=(1, num_tokens), device=device)[0]
+
+    @property
+    def max_patch_length(self) -> int:
+        """An upper bound on any patch's length under this rule (what pooling gathers per patch)."""
+        if self.fixed is not None:
+            return int(patch_lengths_from_starts(self.fixed[None].cpu()).max())
+        bound = self.num_tokens
+        if self.config.max_patch_length is not None:
+            bound = min(bound, self.config.max_patch_length)
+        if self.config.row_reset:
+            bound = min(bound, self.grid_width)
+        return bound
+
+    def opens(
+        self,
+        step: int,
+        entropy: torch.Tensor | None,
+        prev_entropy: torch.Tensor | None,
+        open_length: torch.Tensor,
+    ) -> torch.Tensor:
+        """Whether token `step` (0 < step < num_tokens) opens a patch, (B,) bool.
+
+        entropy, prev_entropy: e_step and e_{step-1} (B,) (gated modes; float of any dtype);
+        open_length: (B,) int tokens already in the open patch.
+        """
+        if not 0 < step < self.num_tokens:
+            raise ValueError(f"step must be in 1..{self.num_tokens - 1}, got {step}")
+        cfg = self.config
+        if self.fixed is not None:
+            return self.fixed[step].expand(open_length.shape[0])
+        if cfg.mode == "entropy":
+            opens = quantize_entropy(entropy) > cfg.threshold
+        else:
+            opens = quantize_entropy(entropy) - quantize_entropy(prev_entropy) > cfg.threshold
+        if cfg.row_reset and step % self.grid_width == 0:
+            opens = torch.ones_like(opens)
+        if cfg.max_patch_length is not None:
+            opens = opens | (open_length >= cfg.max_patch_length)
+        return opens
 
 
 def _to_tensor(x: Any) -> torch.Tensor:

@@ -36,7 +36,8 @@ from tqdm import tqdm
 
 from dataset.code_store import CodeStore, check_code_store, code_store_hash, open_code_store
 from entropy_model.entropy import entropy_from_logits
-from utils.checkpoint import file_sha256, model_from_checkpoint
+from utils.checkpoint import checkpoint_sha256, model_from_checkpoint
+from utils.cli import HelpFormatter
 from utils.distributed import all_reduce, barrier, broadcast_object, init_distributed, teardown_distributed
 
 ENTROPY_FILE = "entropy.npy"
@@ -53,10 +54,8 @@ FLOAT16_PATTERNS = 1 << 16
 # Model
 # ---------------------------------------------------------------------------------------
 def load_entropy_model(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """(unconditional GPT in eval mode, its stored args) from a project checkpoint file;
-    ValueError (one line) for anything else."""
-    if Path(path).is_dir():
-        raise ValueError(f"{path} is a checkpoint directory; export it first (python -m utils.checkpoint export)")
+    """(unconditional GPT in eval mode, its stored args) from a project checkpoint (file or FSDP
+    directory); ValueError (one line) for anything else."""
     model, args = model_from_checkpoint(path)
     if getattr(model, "is_dpar", False):
         raise ValueError(f"{path} holds a DPAR model; the entropy model is an unconditional GPT")
@@ -310,7 +309,8 @@ def score_code_store(
 # ---------------------------------------------------------------------------------------
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Score a code store with the entropy model "
-                                                 "(writes entropy.npy and entropy.json).")
+                                                 "(writes entropy.npy and entropy.json).",
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--code-path", required=True, help="code store directory")
     parser.add_argument("--entropy-ckpt", required=True, help="entropy model checkpoint (unconditional GPT)")
     parser.add_argument("--entropy-path", default=None, help="output directory (default: the code store)")
@@ -319,7 +319,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="sequences per resumable slice (a resumed run keeps the first run's)")
     parser.add_argument("--mixed-precision", choices=list(AUTOCAST_DTYPES), default="none",
                         help="autocast dtype of the forward pass; entropies are always computed in float32")
-    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="auto: CUDA when available")
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.slice_size < 1:
         parser.error("--batch-size and --slice-size must be >= 1")
@@ -335,7 +335,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         model, model_args = load_entropy_model(args.entropy_ckpt)
         model.to(info.device)
-        model_hash = broadcast_object(file_sha256(args.entropy_ckpt) if info.is_main else None)
+        model_hash = broadcast_object(checkpoint_sha256(args.entropy_ckpt) if info.is_main else None)
         started = time.time()
         record = score_code_store(
             args.code_path, model, model_hash, args.entropy_path, args.batch_size, args.slice_size,

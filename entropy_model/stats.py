@@ -27,6 +27,7 @@ from entropy_model.calibrate import (
     threshold_for_compression,
 )
 from entropy_model.patching import GATED_MODES, PATCH_MODES, PatchingConfig
+from utils.cli import HelpFormatter
 
 
 def patch_statistics(lengths: torch.Tensor, batch_size: int | None = None, seed: int = 0) -> dict[str, Any]:
@@ -132,17 +133,18 @@ def main(args: argparse.Namespace) -> None:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Patch statistics of code stores' stored entropies.")
+    parser = argparse.ArgumentParser(description="Patch statistics of code stores' stored entropies.",
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--code-path", nargs="+", required=True, help="code store directories holding entropy.npy")
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--threshold", type=float, default=None, help=f"tau (default {PAPER_THRESHOLD})")
     target.add_argument("--target-compression", type=float, default=None, help="calibrate tau on the first store")
-    parser.add_argument("--mode", choices=PATCH_MODES, default="entropy")
+    parser.add_argument("--mode", choices=PATCH_MODES, default="entropy", help="patch boundary rule")
     parser.add_argument("--max-patch-length", type=int, default=4, help="length cap; 0 = no cap")
-    parser.add_argument("--no-row-reset", action="store_true")
+    parser.add_argument("--no-row-reset", action="store_true", help="let patches run across grid rows")
     parser.add_argument("--sample", type=int, default=10000, help="random sequences per store; 0 = all")
     parser.add_argument("--batch-size", type=int, default=32, help="batch size for the padded patch count")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sample of (image, view) rows")
     parser.add_argument("--json", default=None, help="write the statistics here")
     args = parser.parse_args(argv)
     if args.max_patch_length < 0 or args.sample < 0 or args.batch_size < 1:

@@ -39,7 +39,8 @@ from entropy_model.entropy import teacher_forced_entropy
 from entropy_model.patching import GATED_MODES, PATCH_MODES, PatchingConfig, patch_ids_from_starts, starts_from_lengths
 from entropy_model.score import load_entropy_model
 from tokenizer.vq_model import VQ_models, load_vq_checkpoint
-from utils.checkpoint import file_sha256, model_from_checkpoint
+from utils.checkpoint import checkpoint_sha256, model_from_checkpoint
+from utils.cli import HelpFormatter
 from utils.distributed import pick_device
 
 # Viridis sampled at 10 evenly spaced points; linear interpolation between them keeps it
@@ -53,6 +54,7 @@ VIRIDIS = np.array(
 )
 BACKGROUND = (255, 255, 255)
 TEXT = (0, 0, 0)
+LINE_SPACING = 2  # pixels between title lines
 
 
 def colormap(values: np.ndarray) -> np.ndarray:
@@ -77,6 +79,31 @@ def _patch_id_grid(patches: np.ndarray | torch.Tensor, num_tokens: int) -> np.nd
 def _text_size(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont) -> tuple[int, int]:
     left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
     return right - left, bottom - top
+
+
+def _font(size: int = 12) -> ImageFont.ImageFont:
+    """Pillow's built-in font at a size whose spaces are visible (one bitmap size before Pillow 10.1)."""
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def fit_lines(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont, width: int) -> list[str]:
+    """text split at its newlines, each part wrapped at spaces into lines of at most `width`
+    pixels (a single word wider than that gets a line of its own)."""
+    lines = []
+    for part in text.split("\n"):
+        line = ""
+        for word in part.split(" "):
+            candidate = f"{line} {word}" if line else word
+            if line and _text_size(draw, candidate, font)[0] > width:
+                lines.append(line)
+                line = word
+            else:
+                line = candidate
+        lines.append(line)
+    return lines
 
 
 def entropy_heatmap_figure(
@@ -128,15 +155,16 @@ def entropy_heatmap_figure(
     edge[1:, :] |= pid[1:, :] != pid[:-1, :]  # first pixel row of a token below a boundary
     heat[edge] = outline
 
-    font = ImageFont.load_default()
+    font = _font()
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     if title is None:
         num_patches = int(ids.max()) + 1
         title = f"{num_patches} patches / {h * w} tokens ({h * w / num_patches:.2f} tokens per patch)"
-    text_h = max(_text_size(probe, s, font)[1] for s in (title, "0123456789.nats"))
+    text_h = max(_text_size(probe, s, font)[1] for s in ("Ag0123456789.nats", title.replace("\n", " ")))
+    lines = fit_lines(probe, title, font, W)
     width = W + 2 * margin
     title_y = margin
-    image_y = title_y + text_h + margin
+    image_y = title_y + len(lines) * (text_h + LINE_SPACING) + margin
     heat_y = image_y + H + margin
     bar_y = heat_y + H + margin
     ticks_y = bar_y + bar_height + 3
@@ -148,7 +176,8 @@ def entropy_heatmap_figure(
     bar = colormap(np.linspace(0.0, 1.0, W))[None].repeat(bar_height, axis=0)  # (bar_height, W, 3)
     fig.paste(Image.fromarray(bar), (margin, bar_y))
     draw = ImageDraw.Draw(fig)
-    draw.text((margin, title_y), title, fill=TEXT, font=font)
+    for k, line in enumerate(lines):
+        draw.text((margin, title_y + k * (text_h + LINE_SPACING)), line, fill=TEXT, font=font)
     low_text, high_text, label = f"{lo:.2f}", f"{hi:.2f}", "entropy (nats)"
     draw.text((margin, ticks_y), low_text, fill=TEXT, font=font)
     draw.text((margin + W - _text_size(draw, high_text, font)[0], ticks_y), high_text, fill=TEXT, font=font)
@@ -243,9 +272,9 @@ def heatmaps_for_codes(
 
 
 def panel_title(name: str, starts: torch.Tensor) -> str:
-    """Caption: name, patch count and tokens per patch of one image's starts (T,)."""
+    """Caption of one image's starts (T,): the name on its own line, then patch count and tokens per patch."""
     patches = int(starts.sum())
-    return f"{name}: {patches} patches, {starts.numel() / patches:.2f} tokens/patch"
+    return f"{name}\n{patches} patches, {starts.numel() / patches:.2f} tokens/patch"
 
 
 # ---------------------------------------------------------------------------------------
@@ -293,7 +322,7 @@ def _load_models(
     entropy_model, model_hash = None, None
     if args.entropy_ckpt:
         entropy_model = load_entropy_model(args.entropy_ckpt)[0].to(device)
-        model_hash = file_sha256(args.entropy_ckpt)
+        model_hash = checkpoint_sha256(args.entropy_ckpt)
     return vq, entropy_model, model_hash
 
 
@@ -387,7 +416,8 @@ def make_figure(args: argparse.Namespace) -> Image.Image:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Entropy heatmaps with patch outlines (the paper's Figure 2).")
+    parser = argparse.ArgumentParser(description="Entropy heatmaps with patch outlines (the paper's Figure 2).",
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--code-path", required=True, help="code store directory holding entropy.npy")
     parser.add_argument("--entropy-path", default=None, help="directory holding entropy.npy (default: the store)")
     parser.add_argument("--codebook-size", type=int, default=None, help="for LlamaGen's store layout only")
@@ -395,28 +425,29 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--view", type=int, default=0, help="stored view to show (0 = center)")
     parser.add_argument("--data-path", default=None,
                         help="ImageFolder the store was extracted from: show source pixels, not decoded codes")
-    parser.add_argument("--vq-model", choices=list(VQ_models), default="VQ-16")
+    parser.add_argument("--vq-model", choices=list(VQ_models), default="VQ-16", help="tokenizer registry name")
     parser.add_argument("--vq-ckpt", default=None, help="VQ tokenizer, decodes codes to images")
     parser.add_argument("--entropy-ckpt", default=None,
                         help="entropy model: checks the stored entropies' model hash; scores generated samples")
     parser.add_argument("--generate-ckpt", default=None, help="GPT or DPAR checkpoint: add panels of its samples")
     parser.add_argument("--classes", type=int, nargs="*", default=[],
                         help="class of each generated sample (an unconditional model draws one sample per entry)")
-    parser.add_argument("--cfg-scale", type=float, default=1.0)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cfg-scale", type=float, default=1.0, help="guidance scale of --generate-ckpt sampling")
+    parser.add_argument("--temperature", type=float, default=1.0,
+                        help="softmax temperature of --generate-ckpt sampling")
+    parser.add_argument("--top-k", type=int, default=0, help="top-k of --generate-ckpt sampling (0 = off)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus mass of --generate-ckpt sampling (1.0 = off)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of --generate-ckpt sampling")
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--threshold", type=float, default=None, help=f"tau in nats (default {PAPER_THRESHOLD})")
     target.add_argument("--target-compression", type=float, default=None,
                         help="calibrate tau on the stored entropies to this many tokens per patch")
-    parser.add_argument("--mode", choices=PATCH_MODES, default="entropy")
+    parser.add_argument("--mode", choices=PATCH_MODES, default="entropy", help="patch boundary rule")
     parser.add_argument("--max-patch-length", type=int, default=4, help="length cap; 0 = no cap")
-    parser.add_argument("--no-row-reset", action="store_true")
+    parser.add_argument("--no-row-reset", action="store_true", help="let patches run across grid rows")
     parser.add_argument("--per-image-scale", action="store_true", help="colour range per image (default: shared)")
     parser.add_argument("--columns", type=int, default=None, help="figures per row (default: one row)")
-    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="auto: CUDA when available")
     parser.add_argument("--out", required=True, help="PNG to write")
     args = parser.parse_args(argv)
     if args.max_patch_length < 0:

@@ -18,9 +18,11 @@ store's stored entropies and --threshold instead. The FLOPs ratio comes from
 evaluations.flops over exactly the patch counts trained on: training FLOPs (3 x 2 x (linear +
 attention MACs)) of GPT / DPAR per image.
 
-Training step: forward, backward and AdamW step on random codes (LlamaGen's dropouts), the
-DPAR batch's PatchLayout built inside the step; --compile compiles each transformer block as
-train_c2i.py does. images/s = batch / median step time; tokens/s = images/s x T.
+Training step: forward, the trainer's chunked loss, backward and AdamW step on random codes
+(LlamaGen's dropouts); DPAR's PatchLayouts are built beforehand on the host (pinned on CUDA), as
+the trainer's data workers do, and copied with non_blocking=True inside the step. --compile
+model compiles the whole model (train_c2i.py's default), --compile blocks each transformer
+block. images/s = batch / median step time; tokens/s = images/s x T.
 Peak memory (bytes, one extra step per model after the timed ones): CUDA max_memory_allocated
 (weights, optimizer state and activations); CPU, after returning free heap pages to the system
 (malloc_trim), the growth of the resident set's high-water mark (VmHWM, reset through
@@ -37,8 +39,8 @@ cache than a whole image needs). DPAR's entropy model is a GPT (--entropy-model)
 head, its threshold calibrated to the target compression on random codes.
 
 Defaults: on the CPU GPT-XS vs DPAR-XS, vocabulary 1024, batch 8, 1 warm-up + 5 measured steps,
-float32, eager, entropy model GPT-T; on CUDA GPT-L vs DPAR-L, vocabulary 16384, batch 32, 3 + 10
-steps, bf16 autocast, compiled blocks, entropy model GPT-S.
+float32, eager, entropy model GPT-T; on CUDA GPT-L vs DPAR-L, vocabulary 16384, batch 32, 4 + 10
+steps, bf16 autocast, whole-model compile, entropy model GPT-S.
 """
 import argparse
 import ctypes
@@ -59,13 +61,14 @@ import torch.nn.functional as F
 from autoregressive.models import build_model
 from autoregressive.models.attention import BACKENDS, set_attention_backend
 from autoregressive.models.dpar import DPAR_models, build_patch_layout
-from autoregressive.models.generate import Sampling, draw_uniforms, generate, reference_generate_dpar
+from autoregressive.models.generate import Decoding, Sampling, draw_uniforms, generate, reference_generate_dpar
 from autoregressive.models.gpt import GPT_models
-from autoregressive.models.modules import TransformerBlock
+from autoregressive.train.model import compile_model
 from entropy_model.calibrate import threshold_for_compression
 from entropy_model.entropy import teacher_forced_entropy
-from entropy_model.patching import PatchingConfig, patch_lengths_from_starts, patch_starts
+from entropy_model.patching import PatchingConfig, paper_threshold, patch_lengths_from_starts, patch_starts
 from evaluations.flops import flops_per_image
+from utils.cli import HelpFormatter
 
 DEFAULT_COMPRESSION = {256: 1.81, 384: 2.06}
 ROW_KEYS = (
@@ -222,30 +225,31 @@ class Trainee:
 
 def make_trainee(
     name: str, image_size: int, vocab_size: int, batch_size: int, device: torch.device, amp: Optional[torch.dtype],
-    compile_blocks: bool, patch_batches: Optional[List[torch.Tensor]] = None, num_classes: int = 1000, seed: int = 0,
-    **model_kwargs,
+    compile_scope: Optional[str] = None, patch_batches: Optional[List[torch.Tensor]] = None, num_classes: int = 1000,
+    seed: int = 0, compile_backend: str = "inductor", **model_kwargs,
 ) -> Trainee:
-    """A registry model on `device` with AdamW and a step(i) that trains on batch i (cycled)."""
+    """A registry model on `device` with AdamW and a step(i) that trains on batch i (cycled).
+    compile_scope: None, "model" or "blocks" (autoregressive.train.model.compile_model)."""
     T = (image_size // 16) ** 2
     torch.manual_seed(seed)
     model = build_model(name, vocab_size=vocab_size, block_size=T, num_classes=num_classes, **model_kwargs)
     model.to(device).train()
-    if compile_blocks:
-        for block in [m for m in model.modules() if isinstance(m, TransformerBlock)]:
-            block.compile()
+    if compile_scope is not None:
+        compile_model(model, compile_scope, compile_backend)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
     g = torch.Generator().manual_seed(seed)
     count = len(patch_batches) if patch_batches else 4
     codes = [torch.randint(0, vocab_size, (batch_size, T), generator=g).to(device) for _ in range(count)]
     labels = [torch.randint(0, num_classes, (batch_size,), generator=g).to(device) for _ in range(count)]
+    layouts = [build_patch_layout(b, model.config) for b in patch_batches or []]  # as the data workers do
+    if device.type == "cuda":
+        layouts = [layout.pin_memory() for layout in layouts]
 
     def step(i: int) -> None:
         k = i % count
-        extra = ()
-        if patch_batches is not None:  # the layout is built on the host, as a data worker would
-            extra = (build_patch_layout(patch_batches[k], model.config).to(device, non_blocking=True),)
+        extra = (layouts[k].to(device, non_blocking=True),) if layouts else ()
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            _, loss = model(codes[k][:, :-1], labels[k], *extra, targets=codes[k])
+            _, loss = model(codes[k][:, :-1], labels[k], *extra, targets=codes[k], return_logits=False)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -271,9 +275,42 @@ def calibrated_entropy_model(name: str, T: int, vocab_size: int, compression: fl
     return model, PatchingConfig("entropy", tau, 4, True)
 
 
+def time_generation(model, batch: int, tokens: int, device: torch.device, decoding: Optional[Decoding] = None,
+                    warmup_tokens: int = 0, reference: bool = False, **dpar_kwargs) -> dict:
+    """One timed generation of `tokens` tokens per image for `batch` images with guidance 4
+    (2 x batch rows): seconds, ms per token step, images/s = batch x tokens / (T x seconds)
+    and, for DPAR, the mean patch count. warmup_tokens: an untimed generation first (compiles
+    and captures the step functions). reference: DPAR's re-running reference path."""
+    T = model.config.block_size
+    cond = torch.arange(batch, device=device) % model.config.num_classes
+    sampling = Sampling(cfg_scale=4.0)
+
+    def run(n: int):
+        g = torch.Generator().manual_seed(0)
+        if reference:
+            uniforms = draw_uniforms(batch, n, g).to(device)
+            return reference_generate_dpar(model, cond, n, sampling, uniforms, **dpar_kwargs)
+        return generate(model, cond, n, cfg_scale=4.0, generator=g, decoding=decoding, **dpar_kwargs)
+
+    with torch.no_grad():
+        if warmup_tokens:
+            run(warmup_tokens)
+        synchronize(device)
+        started = time.perf_counter()
+        out = run(tokens)
+        synchronize(device)
+        seconds = time.perf_counter() - started
+    result = {"batch": batch, "tokens": tokens, "seconds": seconds, "step_ms": 1e3 * seconds / tokens,
+              "images_per_s": batch * tokens / (T * seconds)}
+    if out.num_patches is not None:
+        result["patches_per_image"] = out.num_patches.float().mean().item()
+    return result
+
+
 def sample_rates(gpt, dpar, entropy_model, patching: PatchingConfig, batch: int, tokens: int, reference_tokens: int,
-                 device: torch.device, repeats: int = 1) -> dict:
-    """Seconds and images/s of GPT, incremental DPAR and reference DPAR sampling (guidance 4)."""
+                 device: torch.device, repeats: int = 1, decoding: Optional[Decoding] = None) -> dict:
+    """Seconds and images/s of GPT, incremental DPAR and reference DPAR sampling (guidance 4);
+    decoding: how the incremental steps run (default eager)."""
     T = gpt.config.block_size
     cond = torch.arange(batch, device=device) % gpt.config.num_classes
     g = torch.Generator().manual_seed(0)
@@ -282,11 +319,11 @@ def sample_rates(gpt, dpar, entropy_model, patching: PatchingConfig, batch: int,
     gpt.eval(), dpar.eval()
 
     def gpt_run(r: int):
-        generate(gpt, cond, tokens, cfg_scale=4.0, generator=g)
+        generate(gpt, cond, tokens, cfg_scale=4.0, generator=g, decoding=decoding)
 
     def dpar_run(r: int):
         out["dpar_patches"] = generate(dpar, cond, tokens, cfg_scale=4.0, generator=g, entropy_model=entropy_model,
-                                       patching=patching).num_patches.float().mean().item()
+                                       patching=patching, decoding=decoding).num_patches.float().mean().item()
 
     def reference_run(r: int):
         uniforms = draw_uniforms(batch, reference_tokens, g).to(device)
@@ -330,7 +367,7 @@ def compare(args: argparse.Namespace, image_size: int, device: torch.device) -> 
 
     amp = torch.bfloat16 if args.bf16 else None
     build = dict(image_size=image_size, vocab_size=args.vocab_size, batch_size=args.batch_size, device=device,
-                 amp=amp, compile_blocks=args.compile, num_classes=args.num_classes)
+                 amp=amp, compile_scope=None if args.compile == "none" else args.compile, num_classes=args.num_classes)
     gpt = make_trainee(args.gpt_model, **build)
     dpar = make_trainee(args.dpar_model, patch_batches=batches, patch_packing=args.packing, **build)
     times, peak = interleaved({"gpt": gpt.step, "dpar": dpar.step}, args.warmup, args.steps, device, True)
@@ -412,28 +449,32 @@ def format_table(row: dict, details: dict) -> str:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description="Training and sampling throughput of a GPT / DPAR pair, alternating "
-                                            "their steps, beside the FLOPs ratio.")
+                                            "their steps, beside the FLOPs ratio.",
+                                formatter_class=HelpFormatter)
     p.add_argument("--json", default=None, help="write {device, rows} here")
-    p.add_argument("--gpt-model", choices=sorted(GPT_models), default="GPT-L" if cuda else "GPT-XS")
-    p.add_argument("--dpar-model", choices=sorted(DPAR_models), default="DPAR-L" if cuda else "DPAR-XS")
+    p.add_argument("--gpt-model", choices=sorted(GPT_models), default="GPT-L" if cuda else "GPT-XS",
+                   help="baseline registry name (default: GPT-L on CUDA, GPT-XS on CPU)")
+    p.add_argument("--dpar-model", choices=sorted(DPAR_models), default="DPAR-L" if cuda else "DPAR-XS",
+                   help="DPAR registry name (default: DPAR-L on CUDA, DPAR-XS on CPU)")
     p.add_argument("--image-size", type=int, nargs="+", default=[384], help="one row per size (multiples of 16)")
     p.add_argument("--vocab-size", type=int, default=16384 if cuda else 1024, help="codebook size")
-    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--num-classes", type=int, default=1000, help="classes of the class embedding")
     p.add_argument("--batch-size", type=int, default=32 if cuda else 8, help="training batch")
     p.add_argument("--steps", type=int, default=10 if cuda else 5, help="measured steps per model")
-    p.add_argument("--warmup", type=int, default=3 if cuda else 1, help="unmeasured steps per model first")
+    p.add_argument("--warmup", type=int, default=4 if cuda else 1,
+                   help="unmeasured steps per model first (cover the --num-batches layouts: compilation)")
     p.add_argument("--num-batches", type=int, default=4, help="distinct patch layouts cycled through")
     g = p.add_argument_group("patches")
     g.add_argument("--compression", type=float, default=None, help="mean tokens per patch (default 1.81 at 256 px, "
                                                                     "2.06 at 384 px)")
     g.add_argument("--entropy-path", default=None, help="code store with entropy.npy: use its entropies")
-    g.add_argument("--threshold", type=float, default=7.8, help="entropy threshold with --entropy-path")
+    g.add_argument("--threshold", type=float, default=paper_threshold(), help="entropy threshold with --entropy-path")
     g.add_argument("--max-patch-length", type=int, default=4, help="length cap (0 = none)")
     g.add_argument("--packing", choices=("auto", "packed", "padded"), default="auto",
                    help="DPAR's patch-transformer layout (DPARConfig.patch_packing)")
     g = p.add_argument_group("execution")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=cuda,
-                   help="torch.compile each transformer block (default on CUDA)")
+    g.add_argument("--compile", choices=("none", "model", "blocks"), default="model" if cuda else "none",
+                   help="torch.compile the whole model or each transformer block (default: model on CUDA)")
     g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=cuda,
                    help="bf16 autocast (default on CUDA)")
     g.add_argument("--attention", choices=BACKENDS, default=None, help="attention backend (default: automatic)")
@@ -443,7 +484,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="images per sampling batch (x2 with guidance)")
     g.add_argument("--sample-tokens", type=int, default=0, help="tokens per sampled image (0 = all)")
     g.add_argument("--reference-tokens", type=int, default=24, help="tokens for the reference DPAR path")
-    g.add_argument("--entropy-model", choices=sorted(GPT_models), default="GPT-S" if cuda else "GPT-T")
+    g.add_argument("--entropy-model", choices=sorted(GPT_models), default="GPT-S" if cuda else "GPT-T",
+                   help="entropy model registry name (default: GPT-S on CUDA, GPT-T on CPU)")
     args = p.parse_args(argv)
     for size in args.image_size:
         if size % 16 or size < 32:

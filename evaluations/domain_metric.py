@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from dataset.augmentation import center_crop_arr
 from dataset.imagefolder import list_image_folder, load_rgb
 from evaluations.c2i.metrics import feature_statistics, frechet_distance
+from utils.cli import HelpFormatter
 
 METRIC_NAME = "domain metric"
 BLUR_SIGMA, NOISE_STD = 1.2, 0.1  # training augmentation: blur (pixels at 32px) and noise (on [-1, 1]) at most
@@ -347,25 +348,30 @@ def format_report(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train the domain classifier on an ImageFolder")
-    train.add_argument("--data-path", required=True)
-    train.add_argument("--out", required=True)
-    train.add_argument("--image-size", type=int, default=64)
-    train.add_argument("--epochs", type=int, default=40)
-    train.add_argument("--batch-size", type=int, default=64)
-    train.add_argument("--lr", type=float, default=1e-2)
-    train.add_argument("--held-out-fraction", type=float, default=0.2)
-    train.add_argument("--width", type=int, default=16)
-    train.add_argument("--seed", type=int, default=0)
-    score = sub.add_parser("score", help="score generated samples")
-    score.add_argument("--classifier", required=True)
+    train = sub.add_parser("train", help="train the domain classifier on an ImageFolder",
+                           formatter_class=HelpFormatter)
+    train.add_argument("--data-path", required=True, help="ImageFolder root of the real images: <class>/<image>")
+    train.add_argument("--out", required=True, help="classifier checkpoint to write")
+    train.add_argument("--image-size", type=int, default=64, help="images are resized to this size")
+    train.add_argument("--epochs", type=int, default=40, help="training epochs")
+    train.add_argument("--batch-size", type=int, default=64, help="images per batch")
+    train.add_argument("--lr", type=float, default=1e-2, help="peak AdamW learning rate (one-cycle schedule)")
+    train.add_argument("--held-out-fraction", type=float, default=0.2,
+                       help="share of the images kept out of training to measure accuracy")
+    train.add_argument("--width", type=int, default=16, help="channels of the classifier's first layer")
+    train.add_argument("--seed", type=int, default=0, help="seed of weights, split and data order")
+    score = sub.add_parser("score", help="score generated samples",
+                           formatter_class=HelpFormatter)
+    score.add_argument("--classifier", required=True, help="classifier checkpoint written by the train command")
     score.add_argument("--samples", required=True, help="npz with arr_0 (N, H, W, 3) uint8 and labels (N,)")
     score.add_argument("--data-path", required=True, help="the ImageFolder the classifier was trained on")
     score.add_argument("--labels-key", default=None, help="labels array in the npz (default: labels, then arr_1)")
     score.add_argument("--out-json", default=None, help="default: <samples>_domain_metric.json")
-    score.add_argument("--seed", type=int, default=0)
+    score.add_argument("--seed", type=int, default=0,
+                       help="seed of the class-matched subset of training images (the floor)")
     args = parser.parse_args(argv)
 
     if args.command == "train":

@@ -51,7 +51,8 @@ from autoregressive.models import all_models, build_model
 from autoregressive.models.dpar import DPAR_models, PatchCrossAttention
 from autoregressive.models.modules import Attention
 from entropy_model.calibrate import read_entropy_file, sample_entropies, store_grid_width
-from entropy_model.patching import PATCH_MODES, PatchingConfig
+from entropy_model.patching import PATCH_MODES, PAPER_THRESHOLDS, PatchingConfig, paper_threshold
+from utils.cli import HelpFormatter
 
 PAPER_FORWARD_GMACS = {("GPT-XL", 384, 1.0): 433.6, ("DPAR-XL", 384, 2.06): 258.5}  # (model, px, compression)
 
@@ -185,13 +186,14 @@ def _count_distribution(model: nn.Module, weights: Dict[int, float]) -> MacCount
 
 def measured_patch_counts(
     entropy_path: str,
-    threshold: Optional[float] = 7.8,
+    threshold: Optional[float] = PAPER_THRESHOLDS[256],
     max_patch_length: Optional[int] = 4,
     row_reset: bool = True,
     mode: str = "entropy",
     max_images: Optional[int] = None,
     seed: int = 0,
     num_tokens: Optional[int] = None,
+    static_length: Optional[float] = None,
 ) -> np.ndarray:
     """Patches per image from stored entropies: entropy_path is the code store (or its
     entropy.npy, (N, views, T) float16); every view counts as an image; up to max_images
@@ -203,7 +205,7 @@ def measured_patch_counts(
         raise ValueError(f"{path} holds entropies of {entropy.shape[-1]} tokens per image, not {num_tokens}; "
                          f"check --image-size")
     width = store_grid_width(path, entropy.shape[-1])
-    config = PatchingConfig(mode, threshold, max_patch_length, row_reset)
+    config = PatchingConfig(mode, threshold, max_patch_length, row_reset, static_length)
     rows = sample_entropies(entropy, max_images, seed)  # (S, T) float32
     return torch.cat([config.starts(chunk, width).sum(1) for chunk in rows.split(4096)]).numpy()
 
@@ -327,22 +329,26 @@ def _lengths(text: str) -> list:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Forward MACs (the paper's unit) and training FLOPs per image, "
-                                            "counted from the modules of one forward pass.")
+                                            "counted from the modules of one forward pass.",
+                                formatter_class=HelpFormatter)
     p.add_argument("--model", required=True, choices=sorted(all_models()), help="registry name")
-    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--image-size", type=int, default=256, help="image size in pixels")
     p.add_argument("--downsample-size", type=int, default=16, help="tokenizer downsampling (VQ-16: 16)")
     p.add_argument("--vocab-size", type=int, default=16384, help="codebook size")
-    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--num-classes", type=int, default=1000, help="classes of the class embedding")
     g = p.add_argument_group("DPAR patches (exactly one)")
     g.add_argument("--compression", type=float, default=None,
                    help="mean tokens per patch (the paper's: 1.81 at 256 px, 2.06 at 384 px)")
     g.add_argument("--lengths", type=_lengths, default=None, help="one patch layout, comma-separated lengths")
     g.add_argument("--entropy-path", default=None, help="code store holding entropy.npy: use its measured patch counts")
     g = p.add_argument_group("patching rule for --entropy-path")
-    g.add_argument("--patching-mode", choices=PATCH_MODES, default="entropy")
-    g.add_argument("--threshold", type=float, default=7.8, help="entropy threshold tau")
+    g.add_argument("--patching-mode", choices=PATCH_MODES, default="entropy", help="patch boundary rule")
+    g.add_argument("--threshold", type=float, default=None,
+                   help="entropy threshold tau (default the paper's at --image-size: 7.8 at 256 px, 7.9 at 384 px)")
+    g.add_argument("--static-length", type=float, default=None,
+                   help="mode static: mean length of the uniform pattern (fractional allowed)")
     g.add_argument("--max-patch-length", type=int, default=4, help="length cap (0 = none)")
-    g.add_argument("--no-row-reset", action="store_true")
+    g.add_argument("--no-row-reset", action="store_true", help="let patches run across grid rows")
     g.add_argument("--max-images", type=int, default=10000, help="random entropy rows used (0 = all)")
     p.add_argument("--json", default=None, help="also write the result to this JSON file")
     return p.parse_args(argv)
@@ -354,9 +360,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         patch_counts = None
         if args.entropy_path is not None:
             tokens = (args.image_size // args.downsample_size) ** 2
+            threshold = paper_threshold(args.image_size) if args.threshold is None else args.threshold
             patch_counts = measured_patch_counts(
-                args.entropy_path, args.threshold, args.max_patch_length or None, not args.no_row_reset,
-                args.patching_mode, args.max_images or None, num_tokens=tokens)
+                args.entropy_path, threshold, args.max_patch_length or None, not args.no_row_reset,
+                args.patching_mode, args.max_images or None, num_tokens=tokens, static_length=args.static_length)
         result = flops_per_image(args.model, args.image_size, compression=args.compression, lengths=args.lengths,
                                  patch_counts=patch_counts, vocab_size=args.vocab_size,
                                  num_classes=args.num_classes, downsample_size=args.downsample_size)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-GPU check: attention backends vs a float64 reference, GPT vs DPAR training throughput
-# (B at 256 px, L at 384 px, compiled) and decoding speed at batch 256 with guidance.
+# (B at 256 px, L at 384 px; whole-model and per-block compile) and decoding speed at batch 256
+# with guidance.
 # Usage: scripts/gpu_check.sh [OUT_DIR] [extra evaluations.gpu_check flags, e.g. --dry-run]
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -227,16 +227,17 @@ def test_activation_checkpointing_with_packed_patches():
 
 
 def test_compiled_patch_layers_do_not_recompile_for_new_patch_counts():
-    """Packed lengths are padded to a multiple and marked dynamic: one graph serves batches
-    with different patch counts and packed lengths. (aot_eager on CPU keeps this fast; the GPU
-    check compiles with inductor.)"""
+    """Packed lengths are padded to a multiple (nothing is marked dynamic inside forward): the
+    first packed length compiles a static graph, the second one graph with that length dynamic,
+    which serves every later length. (aot_eager on CPU keeps this fast; the GPU check compiles
+    with inductor.)"""
     torch._dynamo.reset()
     counters.clear()
     eager, compiled = tiny_dpar(pack_multiple=16), tiny_dpar(pack_multiple=16)
     compiled.patch_layers[0].compile(backend="aot_eager")
     slots = set()
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        for seed, threshold in ((2, 6.0), (3, 3.0), (4, 8.0)):
+    for seed, threshold in ((2, 6.0), (3, 3.0), (4, 8.0), (5, 5.0)):
+        with torch._dynamo.config.patch(error_on_recompile=len(slots) >= 2):
             codes, cond, lengths = dpar_batch(seed, threshold=threshold)
             layout = build_patch_layout(lengths, eager.config, packed=True)
             slots.add(layout.n_slots)
@@ -245,6 +246,6 @@ def test_compiled_patch_layers_do_not_recompile_for_new_patch_counts():
             assert torch.allclose(logits, ref_logits, atol=1e-5)
             for name in ("output.weight", "patch_layers.0.attention.wqkv.weight", "patch_cross_attn.0.wkv.weight"):
                 assert torch.allclose(grads[name], ref_grads[name], atol=1e-5), name
-    assert len(slots) == 3  # three different packed lengths
-    assert counters["stats"]["unique_graphs"] == 1
+    assert len(slots) >= 3  # at least three different packed lengths
+    assert counters["stats"]["unique_graphs"] == 2
     torch._dynamo.reset()

@@ -25,8 +25,15 @@ STAGE_LINE = re.compile(r"^\[(\d+)/(\d+)\] (\S+)\s+(skipped|running|resuming|don
 FIGURES = ("samples.png", "heatmaps_real.png", "heatmaps_generated.png", "loss_vs_step.png", "loss_vs_flops.png")
 
 
-def demo_cmd(out: Path, *extra: str) -> list:
-    return [sys.executable, "-m", "demo", "--tiny", "--out", str(out), "--device", "cpu", *extra]
+# Python turns SIGINT into KeyboardInterrupt only if it did not inherit SIGINT ignored, and
+# pytest started with `&` from a non-interactive shell passes it on ignored: the interrupted
+# run installs the handler itself, as a demo started from a terminal has it.
+CTRL_C_ENABLED = ("import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                  "runpy.run_module('demo', run_name='__main__', alter_sys=True)")
+
+
+def demo_cmd(out: Path, *extra: str, launch: tuple = ("-m", "demo")) -> list:
+    return [sys.executable, *launch, "--tiny", "--out", str(out), "--device", "cpu", *extra]
 
 
 def run_demo(out: Path, *extra: str) -> str:
@@ -55,8 +62,8 @@ def digests(out: Path) -> dict:
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "out"
     # 1. interrupted once training has started
-    proc = subprocess.Popen(demo_cmd(out), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(demo_cmd(out, launch=("-c", CTRL_C_ENABLED)), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, start_new_session=True)
     first = []
     deadline = time.time() + 900
     for line in proc.stdout:

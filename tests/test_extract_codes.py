@@ -63,7 +63,8 @@ def test_extract_center_and_flip(setup):
     assert (manifest["count"], manifest["source_count"], manifest["num_views"]) == (6, 7, 2)
     assert manifest["views"] == ["center", "flip_center"]
     assert [s["path"] for s in manifest["skipped"]] == ["00_disc/x.png"] and manifest["skipped"][0]["index"] == 3
-    assert manifest["tokenizer_hash"] == file_sha256(setup["ckpt"]) and manifest["tokenizer"] == "VQ-16"
+    assert manifest["tokenizer_hash"] == file_sha256(setup["ckpt"])
+    assert manifest["tokenizer"] == "VQ-16 layout, downsample 4" and manifest["downsample_factor"] == 4
     check_code_store(store, codebook_size=64, grid=8)
 
     good = _good_images(setup["data"])

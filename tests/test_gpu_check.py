@@ -23,10 +23,19 @@ def test_dry_run_writes_every_section(tmp_path):
     assert training["ok"], training.get("traceback")
     assert training["train_images_per_s_gpt"] > 0 and training["train_images_per_s_dpar"] > 0
     assert 0.5 < training["flops_ratio"] < 2 and training["compression"] > 1
-    assert training["dynamo_stats"]["unique_graphs"] >= 1  # the blocks really were compiled
+    assert training["dynamo_stats"]["unique_graphs"] >= 1  # the model really was compiled
+    assert training["compile_scope"] == "model" and set(training["scopes"]) == {"model", "blocks"}
+    assert all(scope["ok"] for scope in training["scopes"].values()), training["scopes"]
+    for scope in training["scopes"].values():  # every model compiled, nothing recompiled after warm-up
+        assert all(g["graphs"] >= 1 and g["recompiles_after_warmup"] == 0 for g in scope["compiled_graphs"].values())
+    assert all(g["graph_breaks"] == 0 for g in training["compiled_graphs"].values())  # whole model: one graph
     decoding = saved["decoding"]
     assert decoding["ok"], decoding.get("traceback")
     assert decoding["gpt_step_ms"] > 0 and decoding["dpar_step_ms"] > 0 and decoding["reference_step_ms"] > 0
+    runs = decoding["runs"]
+    assert {"gpt_graph", "gpt_eager", "dpar_graph", "dpar_eager", "dpar_incremental_ref", "dpar_reference"} <= set(runs)
+    assert all(r["ok"] for r in runs.values()), runs
+    assert runs["gpt_graph"]["tokens"] == 4 and runs["dpar_reference"]["tokens"] == 2
     assert report["training"][0]["gpt_model"] == "GPT-T"
 
 

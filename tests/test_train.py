@@ -17,8 +17,8 @@ import torch
 from autoregressive.train import main
 from autoregressive.train.args import parse_args
 from autoregressive.train.checkpointing import latest_checkpoint, list_checkpoints, prune_checkpoints
-from autoregressive.train.data import BatchStream, GPTBatches
-from autoregressive.train.model import learning_rate
+from autoregressive.train.data import BatchStream, GPTBatches, build_stream, open_training_store
+from autoregressive.train.model import create_model, learning_rate
 from dataset.code_store import CodeDataset, CodeStoreWriter, code_store_hash, open_code_store
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.distributed import DistInfo
@@ -157,6 +157,7 @@ def test_gradient_accumulation_matches_the_full_batch(store, tmp_path):
     main(train_argv(store, tmp_path, "accum", *NO_DROPOUT, max_steps=4, grad_accum_steps=4))
     a, b = read_log(tmp_path / "whole"), read_log(tmp_path / "accum")
     assert np.allclose([r["loss"] for r in a], [r["loss"] for r in b], atol=1e-5, rtol=0)
+    assert np.allclose([r["grad_norm"] for r in a], [r["grad_norm"] for r in b], rtol=1e-4, atol=0)
     assert_same_weights(final_state(tmp_path / "whole")["model"], final_state(tmp_path / "accum")["model"], atol=1e-5)
 
 
@@ -227,6 +228,29 @@ def test_global_batches_do_not_depend_on_world_size_or_accumulation(tmp_path):
     assert [_step_samples(resumed) for _ in range(5)] == reference[2:]
 
 
+def test_label_dropout_rate_in_training_batches(tmp_path):
+    """The trainer's batch path (flags -> model config -> build_stream) replaces each label by
+    the null class (num_classes) independently with probability --class-dropout-prob, and
+    keeps the others: the class of a view is recoverable from its first code, (3c + v) mod 16."""
+    store = make_store(tmp_path / "many", count=512)
+    prob, steps = 0.25, 8
+    args = parse_args(train_argv(store, tmp_path, "drop", "--class-dropout-prob", str(prob), global_batch_size=512))
+    stream = build_stream(args, open_training_store(args), DistInfo(0, 1, 0, torch.device("cpu")), create_model(args))
+    generator = torch.Generator().manual_seed(0)
+    batches = [b.inputs for _ in range(steps) for b in stream.next_step(generator)]
+    labels = torch.cat([b["cond_idx"] for b in batches])  # (steps * 512,)
+    classes = torch.cat([b["targets"][:, 0] // 3 for b in batches])
+    dropped = labels == CLASSES
+    n = labels.numel()
+    assert n == 4096 and len(set(classes.tolist())) == CLASSES  # precondition: every class present
+    assert abs(dropped.float().mean().item() - prob) < 5 * (prob * (1 - prob) / n) ** 0.5  # 5 sigma
+    assert torch.equal(labels[~dropped], classes[~dropped])
+    per_batch = torch.stack([(b["cond_idx"] == CLASSES).float().mean() for b in batches])
+    assert (per_batch > 0.15).all() and (per_batch < 0.35).all()  # per label, not per batch
+    for c in range(CLASSES):  # independent of the class
+        assert abs(dropped[classes == c].float().mean().item() - prob) < 0.06
+
+
 def test_learning_rate_schedule():
     args = parse_args(["--code-path", "x", "--lr", "1e-3", "--warmup-steps", "4", "--lr-schedule", "cosine",
                        "--min-lr", "1e-4"])
@@ -255,7 +279,7 @@ def test_bad_inputs_stop_with_one_line(store, tmp_path, capsys):
     other = latest_checkpoint(tmp_path / "gpt-t" / "checkpoints")
     capsys.readouterr()
     cases = {
-        "grid": (["--image-size", "128"], "has a 4x4 token grid, but the model expects 8x8"),
+        "grid": (["--image-size", "128"], "--image-size 128 contradicts the code store"),
         "labels": (["--num-classes", "3"], "holds class ids 0..3, outside 0..2"),
         "arch-run-folder": (["--run-name", "gpt-t", "--gpt-model", "GPT-XS"], "is a GPT-T, but this run builds GPT-XS"),
         "arch-resume": (["--resume", str(other), "--dropout-p", "0", "--class-dropout-prob", "0"],

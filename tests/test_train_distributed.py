@@ -55,6 +55,10 @@ def test_two_processes_match_one(runs, mode):
     assert [r["step"] for r in read_log(multi)] == list(range(1, STEPS + 1))
     losses = [[r["loss"] for r in read_log(d)] for d in (single, multi)]
     assert np.allclose(*losses, atol=1e-5, rtol=0), losses
+    # Adam and clipping hide a constant gradient scale from the weights; the logged
+    # (pre-clipping) gradient norm shows it
+    norms = [[r["grad_norm"] for r in read_log(d)] for d in (single, multi)]
+    assert np.allclose(*norms, rtol=1e-4, atol=0), norms
     assert_same_weights(final_state(single)["model"], final_state(multi)["model"], atol=1e-5)
     ckpt = final_state(multi)
     assert len(ckpt["rng"]) == 2 and ckpt["args"]["world_size"] == 2 and ckpt["args"]["per_rank_batch_size"] == 4

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from tokenizer.vq_model import VQ_models, VQConfig, VQModel, vq_config
 from utils.checkpoint import save_checkpoint_atomic
+from utils.cli import HelpFormatter
 
 
 @dataclass
@@ -45,12 +46,14 @@ class Setup:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tokenizer.train_vq",
-                                description="Train a VQ image tokenizer (LlamaGen VQModel layout).")
+                                description="Train a VQ image tokenizer (LlamaGen VQModel layout).",
+                                formatter_class=HelpFormatter)
     p.add_argument("--data-path", type=str, required=True, help="ImageFolder root (class subfolders)")
     p.add_argument("--val-data-path", type=str, default=None, help="held-out ImageFolder for the final metrics")
-    p.add_argument("--results-dir", type=str, default="results/vq")
-    p.add_argument("--vq-model", type=str, choices=list(VQ_models), default="VQ-16")
-    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--results-dir", type=str, default="results/vq",
+                   help="run folder (checkpoints/, log.txt, metrics.json)")
+    p.add_argument("--vq-model", type=str, choices=list(VQ_models), default="VQ-16", help="tokenizer registry name")
+    p.add_argument("--image-size", type=int, default=256, help="training image size")
     defaults = VQConfig()
     p.add_argument("--ch", type=int, default=None, help=f"base width (default: {defaults.ch})")
     p.add_argument("--ch-mult", type=int, nargs="+", default=None, help="width multipliers (default: the registry's)")
@@ -64,27 +67,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dropout", type=float, default=None, help=f"default: {defaults.dropout}")
     p.add_argument("--commit-loss-beta", type=float, default=None, help=f"default: {defaults.commit_loss_beta}")
     p.add_argument("--entropy-loss-ratio", type=float, default=None, help=f"default: {defaults.entropy_loss_ratio}")
-    p.add_argument("--rec-loss", type=str, choices=["l2", "l1"], default="l2")
-    p.add_argument("--codebook-weight", type=float, default=1.0)
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--global-batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant")
+    p.add_argument("--rec-loss", type=str, choices=["l2", "l1"], default="l2", help="pixel reconstruction loss")
+    p.add_argument("--codebook-weight", type=float, default=1.0, help="weight of the codebook and commitment losses")
+    p.add_argument("--epochs", type=int, default=None, help="epochs to train (unless --max-steps)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    p.add_argument("--global-batch-size", type=int, default=16, help="images per optimizer step")
+    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate")
+    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
+                   help="after warmup: constant, or cosine decay to --min-lr at the last step")
     p.add_argument("--warmup-steps", type=int, default=0, help="linear warmup from 0")
     p.add_argument("--min-lr", type=float, default=0.0, help="final learning rate of the cosine schedule")
     p.add_argument("--restart-dead-every", type=int, default=0,
                    help="every N steps, move codes unused in those N steps onto current latents (0 = off)")
-    p.add_argument("--beta1", type=float, default=0.9)
-    p.add_argument("--beta2", type=float, default=0.95)
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=100)
-    p.add_argument("--ckpt-every", type=int, default=5000)
+    p.add_argument("--beta1", type=float, default=0.9, help="Adam beta1")
+    p.add_argument("--beta2", type=float, default=0.95, help="Adam beta2")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0 = off)")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights and data order")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes (0 = in process)")
+    p.add_argument("--log-every", type=int, default=100, help="log line every N steps")
+    p.add_argument("--ckpt-every", type=int, default=5000, help="checkpoint every N steps (and at the end)")
     p.add_argument("--eval-images", type=int, default=256,
                    help="training images (evenly spaced, no flip) for the final PSNR / usage when no --val-data-path")
-    p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cuda or cpu (default: cuda when available)")
     return p
 
 

@@ -149,8 +149,9 @@ class Documents:
     max_seqlen  bound on a document's length for the varlen kernels (kept static, so compiled
                 code does not specialise on each batch's longest document)
     doc_ids     (N,) int64 document of every slot
-    grid_index  (n_real, L) slot at (real document, position) for the SDPA path, L = the
-                longest real document; positions past a document's end repeat its last slot
+    grid_index  (n_real, L) slot at (real document, position) for the SDPA path, L >= the
+                longest real document (bucketed, see build_documents); positions past a
+                document's end repeat its last slot
     slot_index  (N,) int64 flat grid position (document * L + position) of every slot
                 (padding slots: 0)
     block_mask  flex attention's document-causal BlockMask, built by prepare()
@@ -191,18 +192,14 @@ class Documents:
         return self
 
 
-def mark_dynamic(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """Tell torch.compile that `dim` varies between batches (no recompile per size)."""
-    mark = getattr(torch._dynamo, "maybe_mark_dynamic", None)
-    if mark is not None:
-        mark(t, dim)
-    return t
-
-
-def build_documents(lengths: torch.Tensor, total: Optional[int] = None, max_seqlen: Optional[int] = None) -> Documents:
+def build_documents(
+    lengths: torch.Tensor, total: Optional[int] = None, max_seqlen: Optional[int] = None, grid_multiple: int = 1
+) -> Documents:
     """Documents of the given lengths (n,) (each >= 1) packed from slot 0, followed by
     `total - sum(lengths)` padding slots (default none). max_seqlen defaults to the longest
-    document. Reads the lengths on the host: build it where they live (e.g. a data worker)."""
+    document. The SDPA grid's length is the longest document rounded up to grid_multiple (capped
+    at max_seqlen when that is larger than the longest), so compiled code sees few grid shapes.
+    Reads the lengths on the host: build it where they live (e.g. a data worker)."""
     if lengths.ndim != 1 or lengths.numel() == 0 or bool((lengths < 1).any()):
         raise ValueError(f"document lengths must be a non-empty (n,) tensor of values >= 1, got {lengths.tolist()}")
     lengths = lengths.long()
@@ -212,20 +209,22 @@ def build_documents(lengths: torch.Tensor, total: Optional[int] = None, max_seql
     if total < real:
         raise ValueError(f"{total} packed slots cannot hold documents of {real} slots")
     longest = int(lengths.max())
+    bound = longest if max_seqlen is None else max_seqlen
+    grid = max(longest, min(-(-longest // grid_multiple) * grid_multiple, bound))
     if total > real:
         lengths = torch.cat([lengths, lengths.new_tensor([total - real])])
     cu = F.pad(lengths.cumsum(0), (1, 0))  # (docs + 1,)
     doc_ids = torch.repeat_interleave(torch.arange(lengths.shape[0], device=device), lengths)  # (N,)
     position = torch.arange(total, device=device) - cu[doc_ids]  # (N,)
-    offset = torch.arange(longest, device=device)
+    offset = torch.arange(grid, device=device)
     grid_index = cu[:n, None] + torch.minimum(offset, lengths[:n, None] - 1)  # (n, L)
-    slot_index = torch.where(doc_ids < n, doc_ids * longest + position, 0)  # (N,)
+    slot_index = torch.where(doc_ids < n, doc_ids * grid + position, 0)  # (N,)
     return Documents(
         cu_seqlens=cu.to(torch.int32),
-        max_seqlen=longest if max_seqlen is None else max_seqlen,
-        doc_ids=mark_dynamic(doc_ids, 0),
-        grid_index=mark_dynamic(grid_index, 1),
-        slot_index=mark_dynamic(slot_index, 0),
+        max_seqlen=bound,
+        doc_ids=doc_ids,
+        grid_index=grid_index,
+        slot_index=slot_index,
     )
 
 

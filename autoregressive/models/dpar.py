@@ -25,12 +25,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from autoregressive.models.attention import Documents, build_documents, mark_dynamic, segment_attend
+from autoregressive.models.attention import Documents, build_documents, segment_attend
 from autoregressive.models.modules import (
     LabelEmbedder,
     RMSNorm,
     TransformerBlock,
     TransformerDefaults,
+    chunked_cross_entropy,
     grid_rope_table,
     init_weights,
     remove_kv_caches,
@@ -41,7 +42,9 @@ from autoregressive.models.modules import (
 )
 
 PATCH_ROPE = ("dynamic", "2d", "1d")
+PATCH_INIT = ("llamagen", "blt")
 PATCH_PACKING = ("auto", "packed", "padded")
+DOCUMENT_GRID_MULTIPLE = 64  # SDPA's document grid length is bucketed to this (few compiled shapes)
 
 
 @dataclass
@@ -59,6 +62,16 @@ class DPARConfig(TransformerDefaults):
     patch_rope: str = "dynamic"
     patch_packing: str = "auto"  # patch-transformer layout; auto = whichever runs fewer slots
     pack_multiple: int = 128  # packed length is padded to a multiple of this (few compiled shapes)
+    # The authors build the token encoder and decoder with every dropout 0 and no drop path in
+    # the encoder, and apply token dropout to the patch sequence only; the patch transformer
+    # keeps LlamaGen's dropouts. True restores LlamaGen's dropouts everywhere (ablation).
+    local_dropout: bool = False
+    # Cross-attention and patch-injection projections: "llamagen" = normal(initializer_range)
+    # like every other linear layer (what the authors' model ends up with: its top-level
+    # initialize_weights re-initialises every nn.Linear after the local modules' own init);
+    # "blt" = truncated normal, std dim^-0.5, cut at +-3 std (BLT's init, which the authors'
+    # local modules set first).
+    patch_init: str = "llamagen"
 
     def __post_init__(self):
         if self.n_kv_head is None:
@@ -67,6 +80,8 @@ class DPARConfig(TransformerDefaults):
             raise ValueError("DPAR uses a single class slot (cls_token_num=1)")
         if self.patch_rope not in PATCH_ROPE:
             raise ValueError(f"patch_rope must be one of {PATCH_ROPE}, got {self.patch_rope!r}")
+        if self.patch_init not in PATCH_INIT:
+            raise ValueError(f"patch_init must be one of {PATCH_INIT}, got {self.patch_init!r}")
         if self.patch_packing not in PATCH_PACKING:
             raise ValueError(f"patch_packing must be one of {PATCH_PACKING}, got {self.patch_packing!r}")
         if self.pack_multiple < 1:
@@ -90,6 +105,13 @@ class DPARConfig(TransformerDefaults):
     @property
     def n_layer(self) -> int:
         return self.n_encoder_layer + self.n_patch_layer + self.n_decoder_layer
+
+    @property
+    def local_block_config(self) -> "DPARConfig":
+        """The settings of the token encoder and decoder blocks (see local_dropout)."""
+        if self.local_dropout:
+            return self
+        return replace(self, attn_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0)
 
 
 class PatchCrossAttention(nn.Module):
@@ -117,6 +139,9 @@ class PatchCrossAttention(nn.Module):
         out = segment_attend(q, k, v, segment)  # (n, H, Dh)
         return p + self.wo(out.reshape(n, self.n_head * self.head_dim))
 
+    def projections(self) -> List[nn.Linear]:
+        return [self.wq, self.wkv, self.wo]
+
 
 class PatchInjection(nn.Module):
     """Linear(Norm(g)): what a decoder layer adds to the token stream from its patch's state."""
@@ -128,6 +153,9 @@ class PatchInjection(nn.Module):
 
     def forward(self, g: torch.Tensor) -> torch.Tensor:
         return self.proj(self.norm(g))
+
+    def projections(self) -> List[nn.Linear]:
+        return [self.proj]
 
 
 @dataclass
@@ -164,7 +192,10 @@ class PatchLayout:
         return self.documents is not None
 
     def to(self, device: Union[torch.device, str], non_blocking: bool = False) -> "PatchLayout":
-        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+        """The layout on `device`, its documents prepared for that device's attention backend
+        (flex: the block mask is built here, outside any compiled forward)."""
+        moved = self._map(lambda t: t.to(device, non_blocking=non_blocking))
+        return replace(moved, documents=moved.documents.prepare()) if moved.packed else moved
 
     def pin_memory(self) -> "PatchLayout":
         """Page-locked copies (DataLoader(pin_memory=True) calls this), for non_blocking .to()."""
@@ -233,14 +264,14 @@ def build_patch_layout(
         held = geometry[image, (index - 1).clamp(min=0)] * (index > 0)[:, None]  # (n_real, 3)
         slot_geometry = torch.zeros(n_slots, 4, dtype=torch.long, device=dev)
         slot_geometry[:n_real] = torch.cat([index[:, None], held], dim=-1)
-        slot_geometry = mark_dynamic(slot_geometry[None], 1)  # (1, N, 4)
-        documents = build_documents(counts, n_slots, max_seqlen=T)
+        slot_geometry = slot_geometry[None]  # (1, N, 4)
+        documents = build_documents(counts, n_slots, max_seqlen=T, grid_multiple=DOCUMENT_GRID_MULTIPLE)
     else:
         n_slots = B * M
         base = torch.arange(B, device=dev) * M
         held = F.pad(geometry[:, : M - 1], (0, 0, 1, 0))  # (B, M, 3): slot s holds patch s-1
         slot = torch.arange(M, device=dev).expand(B, M)
-        slot_geometry = mark_dynamic(torch.cat([slot[..., None], held], dim=-1), 1)  # (B, M, 4)
+        slot_geometry = torch.cat([slot[..., None], held], dim=-1)  # (B, M, 4)
         documents = None
     m = patch_ids[:, : T - 1]  # (B, T-1) patch of encoder token x_j
     token_slot = torch.where(m < counts[:, None] - 1, base[:, None] + m + 1, n_slots)
@@ -253,22 +284,6 @@ def build_patch_layout(
     )
 
 
-def gather_patch_tokens(states: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor):
-    """states (B, S, dim) token states; starts, lengths (B, M) -> tokens (B, M, L, dim) and
-    valid (B, M, L), L = the longest patch. Tokens at or past S are invalid (a patch that ends
-    with the last target token has no encoder state for it); a patch with no valid token gets
-    one dummy key so attention stays finite (its result is never used)."""
-    B, S, _ = states.shape
-    L = max(int(lengths.max()), 1)
-    offset = torch.arange(L, device=states.device)
-    index = starts[..., None] + offset  # (B, M, L)
-    valid = (offset < lengths[..., None]) & (index < S)
-    valid[..., 0] |= ~valid.any(-1)
-    index = index.clamp(max=S - 1)
-    batch = torch.arange(B, device=states.device)[:, None, None]
-    return states[batch, index], valid  # (B, M, L, dim), (B, M, L)
-
-
 class DPAR(nn.Module):
     is_dpar = True
 
@@ -277,25 +292,35 @@ class DPAR(nn.Module):
         self.config = config
         self.cls_embedding = LabelEmbedder(config.num_classes, config.dim, config.class_dropout_prob)
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
-        self.tok_dropout = nn.Dropout(config.token_dropout_p)
+        self.tok_dropout = nn.Dropout(config.token_dropout_p)  # on the patch sequence
+        self.encoder_dropout = nn.Dropout(config.token_dropout_p if config.local_dropout else 0.0)
         rates = [config.drop_path_rate * i / max(config.n_layer - 1, 1) for i in range(config.n_layer)]
         E, G = config.n_encoder_layer, config.n_patch_layer
-        self.encoder_layers = nn.ModuleList(TransformerBlock(config, r) for r in rates[:E])
+        if not config.local_dropout:
+            rates[:E] = [0.0] * E
+        local = config.local_block_config
+        self.encoder_layers = nn.ModuleList(TransformerBlock(local, r) for r in rates[:E])
         self.patch_cross_attn = nn.ModuleList(PatchCrossAttention(config) for _ in range(E))
         self.patch_layers = nn.ModuleList(TransformerBlock(config, r) for r in rates[E : E + G])
         self.decoder_start = nn.Parameter(torch.zeros(config.dim))
         self.patch_injections = nn.ModuleList(PatchInjection(config) for _ in range(config.n_decoder_layer))
-        self.decoder_layers = nn.ModuleList(TransformerBlock(config, r) for r in rates[E + G :])
+        self.decoder_layers = nn.ModuleList(TransformerBlock(local, r) for r in rates[E + G :])
         self.norm = RMSNorm(config.dim, eps=config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         table = grid_rope_table(config.grid_size, config.head_dim, config.rope_base, 1)
         self.register_buffer("freqs_cis", table, persistent=False)  # (1 + T, head_dim/2, 2)
+        self.decode_buffers: Optional[DecodeBuffers] = None  # set by setup_caches
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
         init_weights(self, self.config.initializer_range)
         nn.init.normal_(self.decoder_start, std=self.config.initializer_range)
         nn.init.zeros_(self.output.weight)
+        if self.config.patch_init == "blt":
+            std = self.config.dim**-0.5
+            for module in [*self.patch_cross_attn, *self.patch_injections]:
+                for linear in module.projections():
+                    nn.init.trunc_normal_(linear.weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
 
     @property
     def null_class(self) -> int:
@@ -346,18 +371,23 @@ class DPAR(nn.Module):
         cond_idx: torch.Tensor,
         patch_lengths: Union[torch.Tensor, PatchLayout],
         targets: Optional[torch.Tensor] = None,
+        return_logits: bool = True,
     ):
         """idx (B, T-1) inputs x_0..x_{T-2}; cond_idx (B,); patch_lengths (B, M) zero-padded
-        lengths over the T targets, or their PatchLayout (build_patch_layout; lets the trainer
-        build it off the critical path). Returns logits (B, T, V) float32 and the mean
-        cross-entropy against targets (B, T) (None without targets)."""
+        lengths over the T targets, or their PatchLayout (build_patch_layout, in the data
+        workers: then the pass reads nothing on the host and compiles as one graph). Returns
+        logits (B, T, V) float32 and the mean cross-entropy against targets (B, T) (None without
+        targets); return_logits=False (training) returns (None, loss), the loss computed chunk by
+        chunk without the logits."""
+        if not return_logits and targets is None:
+            raise ValueError("return_logits=False needs targets (the loss is all it returns)")
         layout = patch_lengths
         if not isinstance(layout, PatchLayout):  # built on the host, where the lengths are read
             layout = self.patch_layout(patch_lengths.cpu()).to(idx.device)
         B, T, dim = idx.shape[0], idx.shape[1] + 1, self.config.dim
 
         # encoder over x_0..x_{T-2}
-        h = self.tok_dropout(self.tok_embeddings(idx))  # (B, T-1, dim)
+        h = self.encoder_dropout(self.tok_embeddings(idx))  # (B, T-1, dim)
         enc_freqs = self.freqs_cis[None, 1:T]
         layer_states = []
         for layer in self.encoder_layers if T > 1 else []:
@@ -372,8 +402,8 @@ class DPAR(nn.Module):
         else:
             x = h.new_zeros(n, dim)
         x = x.index_copy(0, layout.class_slot, self.cls_embedding(cond_idx)[:, 0].to(x.dtype))
-        x = mark_dynamic(self.tok_dropout(x.view(R, S, dim)), 1)  # (R, S, dim)
-        patch_freqs = mark_dynamic(self.patch_rope(*layout.slot_geometry.unbind(-1)), 1)  # (R, S, hd/2, 2)
+        x = self.tok_dropout(x.view(R, S, dim))  # (R, S, dim)
+        patch_freqs = self.patch_rope(*layout.slot_geometry.unbind(-1))  # (R, S, hd/2, 2), shared by every layer
         documents = layout.documents.prepare() if layout.documents is not None else None
         for layer in self.patch_layers:
             x = layer(x, patch_freqs, documents)
@@ -386,6 +416,9 @@ class DPAR(nn.Module):
         for inject, layer in zip(self.patch_injections, self.decoder_layers):
             u = u + inject(g).index_select(0, slots).view(B, T, dim)
             u = layer(u, dec_freqs)
+        if not return_logits:
+            h_out = self.norm(u).reshape(B * T, dim)  # (B*T, dim)
+            return None, chunked_cross_entropy(h_out, self.output.weight, targets.reshape(-1))
         logits = self.output(self.norm(u)).float()  # (B, T, V)
         loss = None
         if targets is not None:
@@ -393,35 +426,62 @@ class DPAR(nn.Module):
         return logits, loss
 
     # ---- incremental generation (see generate.generate_dpar) ---------------------------
-    def setup_caches(self, max_batch_size: int, dtype: Optional[torch.dtype] = None) -> None:
+    # Every step is static-shape: caches are written at explicit per-row positions and read over
+    # `length` slots (a host-side bound from a small fixed set), masked per row; what a step keeps
+    # for later steps lives in buffers allocated by setup_caches (fixed addresses for CUDA graphs).
+    def setup_caches(self, max_batch_size: int, dtype: Optional[torch.dtype] = None, images: Optional[int] = None):
+        """Caches for max_batch_size rows (2 x images with guidance) of `images` images (default:
+        one per row): encoder caches and encoder states per image, patch-transformer and decoder
+        caches per row. The patch caches and the injections have one more row, the scratch row
+        that padding rows of a patch-step group write to."""
         dtype = dtype or self.tok_embeddings.weight.dtype
         device, T = self.tok_embeddings.weight.device, self.config.block_size
-        for layers in (self.encoder_layers, self.patch_layers, self.decoder_layers):
-            setup_kv_caches(layers, max_batch_size, T, dtype, device)
+        images = images or max_batch_size
+        setup_kv_caches(self.encoder_layers, images, T, dtype, device)
+        setup_kv_caches(self.patch_layers, max_batch_size + 1, T, dtype, device)
+        setup_kv_caches(self.decoder_layers, max_batch_size, T, dtype, device)
+        shapes = DecodeBuffers.shapes(self.config, max_batch_size, images)
+        old = self.decode_buffers
+        if old is None or old.shape_key() != (shapes, dtype, torch.device(device)):
+            self.decode_buffers = DecodeBuffers(shapes, dtype, device)
 
     def remove_caches(self) -> None:
         for layers in (self.encoder_layers, self.patch_layers, self.decoder_layers):
             remove_kv_caches(layers)
+        self.decode_buffers = None
 
-    def encode_step(self, tokens: torch.Tensor, step: int) -> torch.Tensor:
-        """tokens (n,) = x_step at encoder slot `step` -> states after every layer (n, E, dim)."""
+    @property
+    def scratch_row(self) -> int:
+        return self.decode_buffers.injections.shape[0] - 1
+
+    def start_patches(self, cond_idx: torch.Tensor, length: int) -> None:
+        """Slot 0 (the class embedding) of every row (R,); sets the rows' injections."""
+        R = cond_idx.shape[0]
+        zeros = torch.zeros(R, dtype=torch.long, device=cond_idx.device)
+        rows = torch.arange(R, device=cond_idx.device)
+        g = self.patch_step(self.cls_embedding(cond_idx)[:, 0], rows, zeros, (zeros,) * 3, length)
+        self.decode_buffers.injections[:R] = self.injections(g)
+
+    def encode_step(self, tokens: torch.Tensor, input_pos: torch.Tensor, length: int) -> torch.Tensor:
+        """tokens (n,) of images 0..n-1 at encoder slots input_pos (n, 1). Stores the states after
+        every layer for pooling and returns the last layer's (n, dim), the decoder's next input."""
         h = self.tok_embeddings(tokens[:, None])  # (n, 1, dim)
-        pos = torch.full((tokens.shape[0], 1), step, device=tokens.device)
-        freqs = self.freqs_cis[pos + 1]  # (n, 1, head_dim/2, 2)
+        freqs = self.freqs_cis[input_pos + 1]  # (n, 1, head_dim/2, 2): slot j holds x_j
         states = []
         for layer in self.encoder_layers:
-            h = layer.decode(h, freqs, pos, length=step + 1)
+            h = layer.decode(h, freqs, input_pos, length=length)
             states.append(h[:, 0])
-        return torch.stack(states, dim=1)
+        images = torch.arange(tokens.shape[0], device=tokens.device)
+        self.decode_buffers.states[images, :, input_pos[:, 0]] = torch.stack(states, dim=1)  # (n, E, dim)
+        return h[:, 0]
 
     def patch_step(
         self, x: torch.Tensor, rows: torch.Tensor, slot: torch.Tensor, geometry, length: Optional[int] = None
     ) -> torch.Tensor:
         """Advance the patch transformer by one slot for the cache rows `rows` (n,), each at its
         own slot (n,). x (n, dim) is the class embedding (slot 0) or the finished patch vector;
-        geometry = (row, col_start, col_end) (n,) of that patch. length: optional host-side bound
-        above every slot (e.g. step + 1): attention reads only that prefix of the caches.
-        Returns g (n, dim)."""
+        geometry = (row, col_start, col_end) (n,) of that patch. length: host-side bound above
+        every slot: attention reads only that prefix of the caches. Returns g (n, dim)."""
         slot = slot[:, None]  # (n, 1)
         freqs = self.patch_rope(slot, *(t[:, None] for t in geometry))
         h = x[:, None]
@@ -429,18 +489,58 @@ class DPAR(nn.Module):
             h = layer.decode(h, freqs, slot, rows, length)
         return h[:, 0]
 
+    def close_patches(self, images: torch.Tensor, cache_rows: torch.Tensor, start: torch.Tensor, slot: torch.Tensor,
+                      step: torch.Tensor, max_length: int, length: int) -> None:
+        """One patch step for a group: pool the finished patches [start, step-1] of `images` (g,)
+        from the stored encoder states, gathering max_length states per patch (a bound on every
+        patch's length, not the prefix), advance the patch transformer at `slot` (g,) for their
+        cache rows (g * copies,), and store the new patches' injections in those rows. step (1,)
+        is a tensor, so that a captured graph serves every step."""
+        W, copies = self.config.grid_size, cache_rows.shape[0] // images.shape[0]
+        states = self.decode_buffers.states  # (B, E, T, dim)
+        index = start[:, None] + torch.arange(max_length, device=start.device)  # (g, L)
+        valid = index < step  # the patch's tokens start..step-1
+        index = index.clamp(max=states.shape[2] - 1)
+        layer_tokens = [states[images[:, None], l, index] for l in range(states.shape[1])]  # E x (g, L, dim)
+        p = self.pool_patches(layer_tokens, valid)  # (g, dim)
+        geometry = (start // W, start % W, ((step - 1) % W).expand_as(start))
+        geometry = tuple(t.repeat(copies) for t in geometry)
+        g = self.patch_step(p.repeat(copies, 1), cache_rows, slot.repeat(copies), geometry, length)
+        self.decode_buffers.injections[cache_rows] = self.injections(g)
+
     def injections(self, g: torch.Tensor) -> torch.Tensor:
         """g (n, dim) -> what each decoder layer adds for tokens of that patch (n, D, dim)."""
         return torch.stack([inject(g) for inject in self.patch_injections], dim=1)
 
-    def decode_step(self, u: torch.Tensor, injections: torch.Tensor, step: int) -> torch.Tensor:
-        """u (n, dim) decoder input of slot `step`; injections (n, D, dim) -> logits (n, V)."""
-        pos = torch.full((u.shape[0], 1), step, device=u.device)
-        freqs = self.freqs_cis[pos]
+    def decode_step(self, u: torch.Tensor, input_pos: torch.Tensor, length: int) -> torch.Tensor:
+        """u (n, dim) decoder inputs of rows 0..n-1 at slots input_pos (n, 1), conditioned on the
+        rows' stored injections -> logits (n, V)."""
+        injections = self.decode_buffers.injections[: u.shape[0]]  # (n, D, dim)
+        freqs = self.freqs_cis[input_pos]
         h = u[:, None]
         for l, layer in enumerate(self.decoder_layers):
-            h = layer.decode(h + injections[:, l, None], freqs, pos, length=step + 1)
+            h = layer.decode(h + injections[:, l, None], freqs, input_pos, length=length)
         return self.output(self.norm(h[:, 0])).float()
+
+
+class DecodeBuffers(nn.Module):
+    """What incremental DPAR decoding keeps besides the KV caches, written inside the steps:
+    states      (B, E, T, dim) encoder states h^l of every token so far (pooled when a patch closes)
+    injections  (R + 1, D, dim) decoder injections of each row's current patch (row R: scratch)"""
+
+    def __init__(self, shapes, dtype, device):
+        super().__init__()
+        for name, shape in shapes.items():
+            self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    @staticmethod
+    def shapes(config: DPARConfig, rows: int, images: int) -> dict:
+        T, dim = config.block_size, config.dim
+        return {"states": (images, config.n_encoder_layer, T, dim), "injections": (rows + 1, config.n_decoder_layer, dim)}
+
+    def shape_key(self):
+        shapes = {name: tuple(b.shape) for name, b in self.named_buffers()}
+        return shapes, self.states.dtype, self.states.device
 
 
 def _factory(n_encoder_layer: int, n_patch_layer: int, n_decoder_layer: int, n_head: int, dim: int):

@@ -8,15 +8,21 @@ steps i > cfg_interval (i counts from 0 at token 1) use the conditional logits a
 Draws use one uniform number per (image, token), fixed before sampling starts: with
 `row_seeds` each image's uniforms come from its own seed, so an image does not depend on
 which other images share its batch.
+
+Decode steps have static shapes (see `Decoding`): caches are read over a bounded set of lengths
+with per-row masks, DPAR's patch transformer runs on groups of a few fixed sizes, a GPT step
+reads nothing back to the host and a DPAR step reads one small tensor (the count of rows that
+open a patch and the highest patch slot). The fast path runs each step function compiled
+(torch.compile, fullgraph; CUDA graphs on CUDA); eager is the default and the reference.
 """
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
-from autoregressive.models.dpar import gather_patch_tokens
+from autoregressive.models.modules import read_length
 from entropy_model.entropy import IncrementalEntropy, entropy_from_logits
-from entropy_model.patching import PatchingConfig, quantize_entropy
+from entropy_model.patching import PatchingConfig, StepRule
 
 
 def top_k_top_p_filtering(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -100,6 +106,60 @@ def conditioning(cond: torch.Tensor, null_class: int, sampling: Sampling) -> tor
 
 
 @dataclass
+class Decoding:
+    """How the decode steps run.
+
+    compile: run each step function (GPT step; entropy-model, encoder, patch and decoder steps)
+        through torch.compile(fullgraph=True, dynamic=True); else eager.
+    backend, mode: torch.compile's ("inductor" with mode "reduce-overhead" captures CUDA graphs).
+    read_block: caches are read in blocks of this many slots, so a whole generation sees at most
+        T / read_block + 1 key lengths per step function.
+    keep_caches: leave the KV caches attached after a generation: the next batch of the same size
+        reuses their buffers (captured CUDA graphs keep their addresses). Free them with the
+        model's remove_caches().
+    """
+
+    compile: bool = False
+    backend: str = "inductor"
+    mode: Optional[str] = None
+    read_block: int = 32
+    keep_caches: bool = False
+
+    def __post_init__(self):
+        if self.read_block < 1:
+            raise ValueError(f"read_block must be >= 1, got {self.read_block}")
+
+    def wrap(self, fn: Callable) -> Callable:
+        """fn compiled as this says, or fn itself when eager. With CUDA graphs every call starts a
+        new graph generation, so each (function, shape) is captured once on its own, never as a
+        path of graphs; a call's outputs are valid until the next call of any wrapped function
+        (callers consume or copy them before that)."""
+        if not self.compile:
+            return fn
+        compiled = torch.compile(fn, backend=self.backend, mode=self.mode, fullgraph=True, dynamic=True)
+        if self.mode != "reduce-overhead":
+            return compiled
+
+        def run(*args):
+            torch.compiler.cudagraph_mark_step_begin()
+            return compiled(*args)
+
+        return run
+
+
+def fast_decoding(device: torch.device | str) -> Decoding:
+    """The fast path for `device`: compiled steps, with CUDA graphs on CUDA; caches kept between
+    batches so that the graphs are captured once."""
+    cuda = torch.device(device).type == "cuda"
+    return Decoding(compile=True, mode="reduce-overhead" if cuda else None, keep_caches=True)
+
+
+def _check_length(model, max_new_tokens: int) -> None:
+    if not 1 <= max_new_tokens <= model.config.block_size:
+        raise ValueError(f"max_new_tokens must be in 1..{model.config.block_size}, got {max_new_tokens}")
+
+
+@dataclass
 class Generated:
     tokens: torch.Tensor  # (B, T) codes
     num_patches: Optional[torch.Tensor] = None  # (B,) patch-transformer steps per image (DPAR)
@@ -108,22 +168,29 @@ class Generated:
 
 @torch.no_grad()
 def generate_gpt(
-    model, cond: torch.Tensor, max_new_tokens: int, sampling: Sampling, uniforms: torch.Tensor
+    model, cond: torch.Tensor, max_new_tokens: int, sampling: Sampling, uniforms: torch.Tensor,
+    decoding: Optional[Decoding] = None,
 ) -> Generated:
-    """LlamaGen GPT: prefill the class slot, then one cached decoding step per token."""
+    """LlamaGen GPT: prefill the class slot, then one cached decoding step per token. A step
+    reads nothing back to the host."""
+    _check_length(model, max_new_tokens)
+    decoding = decoding or Decoding()
     B = cond.shape[0]
     cond_all = conditioning(cond, model.null_class, sampling)
-    model.setup_caches(cond_all.shape[0], model.config.cls_token_num + max_new_tokens)
+    R = cond_all.shape[0]
+    model.setup_caches(R, model.config.cls_token_num + model.config.block_size)
+    step_fn = decoding.wrap(model.decode)
     try:
         tokens = torch.empty(B, max_new_tokens, dtype=torch.long, device=cond.device)
         logits = model.prefill(cond_all)
         for step in range(max_new_tokens):
             if step > 0:
-                previous = tokens[:, step - 1]
-                logits = model.decode_step(previous.repeat(cond_all.shape[0] // B), step)
+                previous = tokens[:, step - 1].repeat(R // B)
+                logits = step_fn(previous, *model.step_position(R, step, decoding.read_block))
             tokens[:, step] = sampling.pick(logits, step, uniforms[:, step])
     finally:
-        model.remove_caches()
+        if not decoding.keep_caches:
+            model.remove_caches()
     return Generated(tokens)
 
 
@@ -138,57 +205,28 @@ def generate(
     top_p: float = 1.0,
     generator: Optional[torch.Generator] = None,
     row_seeds: Optional[Sequence[int]] = None,
+    decoding: Optional[Decoding] = None,
     **dpar_kwargs,
 ) -> Generated:
     """Sample (B, max_new_tokens) codes for classes cond (B,) from a GPT or a DPAR model.
-    DPAR also needs `entropy_model` and `patching` (see dpar_generate)."""
+    DPAR also needs `entropy_model` and `patching` (see generate_dpar). decoding: eager by
+    default; fast_decoding(device) for the compiled fast path."""
     sampling = Sampling(cfg_scale, cfg_interval, temperature, top_k, top_p)
     uniforms = draw_uniforms(cond.shape[0], max_new_tokens, generator, row_seeds).to(cond.device)
     if getattr(model, "is_dpar", False):
-        return generate_dpar(model, cond, max_new_tokens, sampling, uniforms, **dpar_kwargs)
+        return generate_dpar(model, cond, max_new_tokens, sampling, uniforms, decoding=decoding, **dpar_kwargs)
     if dpar_kwargs:
         raise ValueError(f"unexpected arguments for a GPT model: {sorted(dpar_kwargs)}")
-    return generate_gpt(model, cond, max_new_tokens, sampling, uniforms)
+    return generate_gpt(model, cond, max_new_tokens, sampling, uniforms, decoding)
 
 
 # --------------------------------------------------------------------------------------
 # DPAR
 # --------------------------------------------------------------------------------------
-def opens_patch(
-    patching: PatchingConfig,
-    step: int,
-    entropy: Optional[torch.Tensor],
-    prev_entropy: Optional[torch.Tensor],
-    open_length: torch.Tensor,
-    row_width: int,
-) -> torch.Tensor:
-    """The patching rule at one step i > 0 (entropy_model.patching.patch_starts, one column at
-    a time): entropy = e_i, prev_entropy = e_{i-1} (B,), open_length (B,) tokens in the open
-    patch. Returns (B,) bool: does token i open a patch?"""
-    opens = torch.zeros_like(open_length, dtype=torch.bool)
-    if patching.mode == "token":
-        return ~opens
-    if patching.mode == "entropy":
-        opens |= quantize_entropy(entropy) > patching.threshold
-    elif patching.mode == "relative":
-        opens |= quantize_entropy(entropy) - quantize_entropy(prev_entropy) > patching.threshold
-    if patching.row_reset and step % row_width == 0:
-        opens.fill_(True)
-    if patching.max_patch_length is not None:
-        opens |= open_length >= patching.max_patch_length
-    return opens
-
-
-def _finish_patches(model, states: torch.Tensor, rows: torch.Tensor, start: torch.Tensor, step: int):
-    """Pool the patches [start, step-1] of `rows` from the stored encoder states
-    states (B, E, T, dim). Returns p (n, dim) and the patches' geometry (row, col_start, col_end)."""
-    W = model.config.grid_size
-    lengths = (step - start)[:, None]  # (n, 1)
-    per_layer = [gather_patch_tokens(states[rows, l, :step], start[:, None], lengths) for l in range(states.shape[1])]
-    valid = per_layer[0][1][:, 0]  # (n, L)
-    p = model.pool_patches([tokens[:, 0] for tokens, _ in per_layer], valid)  # (n, dim)
-    last = torch.full_like(start, step - 1)
-    return p, (start // W, start % W, last % W)
+def group_size(count: int, batch: int) -> int:
+    """Rows a patch step runs for `count` rows that open a patch: the next power of two, at most
+    `batch`, so a whole generation uses at most log2(batch) + 1 group sizes."""
+    return min(batch, 1 << max(count - 1, 0).bit_length())
 
 
 @torch.no_grad()
@@ -201,59 +239,73 @@ def generate_dpar(
     entropy_model=None,
     patching: Optional[PatchingConfig] = None,
     keep_logits: bool = False,
+    decoding: Optional[Decoding] = None,
 ) -> Generated:
     """Fully incremental DPAR sampling (DESIGN.md section 4). At step i the entropy model and
     the encoder read x_{i-1}; rows whose token i opens a patch pool their finished patch and
     advance the patch transformer by one slot (only those rows, each at its own slot); one
-    decoder step then gives the logits of x_i."""
+    decoder step then gives the logits of x_i.
+
+    The opening rows run as one group of group_size(n) rows: the n opening rows first, then
+    rows that do not open, whose cache writes go to the patch caches' scratch row and whose
+    results are dropped. The step reads (n, highest patch slot) back to the host: n picks the
+    group size, the slot bounds the patch caches' read length. Nothing else leaves the device."""
     if patching is None:
         raise ValueError("DPAR generation needs the patching settings (PatchingConfig)")
     if patching.needs_entropy and entropy_model is None:
         raise ValueError(f"patching mode {patching.mode!r} needs the entropy model")
+    _check_length(model, max_new_tokens)
+    decoding = decoding or Decoding()
     cfg = model.config
-    B, T, W, dev = cond.shape[0], max_new_tokens, cfg.grid_size, cond.device
+    B, T, dev = cond.shape[0], max_new_tokens, cond.device
     cond_all = conditioning(cond, model.null_class, sampling)
     R = cond_all.shape[0]
     copies = R // B  # 2 with guidance: both halves share tokens, entropies and patches
-    model.setup_caches(R)
-    scorer = IncrementalEntropy(entropy_model, B) if patching.needs_entropy else None
+    rule = StepRule(patching, cfg.grid_size, T, dev)
+    max_length = rule.max_patch_length
+    block, capacity = decoding.read_block, cfg.block_size
+    model.setup_caches(R, images=B)
+    scratch = model.scratch_row
+    scorer = None
+    if patching.needs_entropy:
+        scorer = IncrementalEntropy(entropy_model, B, read_block=block, wrap=decoding.wrap,
+                                    keep_cache=decoding.keep_caches)
+    encode, close_patches, decode = (decoding.wrap(f) for f in (model.encode_step, model.close_patches,
+                                                                 model.decode_step))
     try:
         tokens = torch.empty(B, T, dtype=torch.long, device=dev)
-        dtype = model.tok_embeddings.weight.dtype
-        states = torch.zeros(B, cfg.n_encoder_layer, T, cfg.dim, dtype=dtype, device=dev)  # h^l of x_j
         patch_start = torch.zeros(B, dtype=torch.long, device=dev)
         num_patches = torch.ones(B, dtype=torch.long, device=dev)
-        zeros = torch.zeros(R, dtype=torch.long, device=dev)
-        g = model.patch_step(
-            model.cls_embedding(cond_all)[:, 0], torch.arange(R, device=dev), zeros, (zeros,) * 3, length=1
-        )
-        injections = model.injections(g)  # (R, D, dim)
+        model.start_patches(cond_all, read_length(1, capacity, block))
         prev_entropy = scorer.start() if scorer else None
-        logits = model.decode_step(model.decoder_start.to(dtype).expand(R, -1), injections, 0)
-        kept = [logits] if keep_logits else None
+        start_vector = model.decoder_start.to(model.tok_embeddings.weight.dtype).expand(R, -1).contiguous()
+        logits = decode(start_vector, torch.zeros(R, 1, dtype=torch.long, device=dev), read_length(1, capacity, block))
+        kept = [logits.clone()] if keep_logits else None
         tokens[:, 0] = sampling.pick(logits, 0, uniforms[:, 0])
         for i in range(1, T):
             previous = tokens[:, i - 1]
             entropy = scorer.step(previous, i) if scorer else None
-            states[:, :, i - 1] = model.encode_step(previous, i - 1)
-            opens = opens_patch(patching, i, entropy, prev_entropy, i - patch_start, W)
-            prev_entropy = entropy
-            rows = opens.nonzero().squeeze(1)  # (n,)
-            if rows.numel():
-                p, geometry = _finish_patches(model, states, rows, patch_start[rows], i)
-                cache_rows = torch.cat([rows + k * B for k in range(copies)])
-                slot = num_patches[rows].repeat(copies)
-                geometry = tuple(t.repeat(copies) for t in geometry)
-                g = model.patch_step(p.repeat(copies, 1), cache_rows, slot, geometry, length=i + 1)
-                injections[cache_rows] = model.injections(g)
-                patch_start[rows] = i
-                num_patches[rows] += 1
-            logits = model.decode_step(states[:, -1, i - 1].repeat(copies, 1), injections, i)
+            opens = rule.opens(i, entropy, prev_entropy, i - patch_start)  # (B,)
+            prev_entropy = entropy.clone() if entropy is not None else None  # outputs live until the next call
+            h = encode(previous, torch.full((B, 1), i - 1, device=dev), read_length(i, capacity, block))  # (B, dim)
+            u = h.repeat(copies, 1)  # (R, dim) decoder input u_i = h_{i-1}
+            n, top = torch.stack([opens.sum(), num_patches.max()]).to("cpu", copy=True).tolist()  # the host read
+            if n:
+                size = group_size(n, B)
+                images = torch.sort((~opens).to(torch.uint8), stable=True).indices[:size]  # (size,) openers first
+                real = opens[images]
+                cache_rows = torch.cat([torch.where(real, images + k * B, scratch) for k in range(copies)])
+                close_patches(images, cache_rows, patch_start[images], num_patches[images],
+                              torch.full((1,), i, device=dev), max_length, read_length(top + 1, capacity, block))
+                patch_start = torch.where(opens, i, patch_start)
+                num_patches = num_patches + opens
+            logits = decode(u, torch.full((R, 1), i, device=dev), read_length(i + 1, capacity, block))
             if keep_logits:
-                kept.append(logits)
+                kept.append(logits.clone())
             tokens[:, i] = sampling.pick(logits, i, uniforms[:, i])
     finally:
-        model.remove_caches()
+        if not decoding.keep_caches:
+            model.remove_caches()
         if scorer:
             scorer.close()
     return Generated(tokens, num_patches, torch.stack(kept, dim=1) if keep_logits else None)

@@ -17,8 +17,10 @@ from autoregressive.models.modules import (
     RMSNorm,
     TransformerBlock,
     TransformerDefaults,
+    chunked_cross_entropy,
     grid_rope_table,
     init_weights,
+    read_length,
     remove_kv_caches,
     setup_kv_caches,
 )
@@ -92,17 +94,27 @@ class Transformer(nn.Module):
         return self.cls_embedding(cond_idx)[:, : self.config.cls_token_num]  # (B, cls, dim)
 
     def forward(
-        self, idx: torch.Tensor, cond_idx: Optional[torch.Tensor], targets: Optional[torch.Tensor] = None
+        self,
+        idx: torch.Tensor,
+        cond_idx: Optional[torch.Tensor],
+        targets: Optional[torch.Tensor] = None,
+        return_logits: bool = True,
     ):
         """Teacher-forced pass. idx (B, T-1) codes, cond_idx (B,) classes (ignored when
         unconditional). Returns logits (B, T, V) float32 (logits[:, t] predicts x_t) and the
-        mean cross-entropy against targets (B, T), or None without targets."""
+        mean cross-entropy against targets (B, T), or None without targets. return_logits=False
+        (training) returns (None, loss), the loss computed chunk by chunk without the logits."""
+        if not return_logits and targets is None:
+            raise ValueError("return_logits=False needs targets (the loss is all it returns)")
         B = idx.shape[0]
         start = self._start_embeddings(cond_idx, B, idx.device)
         h = self.tok_dropout(torch.cat([start, self.tok_embeddings(idx)], dim=1))  # (B, cls + T-1, dim)
         freqs_cis = self.freqs_cis[None, : h.shape[1]]
         for layer in self.layers:
             h = layer(h, freqs_cis)
+        if not return_logits:
+            h = self.norm(h)[:, self.config.cls_token_num - 1 :]  # (B, T, dim)
+            return None, chunked_cross_entropy(h.reshape(-1, h.shape[-1]), self.output.weight, targets.reshape(-1))
         logits = self.output(self.norm(h)).float()[:, self.config.cls_token_num - 1 :]  # (B, T, V)
         loss = None
         if targets is not None:
@@ -117,8 +129,12 @@ class Transformer(nn.Module):
     def remove_caches(self) -> None:
         remove_kv_caches(self.layers)
 
-    def _decode(self, h: torch.Tensor, input_pos: torch.Tensor, length: int) -> torch.Tensor:
-        """length: host-side bound above every position, so attention reads only the filled cache."""
+    @property
+    def cache_length(self) -> int:
+        return self.layers[0].attention.kv_cache.k_cache.shape[1]
+
+    def _decode(self, h: torch.Tensor, input_pos: torch.Tensor, length: Optional[int]) -> torch.Tensor:
+        """length: host-side bound above every position, so attention reads only that cache prefix."""
         freqs_cis = self.freqs_cis[input_pos]  # (B, S, head_dim/2, 2)
         for layer in self.layers:
             h = layer.decode(h, freqs_cis, input_pos, length=length)
@@ -132,11 +148,22 @@ class Transformer(nn.Module):
         input_pos = torch.arange(self.config.cls_token_num, device=device).expand(B, -1)
         return self._decode(h, input_pos, self.config.cls_token_num)
 
+    def step_position(self, batch: int, step: int, read_block: Optional[int] = None):
+        """Cache slot of token x_{step-1} as a (batch, 1) tensor, and the read length of that step
+        (read_length in blocks of read_block; None = the whole cache)."""
+        slot = self.config.cls_token_num + step - 1
+        pos = torch.full((batch, 1), slot, device=self.tok_embeddings.weight.device)
+        length = self.cache_length if read_block is None else read_length(slot + 1, self.cache_length, read_block)
+        return pos, length
+
+    def decode(self, tokens: torch.Tensor, input_pos: torch.Tensor, length: int) -> torch.Tensor:
+        """One static-shape step (what the fast path compiles): tokens (B,) at cache slots
+        input_pos (B, 1), reading `length` slots. Returns the logits of the next tokens (B, V)."""
+        return self._decode(self.tok_embeddings(tokens[:, None]), input_pos, length)
+
     def decode_step(self, tokens: torch.Tensor, step: int) -> torch.Tensor:
         """tokens (B,) = x_{step-1}; returns the logits for x_step, (B, V)."""
-        slot = self.config.cls_token_num + step - 1
-        pos = torch.full((tokens.shape[0], 1), slot, device=tokens.device)
-        return self._decode(self.tok_embeddings(tokens[:, None]), pos, slot + 1)
+        return self.decode(tokens, *self.step_position(tokens.shape[0], step))
 
 
 def _factory(n_layer: int, n_head: int, dim: int):

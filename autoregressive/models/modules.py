@@ -18,6 +18,7 @@ from typing import Optional, Protocol
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from autoregressive.models.attention import Documents, attend
 
@@ -110,6 +111,55 @@ def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------
+# Loss
+# --------------------------------------------------------------------------------------
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of logits h @ weight^T, chunk by chunk of rows, the gradients computed
+    in the same pass (so backward only scales them): no (N, V) tensor outlives its chunk."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int) -> torch.Tensor:
+        N = h.shape[0]
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        device = h.device.type
+        mm_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else \
+            torch.promote_types(h.dtype, weight.dtype)
+        for start in range(0, N, chunk_rows):
+            rows = slice(start, min(start + chunk_rows, N))
+            hc, tc = h[rows], targets[rows, None]  # (n, dim), (n, 1)
+            logits = (hc @ weight.t()).float()  # (n, V); autocast picks the matmul dtype
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (n, 1)
+            total = total + (lse - logits.gather(1, tc)).sum()
+            d_logits = torch.exp(logits - lse).scatter_add(1, tc, torch.full_like(lse, -1.0)) / N  # softmax - onehot
+            d_logits = d_logits.to(mm_dtype)
+            grad_h[rows] = (d_logits @ weight.to(mm_dtype)).to(h.dtype)  # (n, dim)
+            grad_weight += (d_logits.t() @ hc.to(mm_dtype)).float()  # (V, dim)
+        ctx.weight_dtype = weight.dtype
+        ctx.save_for_backward(grad_h, grad_weight)
+        return total / N
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad_h, grad_weight = ctx.saved_tensors
+        return grad_h * grad.to(grad_h.dtype), (grad_weight * grad).to(ctx.weight_dtype), None, None
+
+
+def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                          chunk_rows: int = 4096) -> torch.Tensor:
+    """F.cross_entropy(h @ weight^T, targets) (mean over N rows) without materialising the
+    (N, V) logits: h (N, dim) final-norm states, weight (V, dim) the output head, targets (N,)
+    int64 in [0, V). Each chunk of rows computes its logits in float32 from the matmul dtype
+    (autocast's, if on), its loss and its gradients; peak extra memory is one chunk's logits.
+    The gradient work is done in the forward pass, also under no_grad."""
+    if h.ndim != 2 or targets.shape != h.shape[:1]:
+        raise ValueError(f"chunked_cross_entropy needs h (N, dim) and targets (N,), got {tuple(h.shape)} and "
+                         f"{tuple(targets.shape)}")
+    return _ChunkedCrossEntropy.apply(h, weight, targets, chunk_rows)
+
+
+# --------------------------------------------------------------------------------------
 # Layers
 # --------------------------------------------------------------------------------------
 class RMSNorm(nn.Module):
@@ -143,7 +193,11 @@ class FeedForward(nn.Module):
 
 
 class KVCache(nn.Module):
-    """Static per-layer cache (gpt-fast style) written at explicit per-row positions."""
+    """Static per-layer cache (gpt-fast style) written at explicit per-row positions.
+
+    Reads have static shapes: a decode step reads the first `length` slots of its rows, where
+    `length` comes from a small fixed set (read_length), and masks the slots past each row's
+    position; no read depends on a value held on the device."""
 
     def __init__(self, max_batch_size: int, max_seq_length: int, n_head: int, head_dim: int, dtype, device=None):
         super().__init__()
@@ -161,8 +215,8 @@ class KVCache(nn.Module):
     ):
         """input_pos (n, S) positions; k, v (n, S, H, D); rows (n,) cache rows or None for rows 0..n-1;
         length: attend to cache slots 0..length-1 only (a host-side bound above every position in
-        input_pos: eager decoding reads a prefix of the cache instead of all of it; None = all).
-        Returns the keys/values of those rows (n, L, H, D) and the mask (n, 1, S, L), L = length or S_max."""
+        input_pos; None = every slot). Returns the keys/values of those rows (n, L, H, D) and the
+        mask (n, 1, S, L), L = length or S_max."""
         n = k.shape[0]
         L = self.k_cache.shape[1] if length is None else length
         if rows is None:
@@ -177,6 +231,19 @@ class KVCache(nn.Module):
         slots = torch.arange(L, device=k.device)
         mask = slots[None, None, :] <= input_pos[:, :, None]  # (n, S, L)
         return keys, values, mask[:, None]
+
+
+def read_length(needed: int, capacity: int, block: int) -> int:
+    """Cache slots a decode step reads: `needed` rounded up to a multiple of `block`, at most
+    `capacity`. Steps therefore see at most ceil(capacity / block) + 1 distinct key lengths."""
+    if needed < 1 or block < 1:
+        raise ValueError(f"needed and block must be >= 1, got {needed} and {block}")
+    return min(capacity, -(-needed // block) * block)
+
+
+# Attention kernels for KV-cached decoding, pinned so that no step depends on a per-shape
+# choice (cuDNN attention builds a new plan for every key length).
+DECODE_ATTENTION = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
 
 
 class Attention(nn.Module):
@@ -221,7 +288,8 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         q, k, v = self._qkv(x, freqs_cis)
         k, v, mask = self.kv_cache.update(input_pos, k, v, rows, length)
-        return self._attend(q, k, v, mask=mask)
+        with sdpa_kernel(list(DECODE_ATTENTION)):
+            return self._attend(q, k, v, mask=mask)
 
 
 class DropPath(nn.Module):
@@ -268,8 +336,16 @@ class TransformerBlock(nn.Module):
 
 
 def setup_kv_caches(layers: nn.ModuleList, max_batch_size: int, max_seq_length: int, dtype, device) -> None:
+    """Attach a cache to every layer; caches of the same shape, dtype and device are kept (their
+    buffers keep their addresses, which captured CUDA graphs rely on)."""
     for layer in layers:
         attn = layer.attention
+        shape = (max_batch_size, max_seq_length, attn.n_kv_head, attn.head_dim)
+        old = attn.kv_cache
+        if old is not None and (old.k_cache.shape, old.k_cache.dtype, old.k_cache.device) == (
+            shape, dtype, torch.device(device)
+        ):
+            continue
         attn.kv_cache = KVCache(max_batch_size, max_seq_length, attn.n_kv_head, attn.head_dim, dtype, device)
 
 

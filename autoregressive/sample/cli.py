@@ -18,11 +18,10 @@ from typing import Optional, Sequence
 import torch
 
 from autoregressive.models import all_models
-from autoregressive.models.generate import Sampling
+from autoregressive.models.generate import Decoding, Sampling, fast_decoding
 from autoregressive.sample.loading import (
     PatchingOverrides,
     cast_parameters,
-    compile_decoding,
     load_entropy_model,
     load_generator,
     load_vq,
@@ -34,6 +33,7 @@ from autoregressive.sample.grid import run_grid
 from autoregressive.sample.sampler import Sampler
 from entropy_model.patching import PATCH_MODES
 from tokenizer.vq_model import VQ_models
+from utils.cli import HelpFormatter
 from utils.distributed import DistInfo, init_distributed, launched_by_torchrun, teardown_distributed
 
 FID_CFG_SCALE = {"B": 2.0, "L": 2.0, "XL": 1.75, "XXL": 1.75, "3B": 1.65}  # LlamaGen, by model size
@@ -57,45 +57,58 @@ def _cap(value: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Sample class-conditional images from a GPT (LlamaGen) or DPAR checkpoint: "
-                                            "a PNG grid, or N images packed for FID (--num-fid-samples).")
+                                            "a PNG grid, or N images packed for FID (--num-fid-samples).",
+                                formatter_class=HelpFormatter)
     g = p.add_argument_group("models")
     g.add_argument("--gpt-ckpt", required=True, help="GPT or DPAR checkpoint (file or FSDP directory)")
     g.add_argument("--gpt-model", choices=sorted(all_models()), default=None,
                    help="registry name; default: the checkpoint's (required for LlamaGen's released files)")
     g.add_argument("--vq-ckpt", required=True, help="VQ tokenizer checkpoint")
-    g.add_argument("--vq-model", choices=sorted(VQ_models), default="VQ-16")
+    g.add_argument("--vq-model", choices=sorted(VQ_models), default="VQ-16", help="tokenizer registry name")
     g.add_argument("--codebook-size", type=int, default=None, help="default: the VQ checkpoint's (LlamaGen: 16384)")
     g.add_argument("--codebook-embed-dim", type=int, default=None, help="default: the VQ checkpoint's (LlamaGen: 8)")
     g.add_argument("--num-classes", type=int, default=1000, help="classes of a LlamaGen checkpoint without args")
     g.add_argument("--cls-token-num", type=int, default=1, help="class slots of a LlamaGen checkpoint without args")
+    g.add_argument("--raw-weights", action="store_true",
+                   help="sample the trained weights even when the checkpoint holds EMA weights (default: EMA when "
+                        "present)")
+    g = p.add_argument_group("LlamaGen compatibility flags (accepted so that LlamaGen launch lines run unchanged)")
+    g.add_argument("--gpt-type", choices=("c2i", "t2i"), default="c2i",
+                   help="LlamaGen compatibility flag: only c2i (class-conditional) is supported")
+    g.add_argument("--from-fsdp", action="store_true",
+                   help="LlamaGen compatibility flag, no effect: FSDP directories and bare state dicts are detected")
     g = p.add_argument_group("DPAR (defaults: the checkpoint's patching rule)")
     g.add_argument("--entropy-ckpt", default=None,
                    help="entropy model checkpoint (default: the one recorded by training); its sha256 must match")
-    g.add_argument("--patching-mode", choices=PATCH_MODES, default=None)
+    g.add_argument("--patching-mode", choices=PATCH_MODES, default=None,
+                   help="patch boundary rule (default: the checkpoint's)")
     g.add_argument("--threshold", type=float, default=None, help="entropy threshold tau in nats")
     g.add_argument("--max-patch-length", type=_cap, default=None, help="length cap P_max (0 or 'none': no cap)")
     g.add_argument("--row-reset", action=argparse.BooleanOptionalAction, default=None,
                    help="open a patch at every grid row")
+    g.add_argument("--static-length", type=float, default=None,
+                   help="mode static: mean patch length of the uniform pattern (fractional allowed, e.g. 1.8191)")
     g = p.add_argument_group("sampling")
     g.add_argument("--cfg-scale", type=float, default=None,
                    help=f"guidance scale (default: grid {GRID_CFG_SCALE}; FID: LlamaGen's for the model size)")
     g.add_argument("--cfg-interval", type=int, default=-1, help="guided steps (-1: all)")
-    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--temperature", type=float, default=1.0, help="softmax temperature")
     g.add_argument("--top-k", type=int, default=None, help=f"default: grid {GRID_TOP_K}, FID 0 (off)")
-    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
     g.add_argument("--seed", "--global-seed", dest="seed", type=int, default=0,
                    help="global seed; image i uses a seed derived from (seed, i)")
     g.add_argument("--image-size", type=int, default=None, help="generation size; default: token grid x downsample")
     g.add_argument("--image-size-eval", type=int, default=None, help="size of the FID images (default: --image-size)")
     g.add_argument("--downsample-size", type=int, default=None, help="default: the VQ model's (VQ-16: 16)")
-    g.add_argument("--per-proc-batch-size", type=int, default=32)
+    g.add_argument("--per-proc-batch-size", type=int, default=32, help="images per batch and process")
     g = p.add_argument_group("system")
-    g.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    g.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="auto: CUDA when available")
     g.add_argument("--precision", "--mixed-precision", dest="precision",
                    choices=("auto", "none", "fp32", "bf16", "fp16"), default="auto",
                    help="generator dtype (auto: bf16 on CUDA, fp32 on CPU); the VQ decoder runs in fp32")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                   help="torch.compile the KV-cached decode steps")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="fast path: compiled static-shape decode steps, CUDA graphs on CUDA "
+                        "(default: on for CUDA, off for CPU)")
     g = p.add_argument_group("grid mode")
     g.add_argument("--class-labels", type=int, nargs="+", default=None,
                    help="classes to sample (default: LlamaGen's demo classes, or the first 8)")
@@ -111,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = build_parser()
     args = p.parse_args(argv)
+    if args.gpt_type == "t2i":
+        p.error("--gpt-type t2i: text-to-image is not supported (class-conditional c2i only)")
     for name in ("per_proc_batch_size", "nrow"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -139,7 +154,8 @@ def build_sampler(args: argparse.Namespace, device: torch.device) -> Sampler:
         raise ValueError(f"--downsample-size {args.downsample_size} does not match {args.vq_model} (downsample {f})")
     block_size = (args.image_size // f) ** 2 if args.image_size else None
     model, ckpt_args = load_generator(args.gpt_ckpt, args.gpt_model, vq.config.codebook_size, block_size,
-                                      args.num_classes, args.cls_token_num)
+                                      args.num_classes, args.cls_token_num, prefer_ema=not args.raw_weights)
+    args.weights = ckpt_args["weights"]
     name = ckpt_args.get("gpt_model", args.gpt_model)
     if model.config.vocab_size != vq.config.codebook_size:
         raise ValueError(f"{name} predicts {model.config.vocab_size} codes but the VQ codebook has "
@@ -157,7 +173,8 @@ def build_sampler(args: argparse.Namespace, device: torch.device) -> Sampler:
     if args.top_k is None:
         args.top_k = 0 if fid else GRID_TOP_K
     entropy_model, patching = None, None
-    overrides = PatchingOverrides(args.patching_mode, args.threshold, args.max_patch_length, args.row_reset)
+    overrides = PatchingOverrides(args.patching_mode, args.threshold, args.max_patch_length, args.row_reset,
+                                  args.static_length)
     if getattr(model, "is_dpar", False):
         patching = resolve_patching(ckpt_args, overrides)
         if patching.needs_entropy:
@@ -171,16 +188,20 @@ def build_sampler(args: argparse.Namespace, device: torch.device) -> Sampler:
     model = cast_parameters(model.to(device), dtype)
     if entropy_model is not None:
         entropy_model = cast_parameters(entropy_model.to(device), dtype)
-    if args.compile:
-        for m in (model, entropy_model):
-            if m is not None:
-                compile_decoding(m)
     sampling = Sampling(args.cfg_scale, args.cfg_interval, args.temperature, args.top_k, args.top_p)
-    return Sampler(model, vq.to(device), sampling, device, entropy_model, patching)
+    return Sampler(model, vq.to(device), sampling, device, entropy_model, patching,
+                   decoding_for(args.compile, device))
+
+
+def decoding_for(compile: Optional[bool], device: torch.device) -> Decoding:
+    """--compile / --no-compile: the fast path or eager decode steps; unset, the fast path on CUDA."""
+    fast = compile if compile is not None else device.type == "cuda"
+    return fast_decoding(device) if fast else Decoding()
 
 
 def describe(args: argparse.Namespace) -> str:
-    line = (f"{args.gpt_model} ({args.precision}): {args.image_size} px, cfg {args.cfg_scale} "
+    weights = "EMA weights" if args.weights == "ema" else "raw weights"
+    line = (f"{args.gpt_model} ({args.precision}, {weights}): {args.image_size} px, cfg {args.cfg_scale} "
             f"(interval {args.cfg_interval}), temperature {args.temperature}, top-k {args.top_k}, "
             f"top-p {args.top_p}, seed {args.seed}")
     if args.patching:

@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import re
+import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -61,7 +62,7 @@ def run_settings(args: argparse.Namespace) -> dict:
         "image_size": args.image_size, "image_size_eval": args.image_size_eval,
         "cfg_scale": args.cfg_scale, "cfg_interval": args.cfg_interval, "temperature": args.temperature,
         "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed, "precision": args.precision,
-        "patching": args.patching,
+        "patching": args.patching, "weights": args.weights,
     }
 
 
@@ -118,9 +119,11 @@ def plan_chunks(missing: Sequence[int], chunk_size: int, rank: int, world: int) 
 
 
 def generate_missing(args: argparse.Namespace, sampler: Sampler, sample_dir: Path, missing: Sequence[int],
-                     info: DistInfo) -> Throughput:
-    """Generate and write this rank's share of the missing images."""
+                     info: DistInfo) -> Tuple[Throughput, float]:
+    """Generate and write this rank's share of the missing images; returns the generation
+    counts and the wall-clock seconds of the whole loop (VQ decoding and PNG writing included)."""
     C, throughput = sampler.num_classes, Throughput()
+    start = time.perf_counter()
     plan = plan_chunks(missing, args.per_proc_batch_size, info.rank, info.world_size)
     for chunk in tqdm(plan, disable=not info.is_main, desc=f"sampling ({info.world_size} ranks)", unit="batch"):
         seeds = [image_seed(args.seed, i) for i in chunk]
@@ -132,7 +135,17 @@ def generate_missing(args: argparse.Namespace, sampler: Sampler, sample_dir: Pat
             if batch.num_patches is not None:
                 meta["patches"] = int(batch.num_patches[j])
             write_png(sample_dir, i, pixels[j], meta)
-    return throughput
+    return throughput, time.perf_counter() - start
+
+
+def format_waiting(run: dict) -> str:
+    """The time the user waited for this run's images, split into token generation and VQ
+    decoding plus writing, then the generation-only rates."""
+    if not run["images"]:
+        return "no images generated"
+    return (f"{run['images']} images in {run['wall_seconds']:.1f} s ({run['images'] / run['wall_seconds']:.2f} "
+            f"images/s): generation {run['generation_seconds']:.1f} s, VQ decoding and writing "
+            f"{run['decode_and_write_seconds']:.1f} s; generation alone: {format_throughput(run)}")
 
 
 def _read_png(path: Path) -> Tuple[np.ndarray, dict]:
@@ -199,18 +212,20 @@ def run_fid(args: argparse.Namespace, sampler: Sampler, info: DistInfo) -> Optio
     if info.is_main:
         print(f"{sample_dir}: {n - len(missing)} of {n} images present, generating {len(missing)} "
               f"on {info.world_size} process(es)")
-    throughput = generate_missing(args, sampler, sample_dir, missing, info)
+    throughput, wall = generate_missing(args, sampler, sample_dir, missing, info)
 
     counts = [throughput.images, throughput.tokens, throughput.patches]
     totals = torch.tensor(counts, dtype=torch.float64, device=info.device)  # NCCL reduces CUDA tensors
-    seconds = torch.tensor([throughput.seconds], dtype=torch.float64, device=info.device)
+    seconds = torch.tensor([throughput.seconds, wall], dtype=torch.float64, device=info.device)
     all_reduce(totals, "sum")
     all_reduce(seconds, "max")  # the slowest rank bounds the run
     barrier()
     if not info.is_main:
         return None
-    totals, seconds = totals.tolist(), seconds.item()
+    totals, (seconds, wall) = totals.tolist(), seconds.tolist()
     run = Throughput(int(totals[0]), int(totals[1]), int(totals[2]), seconds).summary(sampler.is_dpar)
+    run["wall_seconds"] = wall
+    run["decode_and_write_seconds"] = max(0.0, wall - seconds)
     absent = [i for i in range(n) if not png_path(sample_dir, i).is_file()]
     if absent:
         raise ValueError(f"{len(absent)} of {n} images are missing in {sample_dir} (first {absent[0]}); "
@@ -226,7 +241,7 @@ def run_fid(args: argparse.Namespace, sampler: Sampler, info: DistInfo) -> Optio
         stats["compression"] = sampler.num_tokens / stored["mean_patches_per_image"]
     json_path = npz.with_suffix(".json")
     json_path.write_text(json.dumps(stats, indent=2))
-    print(f"this run: {format_throughput(run)}")
+    print(f"this run: {format_waiting(run)}")
     size = args.image_size_eval
     print(f"wrote {npz} ({n} x {size} x {size} x 3 uint8, labels arr_1) and {json_path}")
     return stats

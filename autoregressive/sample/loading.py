@@ -12,13 +12,9 @@ import torch.nn as nn
 
 from autoregressive.models import build_model
 from autoregressive.models.dpar import DPAR_models
-from autoregressive.models.modules import TransformerBlock
 from entropy_model.patching import PatchingConfig
 from tokenizer.vq_model import VQModel, load_vq_checkpoint
-from utils.checkpoint import file_sha256, is_dcp_checkpoint, load_checkpoint, model_from_checkpoint
-
-LLAMAGEN_STATE_KEYS = ("model", "module", "state_dict")  # where LlamaGen's files keep the weights
-
+from utils.checkpoint import checkpoint_sha256, checkpoint_weights, load_checkpoint, model_from_checkpoint
 
 @dataclass
 class PatchingOverrides:
@@ -29,6 +25,7 @@ class PatchingOverrides:
     threshold: Optional[float] = None
     max_patch_length: Optional[int] = None
     row_reset: Optional[bool] = None
+    static_length: Optional[float] = None
 
 
 def precision_dtype(precision: str, device: torch.device) -> torch.dtype:
@@ -60,26 +57,29 @@ def load_generator(
     block_size: Optional[int],
     num_classes: int,
     cls_token_num: int = 1,
+    prefer_ema: bool = True,
 ) -> Tuple[nn.Module, dict]:
-    """GPT or DPAR in eval mode on CPU, and its checkpoint args ({} for LlamaGen's files).
+    """GPT or DPAR in eval mode on CPU, and its checkpoint args ({} for LlamaGen's files) with
+    args["weights"] = "ema" or "raw": the EMA weights when the checkpoint has them and
+    prefer_ema, else the trained weights.
 
     A project checkpoint rebuilds itself from args["gpt_model"] / args["model_config"]
-    (--gpt-model, when given, must agree). LlamaGen's released files carry weights only: the
-    model is --gpt-model with vocab_size, block_size (the token grid) and num_classes."""
+    (--gpt-model, when given, must agree). LlamaGen's released files carry weights only (under
+    "model", "module" or "state_dict", or a bare state dict as its FSDP exports): the model is
+    --gpt-model with vocab_size, block_size (the token grid) and num_classes."""
     ckpt = load_checkpoint(path)
     args = ckpt.get("args")
     if isinstance(args, dict) and "gpt_model" in args and "model_config" in args:
         if gpt_model is not None and gpt_model != args["gpt_model"]:
             raise ValueError(f"{path} holds a {args['gpt_model']} model, not {gpt_model}")
-        model, args = model_from_checkpoint(ckpt)
-        return model, args
+        return model_from_checkpoint(ckpt, prefer_ema=prefer_ema)
     if gpt_model is None:
         raise ValueError(f"{path} does not record its model; name it with --gpt-model")
     if gpt_model in DPAR_models:
         raise ValueError(f"{path} does not record its model; DPAR checkpoints must come from this project's trainer")
-    state = next((ckpt[k] for k in LLAMAGEN_STATE_KEYS if isinstance(ckpt.get(k), dict)), None)
-    if state is None:
-        raise ValueError(f"{path} has no weights under any of {LLAMAGEN_STATE_KEYS}")
+    if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        ckpt = {"model": ckpt}  # a bare state dict (LlamaGen's --from-fsdp files)
+    state, used_ema = checkpoint_weights(ckpt, prefer_ema)
     if block_size is None:
         raise ValueError("a checkpoint without args needs --image-size to fix the token grid")
     model = build_model(gpt_model, vocab_size=vocab_size, block_size=block_size, num_classes=num_classes,
@@ -88,7 +88,7 @@ def load_generator(
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise ValueError(f"{path} does not fit {gpt_model}: {str(e).splitlines()[0]}") from e
-    return model.eval(), {}
+    return model.eval(), {"weights": "ema" if used_ema else "raw"}
 
 
 def resolve_patching(ckpt_args: dict, overrides: PatchingOverrides) -> PatchingConfig:
@@ -104,6 +104,8 @@ def resolve_patching(ckpt_args: dict, overrides: PatchingOverrides) -> PatchingC
         changes["max_patch_length"] = None
     if changes.get("mode") in ("entropy", "relative") and base.threshold is None and "threshold" not in changes:
         changes["threshold"] = PatchingConfig().threshold
+    if changes.get("mode", "static") != "static":
+        changes.setdefault("static_length", None)  # a stored static pattern does not carry to another mode
     return replace(base, **changes)
 
 
@@ -117,14 +119,11 @@ def load_entropy_model(path: Optional[str], dpar: nn.Module, ckpt_args: dict) ->
             raise ValueError("this DPAR model patches by entropy: give the entropy model with --entropy-ckpt")
         path = recorded
         print(f"entropy model: {path} (recorded in the DPAR checkpoint)")
-    if is_dcp_checkpoint(path) or Path(path).is_dir():
-        raise ValueError(f"--entropy-ckpt {path} is a directory; export it to one file with "
-                         f"python -m utils.checkpoint export")
-    if not Path(path).is_file():
+    if not Path(path).exists():
         raise ValueError(f"--entropy-ckpt {path} does not exist")
     expected = ckpt_args.get("entropy_model_hash")
     if expected:
-        actual = file_sha256(path)
+        actual = checkpoint_sha256(path)
         if actual != expected:
             raise ValueError(f"--entropy-ckpt {path} (sha256 {actual[:12]}) is not the entropy model this DPAR "
                              f"model was trained with (sha256 {expected[:12]})")
@@ -136,11 +135,3 @@ def load_entropy_model(path: Optional[str], dpar: nn.Module, ckpt_args: dict) ->
         raise ValueError(f"entropy model (vocab {config.vocab_size}, {config.block_size} tokens) does not match "
                          f"the DPAR model (vocab {dpar.config.vocab_size}, {dpar.config.block_size} tokens)")
     return model
-
-
-def compile_decoding(model: nn.Module) -> None:
-    """torch.compile every transformer block's KV-cached decode step (shapes vary with the rows
-    a DPAR step advances, hence dynamic=True)."""
-    for block in model.modules():
-        if isinstance(block, TransformerBlock):
-            block.decode = torch.compile(block.decode, dynamic=True)

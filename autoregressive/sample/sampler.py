@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from autoregressive.models.generate import Generated, Sampling, generate
+from autoregressive.models.generate import Decoding, Generated, Sampling, generate
 from entropy_model.patching import PatchingConfig
 
 
@@ -49,7 +49,8 @@ class Batch:
 
 class Sampler:
     """A generator (GPT or DPAR, already in its sampling dtype on `device`), its entropy model
-    and patching rule (DPAR), and the VQ decoder (float32 on `device`)."""
+    and patching rule (DPAR), the VQ decoder (float32 on `device`) and how the decode steps run
+    (eager by default; generate.fast_decoding for compiled steps and CUDA graphs)."""
 
     def __init__(
         self,
@@ -59,9 +60,11 @@ class Sampler:
         device: torch.device,
         entropy_model: Optional[nn.Module] = None,
         patching: Optional[PatchingConfig] = None,
+        decoding: Optional[Decoding] = None,
     ):
         self.model, self.vq, self.sampling, self.device = model, vq, sampling, device
         self.entropy_model, self.patching = entropy_model, patching
+        self.decoding = decoding or Decoding()
         self.is_dpar = getattr(model, "is_dpar", False)
         if self.is_dpar and patching is None:
             raise ValueError("a DPAR sampler needs its patching rule")
@@ -97,7 +100,7 @@ class Sampler:
         synchronize(self.device)
         start = time.perf_counter()
         out: Generated = generate(self.model, cond, self.num_tokens, row_seeds=list(seeds),
-                                  **asdict(self.sampling), **extra)
+                                  decoding=self.decoding, **asdict(self.sampling), **extra)
         synchronize(self.device)
         seconds = time.perf_counter() - start
         B, h = cond.shape[0], self.grid_size

@@ -7,6 +7,7 @@ from typing import Optional, Sequence
 from autoregressive.models import all_models
 from autoregressive.models.dpar import DPAR_models
 from entropy_model.patching import PATCH_MODES
+from utils.cli import HelpFormatter
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
@@ -18,11 +19,15 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--image-size", type=int, default=None,
                    help="image size the codes were made at (default: the store's); with --downsample-size it "
                         "fixes the token grid")
-    g.add_argument("--downsample-size", type=int, default=16, help="tokenizer downsampling factor (VQ-16: 16)")
+    g.add_argument("--downsample-size", type=int, default=None,
+                   help="tokenizer downsampling factor; default: the store's manifest (16 for LlamaGen's layout); "
+                        "a mismatch stops")
     g.add_argument("--num-classes", type=int, default=None,
                    help="number of classes; default: the store's manifest, else max label + 1 (1000 for "
                         "LlamaGen's layout)")
-    g.add_argument("--num-workers", type=int, default=4, help="DataLoader worker processes per rank (0 = in process)")
+    g.add_argument("--num-workers", type=int, default=None,
+                   help="DataLoader worker processes per rank (0 = in process); default: the CPU cores this process "
+                        "may use, at most 4")
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -46,7 +51,8 @@ def _dpar_args(p: argparse.ArgumentParser) -> None:
                    help="entropy model checkpoint; when given, the entropies must have been made by it (hash check)")
     g.add_argument("--patching-mode", choices=PATCH_MODES, default="entropy", help="patch boundary rule")
     g.add_argument("--threshold", type=float, default=None,
-                   help="entropy threshold tau in nats (default 7.8, the paper's, unless --target-compression)")
+                   help="entropy threshold tau in nats (default the paper's, 7.8 at 256 px and 7.9 at 384 px, unless "
+                        "--target-compression; tau belongs to the paper's entropy model: with another one calibrate)")
     g.add_argument("--target-compression", type=float, default=None,
                    help="choose tau so that the mean patch length on the stored entropies is this (e.g. 1.81)")
     g.add_argument("--max-patch-length", type=int, default=4, help="length cap P_max (0 = no cap)")
@@ -57,6 +63,15 @@ def _dpar_args(p: argparse.ArgumentParser) -> None:
                    help="token decoder depth D (default: the registry's); the patch depth keeps the total")
     g.add_argument("--patch-rope", choices=("dynamic", "2d", "1d"), default="dynamic",
                    help="positions of the patch transformer")
+    g.add_argument("--static-length", type=float, default=None,
+                   help="with --patching-mode static: mean patch length of the uniform pattern, fractional allowed "
+                        "(the authors' static baseline: 1.8191); default: fixed patches of --max-patch-length")
+    g.add_argument("--local-dropout", action="store_true",
+                   help="LlamaGen's dropouts also in the token encoder and decoder, and token dropout on the encoder "
+                        "input (ablation; the authors use none there)")
+    g.add_argument("--patch-init", choices=("llamagen", "blt"), default="llamagen",
+                   help="init of the cross-attention and patch-injection projections: normal(0.02) like every "
+                        "layer (the authors' effective init) or BLT's truncated normal of std dim^-0.5")
 
 
 def _optim_args(p: argparse.ArgumentParser) -> None:
@@ -92,40 +107,58 @@ def _system_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mixed-precision", choices=("auto", "none", "bf16", "fp16"), default="auto",
                    help="auto: bf16 on CUDA, none on CPU; FSDP + bf16 keeps fp32 master weights and fp32 reduce")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile each transformer block (default: on CUDA only)")
+                   help="torch.compile the training forward/backward (default: on CUDA only)")
+    g.add_argument("--compile-scope", choices=("model", "blocks"), default="model",
+                   help="with --compile: the whole model as one graph (packed patch counts are bucketed, so a "
+                        "run compiles a few graphs), or each transformer block separately")
     g.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each transformer block in backward")
 
 
 def _run_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run folder, checkpoints, logging")
-    g.add_argument("--results-dir", default="results", help="parent of the run folder")
+    g.add_argument("--results-dir", default=None, help="parent of the run folder (default: results)")
     g.add_argument("--run-name", default=None,
                    help="run folder name (default: <gpt-model>[-uncond]-<code store name>); a folder that already "
                         "holds checkpoints is resumed from its latest one")
     g.add_argument("--resume", default=None,
-                   help="checkpoint (file or FSDP directory) to continue from when the run folder has none of its own")
+                   help="checkpoint (file or FSDP directory, ours or LlamaGen's) to continue from when the run "
+                        "folder has none of its own (LlamaGen's name: --gpt-ckpt)")
     g.add_argument("--ckpt-every", type=int, default=5000, help="checkpoint every N optimizer steps (and at the end)")
     g.add_argument("--keep-last", type=int, default=3, help="checkpoints kept (older ones are deleted)")
     g.add_argument("--keep-every", type=int, default=0, help="also keep every checkpoint whose step is a multiple of N")
+    g.add_argument("--init-weights", default=None,
+                   help="start a NEW run (step 0, fresh optimizer) from the weights of this checkpoint (file or FSDP "
+                        "directory, ours or LlamaGen's): fine-tuning; to continue a run use --resume / --gpt-ckpt")
+    g.add_argument("--ema", action="store_true",
+                   help="keep an exponential moving average of the weights (LlamaGen's --ema); stored in every "
+                        "checkpoint and used by sample_c2i.py")
+    g.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay per optimizer step (LlamaGen's)")
     g.add_argument("--export-consolidated", action="store_true",
                    help="FSDP: also write a single-file weights export (exports/<step>.pt) with every checkpoint")
     g.add_argument("--log-every", type=int, default=100, help="log line every N optimizer steps")
     g.add_argument("--peak-tflops", type=float, default=989.0,
                    help="per-GPU peak TFLOP/s for the MFU estimate (H100/H200 dense bf16: 989)")
+    g.add_argument("--speed-warmup-steps", type=int, default=10,
+                   help="steps (from this run's start) left out of images/s and MFU: compilation and warm-up")
     g.add_argument("--wandb", action="store_true",
                    help="also log to Weights & Biases (offline unless WANDB_MODE is set)")
     g.add_argument("--wandb-project", default="dpar", help="wandb project name")
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keeps the description's layout; shows defaults, except unset ones (None/False), whose
-    help says what unset means."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default is None or action.default is False:
-            return action.help
-        return super()._get_help_string(action)
+def _llamagen_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("LlamaGen compatibility flags (accepted so that LlamaGen launch lines run unchanged)")
+    g.add_argument("--gpt-ckpt", default=None,
+                   help="LlamaGen compatibility flag: continue from this checkpoint (same as --resume); also reads "
+                        "LlamaGen's own files (model, optimizer, steps, ema, args)")
+    g.add_argument("--gpt-type", choices=("c2i", "t2i"), default="c2i",
+                   help="LlamaGen compatibility flag: only c2i (class-conditional) is supported")
+    g.add_argument("--dataset", choices=("imagenet_code",), default="imagenet_code",
+                   help="LlamaGen compatibility flag: the data is always a code store (--code-path)")
+    g.add_argument("--cloud-save-path", default=None,
+                   help="LlamaGen compatibility flag: the results folder (same as --results-dir)")
+    g.add_argument("--no-local-save", action="store_true",
+                   help="LlamaGen compatibility flag, no effect: checkpoints are written once, in the run folder")
 
 
 EPILOG = """examples:
@@ -143,11 +176,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Train a class-conditional GPT (LlamaGen), an unconditional entropy model or DPAR on a\n"
                     "code store. Runs single-process (python train_c2i.py ...) or under torchrun (DDP/FSDP2).",
-        formatter_class=_HelpFormatter, epilog=EPILOG,
+        formatter_class=HelpFormatter, epilog=EPILOG,
     )
-    for add in (_data_args, _model_args, _dpar_args, _optim_args, _system_args, _run_args):
+    for add in (_data_args, _model_args, _dpar_args, _optim_args, _system_args, _run_args, _llamagen_args):
         add(p)
     return p
+
+
+def _resolve_llamagen_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Map LlamaGen's flags onto ours: --gpt-ckpt -> --resume, --cloud-save-path -> --results-dir."""
+    if args.gpt_type == "t2i":
+        p.error("--gpt-type t2i: text-to-image is not supported (class-conditional c2i only)")
+    if args.gpt_ckpt is not None:
+        if args.resume is not None and args.resume != args.gpt_ckpt:
+            p.error("--gpt-ckpt and --resume both name a checkpoint to continue from; give one")
+        args.resume = args.gpt_ckpt
+    if args.cloud_save_path is not None:
+        if args.results_dir is not None and args.results_dir != args.cloud_save_path:
+            p.error("--cloud-save-path and --results-dir both name the results folder; give one")
+        args.results_dir = args.cloud_save_path
+    args.results_dir = args.results_dir or "results"
+    if args.init_weights is not None and args.resume is not None:
+        p.error("--init-weights starts a new run from weights; --resume / --gpt-ckpt continue one: give one")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -157,8 +207,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     positive = ("global_batch_size", "grad_accum_steps", "ckpt_every", "log_every", "keep_last", "epochs",
                 "downsample_size")
     for name in positive:
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.num_workers is not None and args.num_workers < 0:
+        p.error("--num-workers must be >= 0")
+    _resolve_llamagen_flags(p, args)
+    if not 0.0 <= args.ema_decay < 1.0:
+        p.error("--ema-decay must be in [0, 1)")
     if args.max_steps is not None and args.max_steps < 1:
         p.error("--max-steps must be >= 1")
     if args.threshold is not None and args.target_compression is not None:
@@ -166,8 +221,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     is_dpar = args.gpt_model in DPAR_models
     if is_dpar and args.unconditional:
         p.error("--unconditional trains a GPT entropy model; DPAR is class-conditional")
-    dpar_only = ("entropy_path", "entropy_model", "threshold", "target_compression", "encoder_layers", "decoder_layers")
+    dpar_only = ("entropy_path", "entropy_model", "threshold", "target_compression", "encoder_layers", "decoder_layers",
+                 "static_length")
     given = [n for n in dpar_only if getattr(args, n) is not None]
+    given += ["local_dropout"] if args.local_dropout else []
+    given += ["patch_init"] if args.patch_init != "llamagen" else []
     if not is_dpar and given:
         p.error(f"--{given[0].replace('_', '-')} applies to DPAR models only")
+    if args.static_length is not None and args.patching_mode != "static":
+        p.error("--static-length needs --patching-mode static")
+    if args.static_length is not None and not args.static_length >= 1:
+        p.error("--static-length must be >= 1")
     return args

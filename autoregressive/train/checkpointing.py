@@ -27,7 +27,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from utils.checkpoint import TRAIN_STATE, is_dcp_checkpoint, load_checkpoint, load_train_state, save_checkpoint_atomic
+from autoregressive.train.ema import ModelEMA, named_parameters
+from utils.checkpoint import (
+    TRAIN_STATE, UnreadableCheckpoint, checkpoint_weights, dcp_problem, is_dcp_checkpoint, load_checkpoint,
+    load_train_state, save_checkpoint_atomic)
 from utils.distributed import DistInfo, barrier, gather_objects
 
 CHECKPOINT_NAME = re.compile(r"^(\d{7,})(\.pt)?$")
@@ -53,13 +56,50 @@ def latest_checkpoint(ckpt_dir: Path) -> Optional[Path]:
     return found[-1][1] if found else None
 
 
+def checkpoint_problem(path: Path) -> Optional[str]:
+    """None when a checkpoint (file or FSDP directory) can be read, else the one-line reason.
+    Files are opened memory-mapped: the tensors themselves are not read."""
+    try:
+        read_checkpoint_args(path)
+    except UnreadableCheckpoint as e:
+        return str(e)
+    except ValueError:
+        pass  # readable, if not resumable: resume_source says why
+    return None
+
+
+def newest_readable(ckpt_dir: Path) -> tuple:
+    """(newest readable checkpoint or None, [(path, reason)] of the unreadable ones newer than it)."""
+    bad = []
+    for _, path in reversed(list_checkpoints(ckpt_dir)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path, bad
+        bad.append((path, problem))
+    return None, bad
+
+
+def set_aside(path: Path) -> Path:
+    """Rename an unreadable checkpoint out of the resume order (it is never deleted or written)."""
+    target, n = path.with_name(f"{path.name}.unreadable"), 1
+    while target.exists():
+        target, n = path.with_name(f"{path.name}.unreadable{n}"), n + 1
+    path.rename(target)
+    return target
+
+
 def prune_checkpoints(ckpt_dir: Path, keep_last: int, keep_every: int = 0) -> None:
-    """Delete all but the newest keep_last checkpoints (and those at multiples of keep_every)."""
+    """Delete all but the newest keep_last checkpoints (and those at multiples of keep_every);
+    the newest readable checkpoint is kept whatever its age."""
     found = list_checkpoints(ckpt_dir)
-    for step, path in found[: max(0, len(found) - keep_last)]:
-        if keep_every and step % keep_every == 0:
-            continue
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    doomed = [(step, path) for step, path in found[: max(0, len(found) - keep_last)]
+              if not (keep_every and step % keep_every == 0)]
+    if not doomed:
+        return
+    readable, _ = newest_readable(ckpt_dir)
+    for _, path in doomed:
+        if path != readable:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def remove_partial_checkpoints(ckpt_dir: Path) -> None:
@@ -129,9 +169,10 @@ def plain_args(args: argparse.Namespace) -> dict:
 
 
 def save_training_checkpoint(ckpt_dir: Path, model: nn.Module, optimizer, state: dict, info: DistInfo,
-                             sharded: bool, generator: torch.Generator) -> Path:
+                             sharded: bool, generator: torch.Generator, ema: Optional[ModelEMA] = None) -> Path:
     """Write checkpoint <step:07d> (all ranks call). state: step, epoch, data_position, args
-    (plain), plus extras; the RNG states of every rank are gathered into state["rng"]."""
+    (plain), plus extras; the RNG states of every rank are gathered into state["rng"]. The EMA
+    weights (--ema) go in as "ema": whole tensors in a file, shards in an FSDP directory."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     state = {**state, "rng": gather_objects(capture_rng(generator))}
@@ -139,14 +180,17 @@ def save_training_checkpoint(ckpt_dir: Path, model: nn.Module, optimizer, state:
     if not sharded:
         path = ckpt_dir / f"{name}.pt"
         optim = get_optimizer_state_dict(model, optimizer)
+        extra = {"ema": ema.state_dict()} if ema is not None else {}
         if info.is_main:
-            save_checkpoint_atomic({"model": model.state_dict(), "optimizer": optim, **state}, path)
+            save_checkpoint_atomic({"model": model.state_dict(), "optimizer": optim, **extra, **state}, path)
         barrier()
         return path
     import torch.distributed.checkpoint as dcp
 
     path, tmp = ckpt_dir / name, ckpt_dir / f".{name}.tmp"
     shards = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+    if ema is not None:
+        shards["ema"] = ema.state_dict()
     dcp.save(shards, checkpoint_id=str(tmp))
     if info.is_main:
         save_checkpoint_atomic(state, tmp / TRAIN_STATE)
@@ -157,10 +201,13 @@ def save_training_checkpoint(ckpt_dir: Path, model: nn.Module, optimizer, state:
     return path
 
 
-def load_training_checkpoint(path: Path, model: nn.Module, optimizer, sharded: bool) -> dict:
-    """Load weights and optimizer state from a checkpoint file or FSDP directory into the
-    (possibly sharded) model on every rank; returns the rest (step, epoch, data_position,
-    args, rng). Either kind loads into either mode."""
+def load_training_checkpoint(path: Path, model: nn.Module, optimizer, sharded: bool,
+                             ema: Optional[ModelEMA] = None) -> dict:
+    """Load weights, optimizer state and (when given) the EMA from a checkpoint file or FSDP
+    directory into the (possibly sharded) model on every rank; returns the rest (step, epoch,
+    data_position, args, rng) with state["ema_loaded"]. Either kind loads into either mode;
+    LlamaGen's files ("steps", an optimizer state keyed by position) load too, without a
+    data position or RNG states. A checkpoint without EMA weights starts the EMA at its weights."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict,
         set_optimizer_state_dict)
@@ -168,36 +215,105 @@ def load_training_checkpoint(path: Path, model: nn.Module, optimizer, sharded: b
     if is_dcp_checkpoint(path):
         import torch.distributed.checkpoint as dcp
 
+        has_ema = ema is not None and _dcp_has(path, "ema")
         shards = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+        if has_ema:
+            shards["ema"] = ema.state_dict()  # loaded in place
         with warnings.catch_warnings():  # loading without a process group is intended
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.load(shards, checkpoint_id=str(path))
         set_model_state_dict(model, shards["model"])
         set_optimizer_state_dict(model, optimizer, shards["optimizer"])
-        return load_train_state(path)
-    ckpt = load_checkpoint(path, mmap=True)
-    if "optimizer" not in ckpt or "step" not in ckpt:
-        raise ValueError(f"{path} holds weights but no training state (optimizer, step); it cannot be resumed")
-    options = StateDictOptions(full_state_dict=sharded)
-    set_model_state_dict(model, ckpt.pop("model"), options=options)
-    set_optimizer_state_dict(model, optimizer, ckpt.pop("optimizer"), options=options)
-    return ckpt
+        state = load_train_state(path)
+    else:
+        ckpt = load_checkpoint(path, mmap=True)
+        if "optimizer" not in ckpt or ("step" not in ckpt and "steps" not in ckpt):
+            raise ValueError(f"{path} holds weights but no training state (optimizer, step); it cannot be resumed "
+                             f"(--init-weights starts a new run from its weights)")
+        optim = ckpt.pop("optimizer")
+        if "steps" in ckpt and "step" not in ckpt:  # LlamaGen's layout
+            optim = named_optimizer_state(optim, model, optimizer)
+            ckpt = {"step": int(ckpt.pop("steps")), "args": _plain(ckpt.pop("args", None)), **ckpt}
+        options = StateDictOptions(full_state_dict=sharded)
+        try:
+            set_model_state_dict(model, ckpt.pop("model"), options=options)
+        except (RuntimeError, KeyError) as e:
+            raise ValueError(f"{path} does not fit this model: {str(e).strip().splitlines()[0]}") from e
+        set_optimizer_state_dict(model, optimizer, optim, options=options)
+        has_ema = ema is not None and isinstance(ckpt.get("ema"), dict)
+        if has_ema:
+            ema.load_full(ckpt.pop("ema"))
+        state = ckpt
+    if ema is not None and not has_ema:
+        ema.copy_from_model()
+    return {**state, "ema_loaded": has_ema}
 
 
-def export_weights(model: nn.Module, state: dict, path: Path, info: DistInfo) -> None:
-    """Gather the full weights (all ranks call) and let rank 0 write the single-file format
-    without optimizer state, for sampling."""
+def _dcp_has(path: Path, prefix: str) -> bool:
+    import torch.distributed.checkpoint as dcp
+
+    keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    return any(k.startswith(f"{prefix}.") for k in keys)
+
+
+def _plain(args) -> dict:
+    """A checkpoint's args as a dict (LlamaGen stores an argparse.Namespace, or nothing)."""
+    if isinstance(args, argparse.Namespace):
+        return vars(args)
+    return args if isinstance(args, dict) else {}
+
+
+def named_optimizer_state(state: dict, model: nn.Module, optimizer) -> dict:
+    """torch's optimizer.state_dict() (parameters numbered in param-group order, as LlamaGen
+    saves it) -> the state keyed by parameter name that set_optimizer_state_dict takes. The
+    groups must list as many parameters as this optimizer's (LlamaGen and we group alike:
+    matrices with weight decay, then the rest)."""
+    name_of = {id(p): name for name, p in named_parameters(model).items()}
+    ours, theirs = optimizer.param_groups, state["param_groups"]
+    if [len(g["params"]) for g in ours] != [len(g["params"]) for g in theirs]:
+        raise ValueError(f"the checkpoint's optimizer has parameter groups of sizes "
+                         f"{[len(g['params']) for g in theirs]}, this model's {[len(g['params']) for g in ours]}")
+    names = {i: name_of[id(p)] for mine, saved in zip(ours, theirs) for i, p in zip(saved["params"], mine["params"])}
+    groups = [{**g, "params": [names[i] for i in g["params"]]} for g in theirs]
+    return {"state": {names[i]: s for i, s in state["state"].items()}, "param_groups": groups}
+
+
+def load_initial_weights(path: Path, model: nn.Module, sharded: bool) -> None:
+    """--init-weights: the weights of a checkpoint (ours, an export, or LlamaGen's) into the
+    (possibly sharded) model, strict; nothing else of that run is taken."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    weights, _ = checkpoint_weights(load_checkpoint(path, mmap=True))
+    try:
+        set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=sharded))
+    except (RuntimeError, KeyError) as e:
+        raise ValueError(f"--init-weights {path} does not fit this model: {str(e).strip().splitlines()[0]}") from e
+
+
+def export_weights(model: nn.Module, state: dict, path: Path, info: DistInfo, ema: Optional[ModelEMA] = None) -> None:
+    """Gather the full weights and EMA weights (all ranks call) and let rank 0 write the
+    single-file format without optimizer state, for sampling."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    extra = {"ema": ema.full_state_dict()} if ema is not None else {}
     if info.is_main:
-        save_checkpoint_atomic({"model": full, **state}, path)
+        save_checkpoint_atomic({"model": full, **extra, **state}, path)
     barrier()
 
 
 def read_checkpoint_args(path: Path) -> dict:
-    """The args dict a checkpoint (file or FSDP directory) was trained with."""
-    state = load_train_state(path) if is_dcp_checkpoint(path) else load_checkpoint(path, mmap=True)
+    """The args dict a checkpoint (file or FSDP directory) was trained with; for LlamaGen's
+    files, which record no config, the (possibly empty) dict of their Namespace."""
+    if is_dcp_checkpoint(path):
+        problem = dcp_problem(path)
+        if problem:
+            raise UnreadableCheckpoint(problem)
+        state = load_train_state(path)
+    else:
+        state = load_checkpoint(path, mmap=True)
+    if "steps" in state and "step" not in state:
+        return _plain(state.get("args"))
     args = state.get("args")
     if not isinstance(args, dict) or any(k not in args for k in ARCHITECTURE_KEYS):
         raise ValueError(f"{path} does not record its model (args.gpt_model / args.model_config); it cannot be resumed")
@@ -205,9 +321,12 @@ def read_checkpoint_args(path: Path) -> dict:
 
 
 def check_same_architecture(saved: dict, args: argparse.Namespace, path: Path) -> None:
-    """One-line ValueError when the checkpoint's model differs from the one this run builds."""
-    if saved["gpt_model"] != args.gpt_model:
+    """One-line ValueError when the checkpoint's model differs from the one this run builds.
+    LlamaGen's files record at most the registry name; loading their weights strict checks the rest."""
+    if saved.get("gpt_model", args.gpt_model) != args.gpt_model:
         raise ValueError(f"checkpoint {path} is a {saved['gpt_model']}, but this run builds {args.gpt_model}")
+    if "model_config" not in saved:
+        return
     ours, theirs = args.model_config, saved["model_config"]
     keys = (set(ours) | set(theirs)) - set(TRAINING_ONLY_FIELDS)
     diff = sorted(k for k in keys if ours.get(k) != theirs.get(k))

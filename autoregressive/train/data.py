@@ -21,13 +21,16 @@ from autoregressive.models.dpar import DPARConfig, build_patch_layout
 from autoregressive.models.modules import drop_labels
 from autoregressive.train.guards import TrainingError
 from dataset.code_store import CodeDataset, CodeStore, check_code_store, code_store_hash, open_code_store
-from entropy_model.calibrate import PAPER_THRESHOLD, load_entropies, sample_entropies, threshold_for_compression
-from entropy_model.patching import GATED_MODES, PatchingConfig, build_patch_batch
-from utils.checkpoint import file_sha256
+from entropy_model.calibrate import load_entropies, sample_entropies, threshold_for_compression
+from entropy_model.patching import GATED_MODES, PatchingConfig, build_patch_batch, paper_threshold
+from utils.checkpoint import checkpoint_sha256
+from utils.cli import default_workers
 from utils.distributed import DistInfo, broadcast_object
 
 LLAMAGEN_VOCAB_SIZE = 16384
 LLAMAGEN_NUM_CLASSES = 1000
+LLAMAGEN_DOWNSAMPLE = 16
+MAX_DEFAULT_WORKERS = 4
 CALIBRATION_SAMPLE = 8192  # (image, view) rows used by --target-compression
 
 
@@ -45,15 +48,32 @@ def open_training_store(args: argparse.Namespace) -> CodeStore:
     if store.grid_height != store.grid_width:
         raise ValueError(f"code store {store.path} has a {store.grid_height}x{store.grid_width} grid; "
                          f"the models need a square token grid")
-    if args.image_size is None:
-        args.image_size = store.image_size or store.grid_width * args.downsample_size
+    _resolve_grid(args, store)
+    args.block_size = store.seq_len
+    _resolve_classes(args, store)
+    return store
+
+
+def _resolve_grid(args: argparse.Namespace, store: CodeStore) -> None:
+    """--image-size and --downsample-size from the store: a manifest records the image size, and
+    with the token grid that fixes the downsampling factor; a flag that contradicts it stops."""
+    grid = store.grid_width
+    recorded = store.image_size
+    if recorded is not None and recorded % grid == 0:
+        factor = recorded // grid
+        for flag, value, expected in (("--image-size", args.image_size, recorded),
+                                      ("--downsample-size", args.downsample_size, factor)):
+            if value is not None and value != expected:
+                raise ValueError(f"{flag} {value} contradicts the code store {store.path}: it holds {recorded} px "
+                                 f"images as a {grid}x{grid} token grid (downsample {factor}); drop {flag}")
+        args.image_size, args.downsample_size = recorded, factor
+        return
+    args.downsample_size = args.downsample_size or LLAMAGEN_DOWNSAMPLE
+    args.image_size = args.image_size or grid * args.downsample_size
     if args.image_size % args.downsample_size:
         raise ValueError(f"--image-size {args.image_size} is not a multiple of --downsample-size "
                          f"{args.downsample_size}")
     check_code_store(store, grid=args.image_size // args.downsample_size)
-    args.block_size = store.seq_len
-    _resolve_classes(args, store)
-    return store
 
 
 def _resolve_classes(args: argparse.Namespace, store: CodeStore) -> None:
@@ -88,7 +108,7 @@ def open_entropies(args: argparse.Namespace, store: CodeStore, info: DistInfo) -
     --entropy-model, by that checkpoint); records both hashes in args. Rank 0 hashes, all check."""
     hashes = None
     if info.is_main:
-        model_hash = file_sha256(args.entropy_model) if args.entropy_model else None
+        model_hash = checkpoint_sha256(args.entropy_model) if args.entropy_model else None
         hashes = (code_store_hash(store.path), model_hash)
     args.code_store_hash, expected_model = broadcast_object(hashes)
     entropies, record = load_entropies(str(entropy_dir(args)), args.code_store_hash, expected_model)
@@ -103,21 +123,22 @@ def resolve_patching(args: argparse.Namespace, entropies: Optional[np.ndarray], 
     row_width = None if args.no_row_reset else grid_width
     threshold, args.achieved_compression = args.threshold, None
     if args.patching_mode in GATED_MODES and threshold is None:
-        threshold = PAPER_THRESHOLD
+        threshold = paper_threshold(args.image_size)
         if args.target_compression is not None:
             sample = sample_entropies(entropies, CALIBRATION_SAMPLE, seed=args.seed)  # (S, T)
             threshold, achieved = threshold_for_compression(sample, args.target_compression, cap, row_width,
                                                             args.patching_mode)
             args.achieved_compression = achieved
     config = PatchingConfig(mode=args.patching_mode, threshold=threshold, max_patch_length=cap,
-                            row_reset=not args.no_row_reset)
+                            row_reset=not args.no_row_reset, static_length=args.static_length)
     args.threshold = threshold
     args.patching = config.to_dict()
     return config
 
 
 # ---------------------------------------------------------------------------------------
-# Batch builders: collate() runs in DataLoader workers (pure), __call__ in the main process
+# Batch builders: collate() runs in DataLoader workers (pure; it also builds DPAR's patch
+# layout, so the training step reads no lengths on the host), __call__ in the main process
 # (label dropout draws from a checkpointed generator).
 # ---------------------------------------------------------------------------------------
 @dataclass
@@ -126,11 +147,13 @@ class Batch:
 
     inputs: dict
     tokens: int
+    images: int
     patches: Optional[int] = None
 
     def to(self, device: torch.device) -> "Batch":
+        """Copies queued with non_blocking=True (from pinned memory when the loader pins it)."""
         inputs = {k: v.to(device, non_blocking=True) if v is not None else None for k, v in self.inputs.items()}
-        return Batch(inputs, self.tokens, self.patches)
+        return Batch(inputs, self.tokens, self.images, self.patches)
 
 
 class GPTBatches:
@@ -163,11 +186,12 @@ class GPTBatches:
             raise TrainingError(f"code {int(codes.max())} in the code store is outside the codebook "
                                 f"0..{self.vocab_size - 1}")
         inputs = {"idx": codes[:, :-1], "cond_idx": self.labels(raw["labels"], generator), "targets": codes}
-        return Batch(inputs, tokens=codes.numel())
+        return Batch(inputs, tokens=codes.numel(), images=codes.shape[0])
 
 
 class DPARBatches(GPTBatches):
-    """As GPTBatches plus patch_lengths (B, M) int64 from the entropies (B, T) and the patching rule."""
+    """As GPTBatches plus the batch's PatchLayout (model input `patch_lengths`), built in the
+    worker from the patch lengths (B, M) that the entropies (B, T) and the patching rule give."""
 
     def __init__(self, vocab_size: int, num_classes: int, class_dropout_prob: float, patching: PatchingConfig,
                  grid_width: int, model_config: DPARConfig):
@@ -180,14 +204,14 @@ class DPARBatches(GPTBatches):
         stacked = default_collate(samples)
         batch = {"codes": stacked[0], "labels": stacked[1], "entropy": stacked[2] if len(stacked) > 2 else None}
         out = build_patch_batch(batch, self.patching, self.grid_width)
-        return {"codes": out["tokens"], "labels": out["labels"], "patch_lengths": out["patch_lengths"]}
+        lengths = out["patch_lengths"]  # (B, M)
+        layout = build_patch_layout(lengths, self.model_config)
+        return {"codes": out["tokens"], "labels": out["labels"], "layout": layout, "patches": int((lengths > 0).sum())}
 
     def __call__(self, raw: dict, generator: torch.Generator) -> Batch:
         batch = super().__call__(raw, generator)
-        lengths = raw["patch_lengths"]  # (B, M)
-        # index tensors of the packed/padded layout, built once per batch on the host
-        batch.inputs["patch_lengths"] = build_patch_layout(lengths, self.model_config)
-        batch.patches = int((lengths > 0).sum())
+        batch.inputs["patch_lengths"] = raw["layout"]
+        batch.patches = raw["patches"]
         return batch
 
 
@@ -209,6 +233,13 @@ class ResumableSampler(DistributedSampler):
         return self.num_samples - self.start
 
 
+def resolve_workers(args: argparse.Namespace) -> int:
+    """--num-workers, by default the CPU cores this process may use (at most 4); recorded in args."""
+    if args.num_workers is None:
+        args.num_workers = default_workers(MAX_DEFAULT_WORKERS)
+    return args.num_workers
+
+
 class BatchStream:
     """Yields the micro-batches of one optimizer step at a time and knows its position.
     An epoch has num_samples // per_rank_batch // accum steps; leftovers are dropped so an
@@ -221,7 +252,7 @@ class BatchStream:
         self.seed = args.seed
         self.sampler = ResumableSampler(dataset, info.world_size, info.rank, args.seed)
         self.loader = DataLoader(dataset, batch_size=self.batch, sampler=self.sampler, drop_last=True,
-                                 num_workers=args.num_workers, collate_fn=builder.collate,
+                                 num_workers=resolve_workers(args), collate_fn=builder.collate,
                                  pin_memory=info.device.type == "cuda", generator=torch.Generator())
         self.steps_per_epoch = self.sampler.num_samples // self.batch // self.accum
         if self.steps_per_epoch < 1:

@@ -14,7 +14,7 @@ import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -22,6 +22,7 @@ import torch.nn as nn
 from autoregressive.train import checkpointing as ckpt
 from autoregressive.train.args import parse_args
 from autoregressive.train.data import BatchStream, build_stream, open_training_store
+from autoregressive.train.ema import ModelEMA
 from autoregressive.train.guards import StepGuard, StopRequest, TrainingError
 from autoregressive.train.logger import TrainLogger, truncate_log
 from autoregressive.train.model import (
@@ -44,6 +45,7 @@ class Trainer:
     step: int = 0
     skipped: int = 0  # non-finite steps skipped (--skip-nonfinite)
     logger: Optional[TrainLogger] = None
+    ema: Optional[ModelEMA] = None  # --ema
 
 
 def configure_torch(args: argparse.Namespace, info: DistInfo) -> None:
@@ -62,21 +64,32 @@ def configure_torch(args: argparse.Namespace, info: DistInfo) -> None:
 
 def prepare_run_dir(args: argparse.Namespace, info: DistInfo) -> Path:
     """RESULTS/<run-name>/ with checkpoints/; leftovers of an interrupted save are removed."""
+    run_dir = run_dir_path(args)
+    if info.is_main:
+        ckpt.checkpoint_dir(run_dir).mkdir(parents=True, exist_ok=True)
+        ckpt.remove_partial_checkpoints(ckpt.checkpoint_dir(run_dir))
+    return run_dir
+
+
+def run_dir_path(args: argparse.Namespace) -> Path:
     if args.run_name is None:
         kind = "-uncond" if args.unconditional else ""
         args.run_name = f"{args.gpt_model}{kind}-{Path(args.code_path).resolve().name}"
     run_dir = Path(args.results_dir) / args.run_name
-    if info.is_main:
-        ckpt.checkpoint_dir(run_dir).mkdir(parents=True, exist_ok=True)
-        ckpt.remove_partial_checkpoints(ckpt.checkpoint_dir(run_dir))
     args.run_dir = str(run_dir)
     return run_dir
 
 
-def resume_source(args: argparse.Namespace, run_dir: Path) -> Optional[Path]:
-    """The run folder's latest checkpoint, else --resume, else None; checked to hold this
-    run's architecture before anything trains."""
-    source = ckpt.latest_checkpoint(ckpt.checkpoint_dir(run_dir))
+def resume_source(args: argparse.Namespace, run_dir: Path) -> Tuple[Optional[Path], list]:
+    """(checkpoint to continue from, notes): the run folder's newest readable checkpoint (newer
+    unreadable ones are renamed *.unreadable, never deleted), else --resume / --gpt-ckpt, else
+    None; checked to hold this run's architecture before anything trains."""
+    ckpt_dir = ckpt.checkpoint_dir(run_dir)
+    source, bad = ckpt.newest_readable(ckpt_dir)
+    if bad and source is None:
+        raise ValueError(f"{bad[0][1]}; the run folder {run_dir} has no readable checkpoint to resume from")
+    notes = [f"note: {reason}; kept as {ckpt.set_aside(path).name}, resuming from {source.name} instead"
+             for path, reason in bad]
     hint = f" (the run folder {run_dir} holds it: choose another --run-name)" if source is not None else ""
     if source is None and args.resume is not None:
         source = Path(args.resume)
@@ -87,24 +100,31 @@ def resume_source(args: argparse.Namespace, run_dir: Path) -> Optional[Path]:
             ckpt.check_same_architecture(ckpt.read_checkpoint_args(source), args, source)
         except ValueError as e:
             raise ValueError(f"{e}{hint}") from None
-    return source
+    return source, notes
 
 
 def changed_args(saved: dict, args: argparse.Namespace) -> list:
     """Flags that differ from the checkpoint's run (reported, not refused)."""
-    ignore = {"resume", "max_steps", "epochs", "run_dir", "world_size", "per_rank_batch_size", "total_steps"}
+    ignore = {"resume", "gpt_ckpt", "init_weights", "max_steps", "epochs", "run_dir", "world_size",
+              "per_rank_batch_size", "total_steps"}
     current = ckpt.plain_args(args)
     return [f"{k}: {saved[k]!r} -> {current[k]!r}" for k in sorted(current)
             if k in saved and k not in ignore and saved[k] != current[k]]
 
 
 def restore(t: Trainer, source: Path) -> None:
-    """Weights, optimizer, step, data position and (same world size) RNG states from source."""
-    state = ckpt.load_training_checkpoint(source, t.model, t.optimizer, uses_fsdp(t.args, t.info))
+    """Weights, optimizer, EMA, step, data position and (same world size) RNG states from source.
+    LlamaGen's files have no data position: the stream continues at the step's batch."""
+    state = ckpt.load_training_checkpoint(source, t.model, t.optimizer, uses_fsdp(t.args, t.info), t.ema)
     t.step, t.skipped = int(state["step"]), int(state.get("skipped", 0))
-    t.stream.seek(state["data_position"])
+    position = state.get("data_position") or {
+        "epoch": t.step // t.stream.steps_per_epoch,
+        "samples": t.step % t.stream.steps_per_epoch * t.args.global_batch_size}
+    t.stream.seek(position)
     if t.scaler is not None and state.get("scaler"):
         t.scaler.load_state_dict(state["scaler"])
+    if t.ema is not None and not state["ema_loaded"]:
+        t.logger.print(f"note: {source} has no EMA weights; the EMA starts at its weights")
     rng = state.get("rng") or []
     if len(rng) == t.info.world_size:
         ckpt.restore_rng(rng[t.info.rank], t.generator)
@@ -114,7 +134,7 @@ def restore(t: Trainer, source: Path) -> None:
                        f"dropout randomness is reseeded")
     if t.args.resume is not None and Path(t.args.resume).resolve() != source.resolve():
         t.logger.print(f"note: --resume {t.args.resume} ignored: the run folder has its own checkpoints")
-    for line in changed_args(state["args"], t.args):
+    for line in changed_args(state.get("args") or {}, t.args):
         t.logger.print(f"note: changed since the checkpoint: {line}")
     t.logger.print(f"resumed from {source} at step {t.step} (epoch {t.stream.epoch})")
 
@@ -124,8 +144,10 @@ def setup(args: argparse.Namespace, info: DistInfo) -> Trainer:
     configure_torch(args, info)
     store = open_training_store(args)
     model = create_model(args)
-    run_dir = prepare_run_dir(args, info)
-    source = broadcast_object(resume_source(args, run_dir) if info.is_main else None)  # one decision for all
+    run_dir = run_dir_path(args)
+    decided = resume_source(args, run_dir) if info.is_main else None
+    source, notes = broadcast_object(decided)  # one decision for all
+    run_dir = prepare_run_dir(args, info)  # only once the source is known: a failed --resume leaves no folder
     stream = build_stream(args, store, info, model)
     args.total_steps = args.max_steps or args.epochs * stream.steps_per_epoch
     flops = flop_params(model)
@@ -136,10 +158,19 @@ def setup(args: argparse.Namespace, info: DistInfo) -> Trainer:
     t = Trainer(args, info, run_dir, model, module, optimizer, scaler, stream, torch.Generator(), args.total_steps)
     ckpt.seed_rng(args.seed, info.rank, t.generator)
     t.logger = TrainLogger(run_dir, args, info, t.total_steps, flops)
+    for line in notes:
+        t.logger.print(line)
+    if args.ema:
+        t.ema = ModelEMA(model, args.ema_decay)
     if source is not None:
         restore(t, source)
         if info.is_main:
             truncate_log(run_dir / "log.jsonl", t.step)
+    elif args.init_weights is not None:
+        ckpt.load_initial_weights(Path(args.init_weights), model, uses_fsdp(args, info))
+        if t.ema is not None:
+            t.ema.copy_from_model()
+        t.logger.print(f"new run from the weights of {args.init_weights}")
     if info.is_main:
         (run_dir / "args.json").write_text(json.dumps(ckpt.plain_args(args), indent=2) + "\n")
     return t
@@ -157,7 +188,7 @@ def train_step(t: Trainer, batches: list) -> tuple:
     for i, batch in enumerate(batches):
         with gradient_sync(t.module, sync=i == n - 1):
             with autocast_context(t.args, t.info):
-                _, loss = t.module(**batch.inputs)
+                _, loss = t.module(**batch.inputs, return_logits=False)  # chunked loss, no (B, T, V) logits
             scaled = loss / n
             (t.scaler.scale(scaled) if t.scaler is not None else scaled).backward()
         total += loss.detach().float()
@@ -176,6 +207,8 @@ def train_step(t: Trainer, batches: list) -> tuple:
     else:
         t.optimizer.step()
     t.optimizer.zero_grad(set_to_none=True)
+    if t.ema is not None:
+        t.ema.update()
     return loss, grad_norm, weight
 
 
@@ -196,10 +229,10 @@ def save(t: Trainer) -> None:
         state["scaler"] = t.scaler.state_dict()
     sharded = uses_fsdp(t.args, t.info)
     ckpt_dir = ckpt.checkpoint_dir(t.run_dir)
-    path = ckpt.save_training_checkpoint(ckpt_dir, t.model, t.optimizer, state, t.info, sharded, t.generator)
+    path = ckpt.save_training_checkpoint(ckpt_dir, t.model, t.optimizer, state, t.info, sharded, t.generator, t.ema)
     if sharded and t.args.export_consolidated:
         export = t.run_dir / "exports" / f"{t.step:07d}.pt"
-        ckpt.export_weights(t.model, {k: v for k, v in state.items() if k != "optimizer"}, export, t.info)
+        ckpt.export_weights(t.model, {k: v for k, v in state.items() if k != "optimizer"}, export, t.info, t.ema)
     if t.info.is_main:
         ckpt.prune_checkpoints(ckpt_dir, t.args.keep_last, t.args.keep_every)
     t.logger.print(f"saved checkpoint {path}")
@@ -222,10 +255,11 @@ def train(t: Trainer, stop: StopRequest) -> None:
         t.logger.print(f"already at step {t.step} of {t.total_steps}; nothing to train")
         return
     parallel = args.data_parallel if t.info.distributed else "single process"
+    ema = f", EMA decay {args.ema_decay}" if t.ema is not None else ""
     t.logger.print(f"training {args.gpt_model} ({sum(p.numel() for p in t.model.parameters()):,} parameters), "
                    f"steps {t.step} -> {t.total_steps} ({t.stream.steps_per_epoch} per epoch) on {t.info.world_size} x "
                    f"{t.info.device.type} ({parallel}, {args.mixed_precision}), batch {args.per_rank_batch_size} x "
-                   f"{args.grad_accum_steps} accumulation per rank; run folder {t.run_dir}")
+                   f"{args.grad_accum_steps} accumulation per rank{ema}; run folder {t.run_dir}")
     t.module.train()
     while t.step < t.total_steps:
         lr = learning_rate(t.step, args, t.total_steps)

@@ -3,13 +3,16 @@ checkpointing, torch.compile, DDP or FSDP2), the AdamW optimizer and the learnin
 
 Wrapping acts on every TransformerBlock instance, so the GPT's `layers` and DPAR's
 `encoder_layers` / `patch_layers` / `decoder_layers` are all covered without naming them.
+torch.compile covers the whole model by default (--compile-scope model): DPAR's pooling,
+cross-attention, gathers, injections, RoPE tables and the loss fuse with the blocks instead of
+running eagerly between them.
 """
 import argparse
 import contextlib
 import dataclasses
 import math
 import warnings
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -31,7 +34,7 @@ def model_kwargs(args: argparse.Namespace) -> dict:
     )
     if args.gpt_model not in DPAR_models:
         return {**kwargs, "model_type": "uncond" if args.unconditional else "c2i"}
-    kwargs["patch_rope"] = args.patch_rope
+    kwargs.update(patch_rope=args.patch_rope, local_dropout=args.local_dropout, patch_init=args.patch_init)
     if args.encoder_layers is None and args.decoder_layers is None:
         return kwargs
     with torch.device("meta"):
@@ -69,22 +72,43 @@ def _replace_blocks(model: nn.Module, wrap: Callable[[nn.Module], nn.Module]) ->
     return out
 
 
+def compile_model(model: nn.Module, scope: str, backend: str = "inductor", blocks: Optional[list] = None) -> None:
+    """torch.compile in place (state_dict keys unchanged). scope "model": the whole forward
+    (and its backward) as one graph; the forward takes a prepared PatchLayout and marks nothing
+    dynamic, so graphs are bounded by the packed-length buckets. "blocks": each transformer
+    block (`blocks`, default every TransformerBlock) separately, the work between them eager."""
+    if scope == "model":
+        model.compile(backend=backend)
+    elif scope == "blocks":
+        for block in transformer_blocks(model) if blocks is None else blocks:
+            block.compile(backend=backend)
+    else:
+        raise ValueError(f"compile scope must be 'model' or 'blocks', got {scope!r}")
+
+
 def parallelize(model: nn.Module, args: argparse.Namespace, info: DistInfo) -> nn.Module:
-    """Activation checkpointing and compile per block, then DDP or FSDP2 (fully_shard per block,
-    then the root). Returns the module to call; `model` itself stays the unwrapped module
-    whose state_dict keys are the registry's (checkpoint wrappers strip their prefix)."""
+    """Activation checkpointing, compile of the blocks (--compile-scope blocks), DDP or FSDP2
+    (fully_shard per block, then the root), compile of the whole model (--compile-scope model,
+    on the DDP wrapper so Dynamo splits the graph at DDP's buckets). Returns the module to
+    call; `model` itself stays the unwrapped module whose state_dict keys are the registry's
+    (checkpoint wrappers strip their prefix; compile acts in place)."""
     blocks = transformer_blocks(model)
     if args.activation_checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
         blocks = _replace_blocks(model, checkpoint_wrapper)
-    if args.compile:
-        for block in blocks:
-            block.compile()
+    whole = args.compile and args.compile_scope == "model"
+    if args.compile and not whole:
+        compile_model(model, "blocks", blocks=blocks)
     if not info.distributed:
+        if whole:
+            compile_model(model, "model")
         return model
     if args.data_parallel == "ddp":
-        return DDP(model, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
+        module = DDP(model, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
+        if whole:
+            compile_model(module, "model")
+        return module
     from torch.distributed.device_mesh import init_device_mesh
 
     fully_shard, policy_cls = _fsdp2()
@@ -94,6 +118,8 @@ def parallelize(model: nn.Module, args: argparse.Namespace, info: DistInfo) -> n
     for block in blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
+    if whole:
+        compile_model(model, "model")
     # The root returns logits as a slice of the head's output; nothing edits it in place.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     return model

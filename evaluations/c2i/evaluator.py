@@ -39,6 +39,7 @@ from evaluations.c2i.inception import (
     resolve_inception_weights,
 )
 from evaluations.c2i.metrics import FD_METHODS, RunningStatistics, frechet_distance, inception_score, precision_recall
+from utils.cli import HelpFormatter
 
 IMAGES_KEY = "arr_0"
 POOL_FEATURES_KEY = "pool_features"
@@ -287,7 +288,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=HelpFormatter)
     parser.add_argument("paths", nargs="+", metavar="NPZ", help="REF.npz SAMPLE.npz, or SAMPLE.npz with --ref-folder")
     parser.add_argument("--ref-folder", default=None, help="ImageFolder to build reference statistics from")
     parser.add_argument("--ref-size", type=int, default=256, help="center-crop size for --ref-folder images")
@@ -300,10 +302,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-download", action="store_true", help="never try to download the Inception weights")
     parser.add_argument("--resize", choices=RESIZE_MODES, default="tf1",
                         help="resize to 299: tf1 = the graph's legacy bilinear (ADM), torch = F.interpolate")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=64, help="images per Inception batch")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--workers", type=int, default=0, help="data loader workers for --ref-folder")
-    parser.add_argument("--is-split-size", type=int, default=IS_SPLIT_SIZE)
+    parser.add_argument("--is-split-size", type=int, default=IS_SPLIT_SIZE,
+                        help="images per Inception Score split (ADM: 5000)")
     parser.add_argument("--pr-dtype", choices=["float32", "float16"], default="float32",
                         help="distance precision for precision/recall (ADM: float16 with float32 fallback)")
     parser.add_argument("--fd-method", choices=FD_METHODS, default="sqrtm",

@@ -1,0 +1,450 @@
+"""Planted-fault check: does the test suite catch each of a list of semantic faults?
+
+    python scripts/mutation_check.py                    # every fault, one at a time (several minutes)
+    python scripts/mutation_check.py --list             # the faults and the tests meant to catch them
+    python scripts/mutation_check.py --only guidance-halves-swapped --only top-k-keeps-k-plus-one
+    python scripts/mutation_check.py --jobs 2 --json faults.json --markdown faults.md
+
+Each fault is a small text edit (file, exact old text, new text), a sentence saying what it
+breaks, and the few tests expected to catch it. The tracked files are copied to a temporary
+folder once per job; each fault is applied there alone, its tests run (pytest -x), and the
+file is put back. A fault is CAUGHT when its tests fail, SURVIVED when they pass, STALE
+when its old text is not found exactly once (the code moved: re-target the fault), ERROR
+when pytest could not run the tests (exit status other than 0 or 1), TIMEOUT past
+--timeout. Before the faults, the union of their tests runs once on the unchanged copy
+(--no-baseline skips it): a failing suite would make every fault look caught.
+
+Exit status 0 only when every selected fault is caught. Runs on demand, not in CI; a
+change that adds a mechanism adds its fault here.
+"""
+import argparse
+import json
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Fault:
+    name: str
+    path: str  # relative to the repository root
+    old: str  # must occur exactly once in the file
+    new: str
+    breaks: str
+    tests: tuple  # pytest node ids or files, relative to the repository root
+
+
+GEN = "autoregressive/models/generate.py"
+DPAR = "autoregressive/models/dpar.py"
+MODULES = "autoregressive/models/modules.py"
+PATCHING = "entropy_model/patching.py"
+T_SEM = "tests/test_sampling_semantics.py"
+T_DPAR_INC = "tests/test_dpar.py::test_incremental_matches_reference_and_teacher_forcing"
+T_CAUSAL = "tests/test_dpar.py::test_causality_with_recomputed_patches"
+T_RESUME = "tests/test_train.py::test_resume_after_max_steps_and_sigterm_is_bit_exact"
+T_DDP = "tests/test_train_distributed.py::test_two_processes_match_one[ddp]"
+T_FSDP = "tests/test_train_distributed.py::test_two_processes_match_one[fsdp]"
+T_PATCH_LOOP = "tests/test_patching.py::test_patch_starts_matches_reference_loop"
+T_ROPE = "tests/test_fidelity.py::test_rope_dynamic_matches_plain_formula"
+
+FAULTS = [
+    # ---- causality -------------------------------------------------------------------
+    Fault("pooling-into-own-slot", DPAR,
+          "token_slot = torch.where(m < counts[:, None] - 1, base[:, None] + m + 1, n_slots)",
+          "token_slot = torch.where(m < counts[:, None] - 1, base[:, None] + m, n_slots)",
+          "pools each patch into the slot of the patch itself, so g_m sees the tokens it predicts",
+          (T_CAUSAL,)),
+    Fault("decoder-input-not-shifted", DPAR,
+          "u = torch.cat([self.decoder_start.expand(B, 1, -1).to(h.dtype), h], dim=1)  # (B, T, dim)",
+          "u = torch.cat([h, self.decoder_start.expand(B, 1, -1).to(h.dtype)], dim=1)  # (B, T, dim)",
+          "decoder slot i holds h_i (its own token) instead of h_{i-1}",
+          (T_CAUSAL,)),
+    Fault("patch-slot-holds-own-geometry", DPAR,
+          "held = F.pad(geometry[:, : M - 1], (0, 0, 1, 0))  # (B, M, 3): slot s holds patch s-1",
+          "held = geometry  # (B, M, 3)",
+          "padded layout: slot m gets the RoPE of P_m, whose end depends on tokens inside P_m",
+          (T_CAUSAL, T_DPAR_INC)),
+    # ---- RoPE ------------------------------------------------------------------------
+    Fault("rope-dynamic-columns-swapped", MODULES,
+          "[row.float()[..., None] * row_freqs, cs * col_freqs, ce * col_freqs, ce * col_freqs, cs * col_freqs]",
+          "[row.float()[..., None] * row_freqs, ce * col_freqs, cs * col_freqs, cs * col_freqs, ce * col_freqs]",
+          "dynamic RoPE rotates the groups by col_end, col_start, col_start, col_end",
+          (T_ROPE,)),
+    Fault("rope-dynamic-column-base", MODULES,
+          "col_freqs = rope_frequencies(head_dim // 16, head_dim // 8, base)",
+          "col_freqs = rope_frequencies(head_dim // 16, head_dim // 2, base)",
+          "dynamic RoPE column groups use the row frequencies (head_dim/2 instead of head_dim/8)",
+          (T_ROPE,)),
+    Fault("rope-2d-row-col-swapped", MODULES,
+          "angles = torch.cat([row.float()[..., None] * freqs, col.float()[..., None] * freqs], dim=-1)",
+          "angles = torch.cat([col.float()[..., None] * freqs, row.float()[..., None] * freqs], dim=-1)",
+          "LlamaGen's 2D RoPE rotates the first half by column: released checkpoints give other logits",
+          ("tests/test_gpt.py::test_fixture_logits_and_loss",)),
+    Fault("encoder-step-rope-position", DPAR,
+          "freqs = self.freqs_cis[pos + 1]  # (n, 1, head_dim/2, 2)",
+          "freqs = self.freqs_cis[pos]  # (n, 1, head_dim/2, 2)",
+          "incremental encoder gives x_j the position of x_{j-1}, unlike teacher forcing",
+          (T_DPAR_INC,)),
+    # ---- patching rule, whole sequence -----------------------------------------------
+    Fault("gate-ge-whole-sequence", PATCHING,
+          "opens = opens | (quantize_entropy(entropy) > threshold)",
+          "opens = opens | (quantize_entropy(entropy) >= threshold)",
+          "an entropy equal to tau opens a patch (the rule is e > tau)",
+          (T_PATCH_LOOP,)),
+    Fault("row-reset-whole-sequence", PATCHING,
+          "opens = opens | (pos % row_width == 0)",
+          "opens = opens | (pos == row_width)",
+          "only the second row's first token opens a patch by the row reset",
+          (T_PATCH_LOOP,)),
+    Fault("cap-whole-sequence", PATCHING,
+          "return torch.fmod(pos - segment_start, max_patch_length) == 0",
+          "return torch.fmod(pos - segment_start, max_patch_length + 1) == 0",
+          "patches grow to max_patch_length + 1 tokens",
+          (T_PATCH_LOOP,)),
+    Fault("relative-gate-whole-sequence", PATCHING,
+          "rise[:, 1:] = (q[:, 1:] - q[:, :-1]) > threshold",
+          "rise[:, 1:] = (q[:, 1:] - q[:, :-1]).abs() > threshold",
+          "relative mode opens patches on entropy drops too",
+          (T_PATCH_LOOP,)),
+    Fault("fp16-rounding-skipped", PATCHING,
+          "return entropy.to(torch.float16).to(torch.float32)",
+          "return entropy.to(torch.float32)",
+          "float32 entropies are compared unrounded, so generation and stored float16 entropies disagree",
+          ("tests/test_patching.py::test_float16_rounding_decides_boundaries",)),
+    # ---- patching rule, one step (generation) ------------------------------------------
+    Fault("gate-ge-per-step", GEN,
+          "opens |= quantize_entropy(entropy) > patching.threshold",
+          "opens |= quantize_entropy(entropy) >= patching.threshold",
+          "generation opens a patch at e == tau, training does not",
+          (T_DPAR_INC, "tests/test_patching.py")),
+    Fault("fp16-rounding-per-step", GEN,
+          "opens |= quantize_entropy(entropy) > patching.threshold",
+          "opens |= entropy > patching.threshold",
+          "generation compares float32 entropies, training their float16 rounding",
+          (T_DPAR_INC, "tests/test_patching.py")),
+    Fault("row-reset-per-step", GEN,
+          "if patching.row_reset and step % row_width == 0:",
+          "if patching.row_reset and step % row_width == 1:",
+          "generation resets patches one token after each row start",
+          (T_DPAR_INC,)),
+    Fault("cap-per-step", GEN,
+          "opens |= open_length >= patching.max_patch_length",
+          "opens |= open_length > patching.max_patch_length",
+          "generation lets patches grow to max_patch_length + 1 tokens",
+          (T_DPAR_INC,)),
+    Fault("relative-gate-per-step", GEN,
+          "opens |= quantize_entropy(entropy) - quantize_entropy(prev_entropy) > patching.threshold",
+          "opens |= quantize_entropy(prev_entropy) - quantize_entropy(entropy) > patching.threshold",
+          "generation's relative mode opens patches on entropy drops instead of rises",
+          (T_DPAR_INC, "tests/test_fidelity.py::test_incremental_matches_reference_with_real_sampling")),
+    # ---- incremental generation ------------------------------------------------------
+    Fault("generation-cache-rows", GEN,
+          "cache_rows = torch.cat([rows + k * B for k in range(copies)])",
+          "cache_rows = torch.cat([rows + k for k in range(copies)])",
+          "with guidance the null half's patch transformer advances the wrong cache rows",
+          (T_DPAR_INC,)),
+    Fault("generation-patch-geometry", GEN,
+          "return p, (start // W, start % W, last % W)",
+          "return p, (start // W, start % W, start % W)",
+          "generated patches get col_end = col_start in their dynamic RoPE",
+          (T_DPAR_INC,)),
+    Fault("generation-slot-per-row", GEN,
+          "slot = num_patches[rows].repeat(copies)",
+          "slot = num_patches.max().expand(rows.shape[0]).repeat(copies)",
+          "every advancing row writes the patch cache at the furthest row's slot",
+          (T_DPAR_INC,)),
+    Fault("generation-pooling-window", GEN,
+          "gather_patch_tokens(states[rows, l, :step], start[:, None], lengths)",
+          "gather_patch_tokens(states[rows, l, :step], start[:, None] + 1, lengths - 1)",
+          "generation pools a finished patch without its first token",
+          (T_DPAR_INC,)),
+    # ---- KV cache --------------------------------------------------------------------
+    Fault("gpt-decode-position", "autoregressive/models/gpt.py",
+          "slot = self.config.cls_token_num + step - 1",
+          "slot = self.config.cls_token_num + step",
+          "GPT decoding writes and rotates each token one cache position late",
+          ("tests/test_gpt.py::test_cached_decoding_matches_recomputation",)),
+    Fault("kv-cache-mask", MODULES,
+          "mask = slots[None, None, :] <= input_pos[:, :, None]  # (n, S, L)",
+          "mask = slots[None, None, :] < input_pos[:, :, None]  # (n, S, L)",
+          "cached attention skips the key just written (its own position)",
+          ("tests/test_gpt.py::test_cached_decoding_matches_recomputation",)),
+    # ---- guidance and sampling --------------------------------------------------------
+    Fault("guidance-halves-swapped", GEN,
+          "cond, uncond = logits.chunk(2, dim=0)",
+          "uncond, cond = logits.chunk(2, dim=0)",
+          "guidance takes the null half as the conditional one",
+          (T_SEM,)),
+    Fault("guidance-wrong-base", GEN,
+          "return uncond + cfg_scale * (cond - uncond)",
+          "return cond + cfg_scale * (cond - uncond)",
+          "guidance computes cond + s (cond - uncond)",
+          (T_SEM,)),
+    Fault("guidance-interval-off-by-one", GEN,
+          "step - 1 > self.cfg_interval",
+          "step > self.cfg_interval",
+          "cfg_interval stops guidance one decoding step early",
+          (T_SEM,)),
+    Fault("guidance-at-scale-one", GEN,
+          "return self.cfg_scale > 1.0",
+          "return self.cfg_scale >= 1.0",
+          "scale 1 doubles the batch (guidance is only for s > 1)",
+          (T_SEM,)),
+    Fault("top-k-keeps-k-plus-one", GEN,
+          "k = min(top_k, logits.shape[-1])",
+          "k = min(top_k + 1, logits.shape[-1])",
+          "top-k keeps k + 1 tokens",
+          (T_SEM,)),
+    Fault("top-p-drops-crossing-token", GEN,
+          "remove[..., 1:] = remove[..., :-1].clone()",
+          "remove[..., 1:] = remove[..., 1:].clone()",
+          "top-p removes the token whose probability crosses p",
+          (T_SEM,)),
+    Fault("temperature-on-probabilities", GEN,
+          "cdf = logits.softmax(-1).cumsum(-1)  # (B, V)",
+          "cdf = (logits * max(temperature, 1e-5)).softmax(-1).div(max(temperature, 1e-5)).cumsum(-1)  # (B, V)",
+          "temperature divides the probabilities, not the logits (sampling ignores it)",
+          (T_SEM,)),
+    # ---- training ----------------------------------------------------------------------
+    Fault("label-dropout-ignored", "autoregressive/train/data.py",
+          "return drop_labels(labels, self.class_dropout_prob, self.num_classes, generator)",
+          "return labels",
+          "training never drops labels to the null class, so guidance has no unconditional model",
+          ("tests/test_train.py::test_label_dropout_rate_in_training_batches",)),
+    Fault("resume-data-position", "autoregressive/train/data.py",
+          "self.sampler.start = self.samples // self.info.world_size",
+          "self.sampler.start = 0",
+          "a resumed run replays the epoch from its first batch",
+          (T_RESUME,)),
+    Fault("resume-rng", "autoregressive/train/checkpointing.py",
+          "torch.set_rng_state(state[\"torch\"])",
+          "torch.get_rng_state()",
+          "a resumed run does not restore the dropout RNG",
+          (T_RESUME,)),
+    Fault("loss-divided-by-world-size", "autoregressive/train/loop.py",
+          "scaled = loss / n",
+          "scaled = loss / n / t.info.world_size",
+          "gradients are divided by the world size on top of DDP's/FSDP's averaging",
+          (T_DDP,)),
+    Fault("gradient-accumulation-scale", "autoregressive/train/loop.py",
+          "scaled = loss / n",
+          "scaled = loss",
+          "accumulated micro-batch gradients are summed, not averaged",
+          ("tests/test_train.py::test_gradient_accumulation_matches_the_full_batch",)),
+    Fault("ddp-never-syncs", "autoregressive/train/model.py",
+          "if isinstance(module, DDP) and not sync:",
+          "if isinstance(module, DDP):",
+          "DDP skips the gradient all-reduce on every micro-batch; ranks drift apart",
+          (T_DDP,)),
+    Fault("fsdp-never-syncs", "autoregressive/train/model.py",
+          "module.set_requires_gradient_sync(sync)",
+          "module.set_requires_gradient_sync(False)",
+          "FSDP2 never reduce-scatters gradients",
+          (T_FSDP,)),
+    # ---- data, compute and metrics ----------------------------------------------------
+    Fault("code-store-dtype", "dataset/code_store.py",
+          "self.codes[indices] = codes.astype(np.uint16)",
+          "self.codes[indices] = codes.astype(np.uint8)",
+          "codes above 255 wrap when written",
+          ("tests/test_dataset.py::test_code_store_round_trip_and_hash",)),
+    Fault("code-store-labels", "dataset/code_store.py",
+          "self.labels[indices] = np.asarray(labels, dtype=np.int64)",
+          "self.labels[indices] = np.asarray(labels, dtype=np.int64)[::-1]",
+          "labels are written to the wrong rows",
+          ("tests/test_dataset.py::test_code_store_round_trip_and_hash",)),
+    Fault("flops-linear-count", "evaluations/flops.py",
+          "macs = args[0].numel() // module.in_features * module.in_features * module.out_features",
+          "macs = args[0].numel() // module.in_features * module.out_features",
+          "a linear layer's MACs leave out the input width",
+          ("tests/test_flops.py::test_gpt_matches_hand_count",)),
+    Fault("frechet-trace-factor", "evaluations/c2i/metrics.py",
+          "return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))",
+          "return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - np.trace(covmean))",
+          "the Fréchet distance subtracts Tr(sqrtm(sigma1 sigma2)) once instead of twice",
+          ("tests/test_evaluations.py::test_frechet_distance_diagonal_closed_form",)),
+]
+
+STATUSES = ("CAUGHT", "SURVIVED", "STALE", "ERROR", "TIMEOUT")
+
+
+@dataclass
+class Result:
+    name: str
+    status: str
+    seconds: float
+    tests: list
+    detail: str = ""
+
+
+def tree_files(root: Path) -> list:
+    """Tracked files plus untracked, not ignored ones (so uncommitted work is checked too)."""
+    out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root,
+                         capture_output=True, check=True).stdout
+    return [p for p in out.decode().split("\0") if p and (root / p).is_file()]
+
+
+def copy_tree(root: Path, files: Sequence[str], dest: Path) -> Path:
+    for rel in files:
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(root / rel, target)
+    return dest
+
+
+def run_pytest(tree: Path, tests: Sequence[str], timeout: float) -> tuple:
+    """(exit status or None on timeout, seconds, output tail) of pytest -x on `tests` in `tree`."""
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests]
+    start = time.time()
+    # own process group, so a timeout also ends the workers torchrun started
+    proc = subprocess.Popen(cmd, cwd=tree, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        return None, time.time() - start, ""
+    return proc.returncode, time.time() - start, output[-2000:]
+
+
+def present_tests(tree: Path, tests: Sequence[str]) -> tuple:
+    """(tests whose file exists in tree, the missing ones)."""
+    present = [t for t in tests if (tree / t.split("::")[0]).is_file()]
+    return present, [t for t in tests if t not in present]
+
+
+def check_fault(fault: Fault, tree: Path, timeout: float) -> Result:
+    path = tree / fault.path
+    original = path.read_text() if path.is_file() else None
+    count = original.count(fault.old) if original is not None else 0
+    if count != 1:
+        where = "file missing" if original is None else f"old text found {count} times"
+        return Result(fault.name, "STALE", 0.0, list(fault.tests), where)
+    tests, missing = present_tests(tree, fault.tests)
+    note = f"missing: {', '.join(missing)}" if missing else ""
+    if not tests:
+        return Result(fault.name, "ERROR", 0.0, list(fault.tests), note)
+    path.write_text(original.replace(fault.old, fault.new))
+    try:
+        code, seconds, tail = run_pytest(tree, tests, timeout)
+    finally:
+        path.write_text(original)
+    if code is None:
+        return Result(fault.name, "TIMEOUT", seconds, tests, f"over {timeout:.0f} s")
+    status = {0: "SURVIVED", 1: "CAUGHT"}.get(code, "ERROR")
+    lines = tail.strip().splitlines()
+    if status == "CAUGHT":  # name the test that failed (pytest's summary line "FAILED node - reason")
+        failed = [line[len("FAILED "):].split(" - ")[0] for line in lines if line.startswith("FAILED ")]
+        note = "; ".join(filter(None, [note, f"by {failed[0]}" if failed else ""]))
+    elif status == "ERROR":
+        note = "; ".join(filter(None, [note, lines[-1] if lines else f"exit {code}"]))
+    return Result(fault.name, status, seconds, tests, note)
+
+
+def markdown_table(results: Sequence[Result]) -> str:
+    by_name = {f.name: f for f in FAULTS}
+    lines = ["| fault | where | what it breaks | status | seconds | tests |", "|---|---|---|---|---|---|"]
+    for r in results:
+        f = by_name[r.name]
+        tests = ", ".join(f"`{t}`" for t in r.tests)
+        status = r.status + (f" ({r.detail})" if r.detail else "")
+        lines.append(f"| {r.name} | `{f.path}` | {f.breaks} | {status} | {r.seconds:.1f} | {tests} |")
+    return "\n".join(lines) + "\n"
+
+
+def text_table(results: Sequence[Result]) -> str:
+    width = max(len(r.name) for r in results)
+    lines = [f"{'fault':<{width}}  {'status':<8}  {'seconds':>7}  tests"]
+    for r in results:
+        lines.append(f"{r.name:<{width}}  {r.status:<8}  {r.seconds:7.1f}  {', '.join(r.tests)}"
+                     + (f"  [{r.detail}]" if r.detail else ""))
+    counts = {s: sum(r.status == s for r in results) for s in STATUSES}
+    lines.append(", ".join(f"{n} {s.lower()}" for s, n in counts.items() if n) + f" of {len(results)} faults")
+    return "\n".join(lines)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", action="append", default=None, metavar="NAME", help="run only this fault (repeatable)")
+    p.add_argument("--list", action="store_true", help="print the faults and exit")
+    p.add_argument("--jobs", type=int, default=1, help="faults checked at once, each in its own copy (default 1)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per fault's tests (default 600)")
+    p.add_argument("--no-baseline", action="store_true", help="skip the run of the tests on the unchanged tree")
+    p.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--markdown", type=Path, default=None, metavar="PATH", help="also write the table as markdown")
+    args = p.parse_args(argv)
+    if args.jobs < 1:
+        p.error(f"--jobs must be >= 1, got {args.jobs}")
+    return args
+
+
+def select(only: Optional[Sequence[str]]) -> list:
+    if not only:
+        return list(FAULTS)
+    names = {f.name for f in FAULTS}
+    unknown = [n for n in only if n not in names]
+    if unknown:
+        raise SystemExit(f"mutation_check: error: unknown fault {unknown[0]!r} (see --list)")
+    return [f for f in FAULTS if f.name in only]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    faults = select(args.only)
+    if args.list:
+        for f in faults:
+            print(f"{f.name}: {f.breaks}\n    {f.path}; tests: {', '.join(f.tests)}")
+        return 0
+    files = tree_files(REPO)
+    start = time.time()
+    with tempfile.TemporaryDirectory(prefix="mutation_check_") as tmp:
+        trees = queue.Queue()
+        for j in range(min(args.jobs, len(faults))):
+            trees.put(copy_tree(REPO, files, Path(tmp) / f"tree{j}"))
+        if not args.no_baseline:
+            tree = trees.get()
+            union, _ = present_tests(tree, list(dict.fromkeys(t for f in faults for t in f.tests)))
+            code, seconds, tail = run_pytest(tree, union, args.timeout * len(faults))
+            trees.put(tree)
+            if code != 0:
+                print(f"baseline: the tests fail on the unchanged tree (exit {code}, {seconds:.0f} s); "
+                      f"fix them first:\n{tail}", file=sys.stderr)
+                return 2
+            print(f"baseline: {len(union)} test selections pass on the unchanged tree ({seconds:.0f} s)", flush=True)
+
+        def work(fault: Fault) -> Result:
+            tree = trees.get()
+            try:
+                result = check_fault(fault, tree, args.timeout)
+            finally:
+                trees.put(tree)
+            print(f"{result.status:<8} {result.seconds:6.1f} s  {fault.name}", flush=True)
+            return result
+
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            results = list(pool.map(work, faults))
+    print()
+    print(text_table(results))
+    print(f"total {time.time() - start:.0f} s with {args.jobs} job(s)")
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")
+    if args.markdown:
+        args.markdown.write_text(markdown_table(results))
+    return 0 if all(r.status == "CAUGHT" for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

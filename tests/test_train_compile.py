@@ -1,0 +1,260 @@
+"""Whole-model compile of the training step (GPT and DPAR): one graph without breaks, a bounded
+number of graphs over changing patch layouts, no host-device synchronisation in forward and
+backward, and compiled loss and gradients equal to eager ones. aot_eager keeps this fast on
+the CPU (graph capture and the autograd split, no code generation); the GPU check compiles the
+same graphs with inductor."""
+import pytest
+import torch
+from torch._dynamo.utils import counters
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from autoregressive.models.dpar import DPAR_models, PatchLayout, build_patch_layout
+from autoregressive.models.gpt import GPT_models
+from autoregressive.models.modules import chunked_cross_entropy
+from autoregressive.train.model import compile_model
+from entropy_model.patching import patch_lengths_from_starts, patch_starts
+
+T, W, V, CLASSES = 64, 8, 48, 5
+NO_DROPOUT = dict(token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0)
+aten = torch.ops.aten
+
+
+def dpar(**kwargs):
+    torch.manual_seed(0)
+    model = DPAR_models["DPAR-T"](vocab_size=V, block_size=T, num_classes=CLASSES, pack_multiple=16, **kwargs)
+    torch.nn.init.normal_(model.output.weight, std=0.5)
+    return model.train()
+
+
+def gpt(**kwargs):
+    torch.manual_seed(0)
+    model = GPT_models["GPT-T"](vocab_size=V, block_size=T, num_classes=CLASSES, **kwargs)
+    torch.nn.init.normal_(model.output.weight, std=0.5)
+    return model.train()
+
+
+def batch(seed: int, B: int = 4):
+    """Random codes, classes and patch lengths (B, M) from random entropies; the threshold
+    varies with the seed, so batches differ in patch counts and packed lengths."""
+    g = torch.Generator().manual_seed(seed)
+    threshold = 3.0 + 5.0 * torch.rand((), generator=g).item()
+    lengths = patch_lengths_from_starts(patch_starts(torch.rand(B, T, generator=g) * 10, threshold, 4, W))
+    codes = torch.randint(0, V, (B, T), generator=g)
+    return codes, torch.randint(0, CLASSES, (B,), generator=g), lengths
+
+
+def loss_and_grads(model, codes, cond, *layout, return_logits=False):
+    """The trainer's call by default: the chunked loss without logits."""
+    model.zero_grad(set_to_none=True)
+    _, loss = model(codes[:, :-1], cond, *layout, targets=codes, return_logits=return_logits)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_close(a, b, atol=1e-5):
+    assert torch.allclose(a[0], b[0], atol=atol, rtol=1e-5), (a[0], b[0])
+    assert a[1].keys() == b[1].keys()
+    for name in a[1]:
+        assert torch.allclose(a[1][name], b[1][name], atol=atol, rtol=1e-4), name
+
+
+# --------------------------------------------------------------------------------------
+# One graph, no breaks
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("packed", [True, False])
+def test_dpar_training_forward_is_one_graph(packed):
+    model = dpar(drop_path_rate=0.1)  # LlamaGen's dropouts plus stochastic depth: the real training graph
+    codes, cond, lengths = batch(0)
+    layout = build_patch_layout(lengths, model.config, packed=packed)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(model)(codes[:, :-1], cond, layout, targets=codes, return_logits=False)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+    torch._dynamo.reset()
+
+
+def test_gpt_training_forward_is_one_graph():
+    model = gpt(drop_path_rate=0.1)
+    codes, cond, _ = batch(0)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(model)(codes[:, :-1], cond, targets=codes, return_logits=False)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+    torch._dynamo.reset()
+
+
+# --------------------------------------------------------------------------------------
+# Bounded graphs and compiled == eager
+# --------------------------------------------------------------------------------------
+def test_dpar_whole_model_compile_matches_eager_without_recompiles():
+    """Two packed lengths warm the buckets (a static graph, then one with the length dynamic);
+    ten more batches with new layouts compile nothing, and every step's loss and gradients
+    equal the eager model's."""
+    eager, compiled = dpar(**NO_DROPOUT), dpar(**NO_DROPOUT)
+    torch._dynamo.reset()
+    counters.clear()
+    compile_model(compiled, "model", backend="aot_eager")
+    seeds = iter(range(100))
+    warm = set()
+    while len(warm) < 2:  # warm-up: the first two distinct packed lengths
+        codes, cond, lengths = batch(next(seeds))
+        layout = build_patch_layout(lengths, compiled.config, packed=True)
+        warm.add(layout.n_slots)
+        assert_close(loss_and_grads(compiled, codes, cond, layout), loss_and_grads(eager, codes, cond, layout))
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs == 2
+    slots, counts = set(), set()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(10):
+            codes, cond, lengths = batch(next(seeds))
+            layout = build_patch_layout(lengths, compiled.config, packed=True)
+            slots.add(layout.n_slots)
+            counts.add(tuple((lengths > 0).sum(-1).tolist()))
+            assert_close(loss_and_grads(compiled, codes, cond, layout), loss_and_grads(eager, codes, cond, layout))
+    assert len(counts) == 10 and len(slots - warm) >= 1  # new layouts, and packed lengths not seen in warm-up
+    assert counters["stats"]["unique_graphs"] == graphs
+    torch._dynamo.reset()
+
+
+def test_gpt_whole_model_compile_matches_eager_without_recompiles():
+    eager, compiled = gpt(**NO_DROPOUT), gpt(**NO_DROPOUT)
+    torch._dynamo.reset()
+    counters.clear()
+    compile_model(compiled, "model", backend="aot_eager")
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for seed in range(3):
+            codes, cond, _ = batch(seed)
+            assert_close(loss_and_grads(compiled, codes, cond), loss_and_grads(eager, codes, cond))
+    assert counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()
+
+
+# --------------------------------------------------------------------------------------
+# No host-device synchronisation in forward + backward
+# --------------------------------------------------------------------------------------
+SYNC_OPS = {aten.nonzero, aten._local_scalar_dense, aten.item, aten.masked_select, aten.repeat_interleave,
+            aten.unique_consecutive, aten._unique2}
+
+
+class OpRecorder(TorchDispatchMode):
+    """Records every aten op; flags those that make the host wait for the device (data-dependent
+    output sizes or values read on the host), boolean-mask indexing included."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.syncs = set(), []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        packet = func.overloadpacket
+        self.ops.add(packet)
+        boolean_index = packet in (aten.index, aten.index_put, aten.index_put_) and any(
+            isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in args[1])
+        if packet in SYNC_OPS or boolean_index:
+            self.syncs.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_recorder_catches_syncs():
+    x = torch.randn(8)
+    with OpRecorder() as rec:
+        x[x > 0].sum().item()
+    assert any("index" in s for s in rec.syncs) and any("_local_scalar_dense" in s for s in rec.syncs)
+
+
+@pytest.mark.parametrize("kind", ["dpar-packed", "dpar-padded", "gpt"])
+def test_no_sync_ops_in_forward_and_backward(kind):
+    codes, cond, lengths = batch(1)
+    if kind == "gpt":
+        model, extra = gpt(drop_path_rate=0.1), ()
+    else:
+        model = dpar(drop_path_rate=0.1)
+        extra = (build_patch_layout(lengths, model.config, packed=kind == "dpar-packed"),)
+        assert isinstance(extra[0], PatchLayout)
+    with OpRecorder() as rec:
+        _, loss = model(codes[:, :-1], cond, *extra, targets=codes, return_logits=False)
+        loss.backward()
+    assert aten.mm in rec.ops and aten.embedding_dense_backward in rec.ops  # forward and backward were recorded
+    if kind != "gpt":
+        assert aten.index_add in rec.ops  # DPAR's pooling and broadcasting
+    assert rec.syncs == []
+
+
+# --------------------------------------------------------------------------------------
+# Chunked cross-entropy (the trainer's loss)
+# --------------------------------------------------------------------------------------
+def test_chunked_cross_entropy_matches_float64_reference():
+    g = torch.Generator().manual_seed(0)
+    N, dim, vocab = 37, 24, 50  # 37 rows in chunks of 8: a ragged last chunk
+    h = torch.randn(N, dim, generator=g, requires_grad=True)
+    weight = torch.randn(vocab, dim, generator=g, requires_grad=True)
+    targets = torch.randint(0, vocab, (N,), generator=g)
+    loss = chunked_cross_entropy(h, weight, targets, chunk_rows=8)
+    (2.5 * loss).backward()  # a non-unit upstream gradient
+    h64, w64 = h.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    ref = torch.nn.functional.cross_entropy(h64 @ w64.t(), targets)
+    (2.5 * ref).backward()
+    assert abs(loss.item() - ref.item()) < 1e-5
+    assert torch.allclose(h.grad.double(), h64.grad, atol=1e-6)
+    assert torch.allclose(weight.grad.double(), w64.grad, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["dpar", "gpt"])
+def test_training_loss_equals_the_logits_path(kind):
+    """return_logits=False (chunked loss) gives the loss and gradients of the plain path, in
+    float32 and under bf16 autocast."""
+    codes, cond, lengths = batch(2)
+    model = dpar(**NO_DROPOUT) if kind == "dpar" else gpt(**NO_DROPOUT)
+    extra = (build_patch_layout(lengths, model.config),) if kind == "dpar" else ()
+    plain = loss_and_grads(model, codes, cond, *extra, return_logits=True)
+    assert_close(loss_and_grads(model, codes, cond, *extra), plain)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        chunked = loss_and_grads(model, codes, cond, *extra)
+        plain = loss_and_grads(model, codes, cond, *extra, return_logits=True)
+    assert_close(chunked, plain, atol=2e-2)
+    with pytest.raises(ValueError, match="return_logits=False needs targets"):
+        model(codes[:, :-1], cond, *extra, return_logits=False)
+
+
+# --------------------------------------------------------------------------------------
+# The trainer: compile scope and steady-state speed in the log
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("scope", ["model", "blocks"])
+def test_parallelize_compiles_the_chosen_scope(scope):
+    from argparse import Namespace
+
+    from autoregressive.train.model import parallelize, transformer_blocks
+    from utils.distributed import DistInfo
+
+    model = dpar()
+    args = Namespace(activation_checkpointing=False, compile=True, compile_scope=scope, data_parallel="ddp")
+    module = parallelize(model, args, DistInfo(0, 1, 0, torch.device("cpu")))
+    assert module is model and list(model.state_dict()) == list(dpar().state_dict())  # keys unchanged
+    assert (model._compiled_call_impl is not None) == (scope == "model")
+    assert all((b._compiled_call_impl is not None) == (scope == "blocks") for b in transformer_blocks(model))
+
+
+def test_log_speed_leaves_out_the_warmup(tmp_path):
+    """A slow first step (compilation) is timed apart: the window that holds it is marked
+    "warmup", and the first window after the warm-up counts only the steps after it."""
+    import json
+    import time
+    from argparse import Namespace
+
+    from autoregressive.train.data import Batch
+    from autoregressive.train.logger import TrainLogger
+    from utils.distributed import DistInfo
+
+    args = Namespace(log_every=2, speed_warmup_steps=3, wandb=False, peak_tflops=1.0)
+    logger = TrainLogger(tmp_path, args, DistInfo(0, 1, 0, torch.device("cpu")), 6, (1000, 0))
+    one = torch.ones(())
+    for step in range(1, 7):
+        time.sleep(0.4 if step == 1 else 0.01)  # step 1 "compiles"
+        logger.update(step, 0, 1e-4, one * step, one, one, [Batch({}, tokens=64, images=4)])
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [2, 4, 6]
+    assert [r.get("warmup", False) for r in log] == [True, False, False]
+    assert log[0]["steps_per_s"] < 6 < 20 < log[1]["steps_per_s"]  # window 2 holds step 4 only, after the warm-up
+    for r in log:
+        assert r["images_per_s"] == pytest.approx(4 * r["steps_per_s"]) and r["tokens_per_s"] == pytest.approx(
+            64 * r["steps_per_s"])
+    assert log[1]["loss"] == 3.5 and log[2]["loss"] == 5.5  # losses still cover every step
