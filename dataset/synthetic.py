@@ -1,6 +1,6 @@
 """Deterministic class-conditional toy ImageFolder.
 
-Each class is one shape or pattern family drawn with a random colour, position, size and
+Each class is one shape or pattern family drawn in a palette colour at a random position, size and
 rotation on a smooth background (flat, or a slow linear gradient). Like natural images, a
 picture mixes large flat regions with edges and textures, so the information per token
 varies across the image, which is what dynamic patchification exploits.
