@@ -1,6 +1,6 @@
 """Deterministic class-conditional toy ImageFolder.
 
-Each class is one shape or pattern family drawn with a random colour, position, size and
+Each class is one shape or pattern family drawn in a palette colour at a random position, size and
 rotation on a smooth background (flat, or a slow linear gradient). Like natural images, a
 picture mixes large flat regions with edges and textures, so the information per token
 varies across the image, which is what dynamic patchification exploits.
@@ -23,11 +23,18 @@ from utils.cli import HelpFormatter
 
 # Families drawn as a filled region whose inside carries a pattern of two colours.
 TEXTURED = ("stripes", "checker", "dots", "noise_blob")
+# Solid shapes first: a run with few classes gets the ones that stay distinct at a small image size.
 FAMILIES = (
-    "disc", "square", "triangle", "ring", "stripes", "checker",
-    "cross", "star", "dots", "noise_blob", "polygon", "ellipse",
+    "disc", "square", "triangle", "ring", "cross", "star",
+    "stripes", "checker", "dots", "noise_blob", "polygon", "ellipse",
 )
 MIN_SIZE = 16
+# Object colours and background base colours: a small palette of distinct colours, so that a
+# small tokenizer can reproduce flat regions exactly (gradient backgrounds still vary continuously).
+PALETTE = np.array([
+    (0.9, 0.1, 0.1), (0.1, 0.7, 0.2), (0.15, 0.3, 0.9), (0.95, 0.85, 0.1), (0.9, 0.45, 0.05), (0.6, 0.2, 0.8),
+    (0.1, 0.75, 0.8), (0.95, 0.95, 0.95), (0.08, 0.08, 0.08), (0.5, 0.5, 0.5), (0.95, 0.5, 0.7), (0.45, 0.3, 0.15),
+])
 EDGE_THRESHOLD = 0.08  # per-pixel colour step (0..1) that counts as an edge; gradients stay below
 
 
@@ -53,7 +60,7 @@ class _Canvas:
         y, x = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5  # (S, S) each
         self.x, self.y = x, y
         self.cx, self.cy = rng.uniform(0.3, 0.7, size=2) * size
-        self.radius = rng.uniform(0.14, 0.34) * size
+        self.radius = rng.uniform(0.2, 0.34) * size  # >= 6 pixels at 32px: shapes stay recognisable
         self.angle = rng.uniform(0.0, 2 * np.pi)
 
     def local(self) -> tuple[np.ndarray, np.ndarray]:
@@ -178,21 +185,14 @@ _RENDER: dict[str, Callable[[_Canvas], tuple[np.ndarray, np.ndarray | None]]] = 
 
 
 def _contrasting_colour(rng: np.random.Generator, avoid: list[np.ndarray]) -> np.ndarray:
-    """A random RGB colour at least 0.35 away from every colour in `avoid` (best of 32 tries)."""
-    best, best_gap = None, -1.0
-    for _ in range(32):
-        colour = rng.random(3)
-        gap = min(float(np.linalg.norm(colour - a)) for a in avoid)
-        if gap > best_gap:
-            best, best_gap = colour, gap
-        if gap >= 0.35:
-            break
-    return best
+    """A random palette colour at least 0.35 away from every colour in `avoid`."""
+    gaps = np.linalg.norm(PALETTE[:, None] - np.asarray(avoid)[None], axis=-1).min(1)  # (P,)
+    return PALETTE[rng.choice(np.flatnonzero(gaps >= 0.35))]
 
 
 def _background(cv: _Canvas) -> tuple[np.ndarray, list[np.ndarray]]:
     """Flat colour or a slow linear gradient across the image: (S, S, 3) and its end colours."""
-    a = cv.rng.random(3)
+    a = PALETTE[cv.rng.integers(len(PALETTE))]
     if cv.rng.random() < 0.4:
         return np.broadcast_to(a, (cv.size, cv.size, 3)), [a]
     b = np.clip(a + cv.rng.uniform(-0.5, 0.5, size=3), 0.0, 1.0)

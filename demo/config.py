@@ -1,9 +1,9 @@
 """Settings of a demo run: one dataclass, four presets, command-line overrides.
 
 Presets (times on a 2-core CPU): "tiny" (tests, a minute or two; the numbers mean nothing),
-"quick" (a first look in under 10 minutes: 48px images, a 12x12 token grid), "default" (about
-40 minutes: 64px, 16x16 tokens) and "full" (default plus the static-patch model and the
-multi-resolution study; hours).
+"quick" (a smoke run in under 10 minutes; its pictures prove nothing about quality), "default"
+(about 40 minutes: 6 shape classes at 32px, an 8x8 token grid, models trained long enough to draw
+their class) and "full" (default plus the static-patch model and the multi-resolution study; hours).
 """
 from __future__ import annotations
 
@@ -25,18 +25,19 @@ class DemoConfig:
     seed: int = 0
     device: str = "auto"
     # synthetic data
-    classes: int = 10
-    per_class: int = 100
-    image_size: int = 64
-    # VQ tokenizer (downsample 2 ** (len(vq_ch_mult) - 1))
-    vq_ch: int = 16
+    classes: int = 6
+    per_class: int = 200
+    image_size: int = 32
+    # VQ tokenizer (downsample 2 ** (len(vq_ch_mult) - 1)); cosine learning rate, dead codes restarted
+    vq_ch: int = 32
     vq_ch_mult: list[int] = field(default_factory=lambda: [1, 2, 2])
     vq_res_blocks: int = 1
     vq_z_channels: int = 32
     codebook_size: int = 512
-    vq_steps: int = 1200
+    vq_steps: int = 2500
     vq_batch: int = 16
-    vq_lr: float = 1e-3
+    vq_lr: float = 2e-3
+    vq_restart_every: int = 50
     # entropy model (unconditional GPT)
     entropy_model: str = "GPT-T"
     entropy_steps: int = 800
@@ -48,18 +49,19 @@ class DemoConfig:
     inference_compressions: list[float] = field(default_factory=lambda: [1.4, 2.4])
     # DPAR and the baseline: same depth and width, data, seed, steps and batches
     model_size: str = "XS"
-    train_steps: int = 300
+    train_steps: int = 1500
     batch_size: int = 32
     lr: float = 1e-3
-    warmup_steps: int = 30
-    train_rounds: int = 4  # the two models train in alternating chunks (fair wall-clock under load)
+    warmup_steps: int = 50
+    min_lr: float = 5e-5  # cosine decay from lr to min_lr over train_steps
+    train_rounds: int = 1  # >1: alternating chunks (fair wall-clock under load); each chunk restarts the cosine
     # sampling and evaluation
-    samples_per_class: int = 12
+    samples_per_class: int = 20
     cfg_scale: float = 2.0
     temperature: float = 1.0
     top_k: int = 0
     sample_batch: int = 60
-    classifier_epochs: int = 20
+    classifier_epochs: int = 60
     # --full only
     static_model: bool = False
     # the static model's uniform patches (entropy_model.patching.static_pattern_starts): None = the
@@ -107,8 +109,13 @@ class DemoConfig:
             raise ValueError("the dataset holds fewer images than one VQ batch")
         if self.target_compression < 1:
             raise ValueError(f"--target-compression must be >= 1, got {self.target_compression}")
+        if self.train_rounds > 1 and self.min_lr != self.lr:
+            raise ValueError("train_rounds > 1 restarts the cosine learning-rate schedule in every round; use 1 "
+                             "(or min_lr = lr for a constant rate)")
         if min([self.static_mean_length, *self.static_eval_lengths]) < 1:
             raise ValueError("static patch lengths must be >= 1")
+        if self.vq_ch % 8:
+            raise ValueError(f"--vq-ch must be a multiple of 8 (GroupNorm with 8 groups), got {self.vq_ch}")
 
     @property
     def static_mean_length(self) -> float:
@@ -119,29 +126,27 @@ class DemoConfig:
     def static_sample_lengths(self) -> list[float]:
         """Mean patch lengths the static model is sampled at: its training length first."""
         return [self.static_mean_length] + [n for n in self.static_eval_lengths if n != self.static_mean_length]
-        if self.vq_ch % 8:
-            raise ValueError(f"--vq-ch must be a multiple of 8 (GroupNorm with 8 groups), got {self.vq_ch}")
 
 
 def preset(name: str) -> DemoConfig:
     """The settings of a preset (before command-line overrides)."""
     if name == "tiny":
         return DemoConfig(
-            preset=name, classes=3, per_class=16, vq_ch=8, vq_z_channels=16, codebook_size=256, vq_steps=30,
-            vq_batch=16, vq_lr=2e-3, entropy_steps=100, entropy_batch=16, entropy_lr=3e-3, model_size="T",
-            train_steps=8, batch_size=16, warmup_steps=0, train_rounds=2, inference_compressions=[2.4],
+            preset=name, classes=3, per_class=16, image_size=64, vq_ch=8, vq_z_channels=16, codebook_size=256,
+            vq_steps=30, vq_batch=16, vq_lr=2e-3, entropy_steps=100, entropy_batch=16, entropy_lr=3e-3, model_size="T",
+            train_steps=8, batch_size=16, warmup_steps=0, inference_compressions=[2.4],
             samples_per_class=2, sample_batch=6, classifier_epochs=2,
         )
     if name == "quick":
         return DemoConfig(
-            preset=name, classes=6, per_class=60, image_size=48, codebook_size=256, vq_steps=400,
-            entropy_steps=400, entropy_lr=2e-3, train_steps=150, batch_size=16, warmup_steps=15, train_rounds=2,
-            inference_compressions=[2.4], samples_per_class=8, sample_batch=48, classifier_epochs=6,
+            preset=name, per_class=60, vq_ch=16, codebook_size=256, vq_steps=600, entropy_steps=400,
+            entropy_lr=2e-3, train_steps=300, batch_size=16, warmup_steps=15, inference_compressions=[2.4],
+            samples_per_class=8, sample_batch=48, classifier_epochs=20,
         )
     config = DemoConfig(preset=name)
     if name == "full":
         config.static_model = True
-        config.resolutions = [32, 96]
+        config.resolutions = [48, 64]
     return config
 
 
@@ -174,7 +179,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     size.add_argument("--tiny", dest="preset", action="store_const", const="tiny",
                       help="smoke-test scale (tests): 3 classes, a few steps; numbers mean nothing")
     size.add_argument("--quick", dest="preset", action="store_const", const="quick",
-                      help="a first look in under 10 minutes: smaller data and models")
+                      help="a smoke run in under 10 minutes: smaller data, shorter training; proves nothing about quality")
     size.add_argument("--full", dest="preset", action="store_const", const="full",
                       help="default plus the static-patch model and the multi-resolution study (hours on CPU)")
     p.set_defaults(preset="default")
@@ -184,7 +189,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--inference-compressions", type=float, nargs="+", default=None,
                    help="extra mean patch lengths DPAR is sampled at (tau calibrated for each)")
     g.add_argument("--resolutions", type=int, nargs="*", default=None,
-                   help="extra image sizes of the multi-resolution study (--full: 32 96)")
+                   help="extra image sizes of the multi-resolution study (--full: 48 64)")
     g.add_argument("--static-model", action=argparse.BooleanOptionalAction, default=None,
                    help="train and sample the static-patch DPAR (--full: on)")
 

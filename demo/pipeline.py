@@ -34,6 +34,7 @@ from utils.checkpoint import file_sha256
 from utils.distributed import pick_device
 
 ROOT = Path(__file__).resolve().parents[1]
+HELD_OUT_PER_CLASS = 32  # held-out images per class (another seed) for the tokenizer's PSNR
 ENTROPY_FILES = ("entropy.npy", "entropy.json", "entropy.progress.json", "entropy.progress.npy")
 
 
@@ -47,6 +48,10 @@ class Paths:
 
     def images(self, size: int) -> Path:
         return self.res(size) / "images"
+
+    def held_out_images(self, size: int) -> Path:
+        """Images no model trains on (another seed): the tokenizer's held-out reconstruction PSNR."""
+        return self.res(size) / "images_held_out"
 
     def vq_dir(self, size: int) -> Path:
         return self.res(size) / "vq"
@@ -144,35 +149,41 @@ class Demo:
                 self.entropy_model_stage(size), self.entropy_stage(size), self.analysis_stage(size, main)]
 
     def data_stage(self, size: int, per_class: int) -> Stage:
-        c, images = self.config, self.paths.images(size)
-        expected = c.classes * per_class
+        c, images, held_out = self.config, self.paths.images(size), self.paths.held_out_images(size)
+        expected = {images: c.classes * per_class, mask_dir(images): c.classes * per_class,
+                    held_out: c.classes * HELD_OUT_PER_CLASS}
 
         def run() -> dict:
             self.tool(f"data_{size}", "-m", "dataset.synthetic", "--out", images, "--classes", c.classes,
                       "--per-class", per_class, "--size", size, "--seed", c.seed, "--masks")
-            return {"images": expected}
+            self.tool(f"data_{size}", "-m", "dataset.synthetic", "--out", held_out, "--classes", c.classes,
+                      "--per-class", HELD_OUT_PER_CLASS, "--size", size, "--seed", c.seed + 1)
+            return {"images": expected[images], "held_out_images": expected[held_out]}
 
         def validate() -> None:
-            for folder in (images, mask_dir(images)):
+            for folder, count in expected.items():
                 n = len(list(folder.glob("*/*.png")))
-                if n != expected:
-                    raise ValueError(f"{folder} holds {n} images, expected {expected}")
+                if n != count:
+                    raise ValueError(f"{folder} holds {n} images, expected {count}")
 
         return Stage(f"data_{size}", f"synthetic dataset, {c.classes} classes x {per_class} images at {size}px "
                      f"with detail masks", {"classes": c.classes, "per_class": per_class, "size": size, "seed": c.seed},
-                     run, validate, outputs=[images, mask_dir(images)])
+                     run, validate, outputs=[images, mask_dir(images), held_out])
 
     def vq_stage(self, size: int) -> Stage:
         c, vq_dir = self.config, self.paths.vq_dir(size)
         params = stage_params(c, ["vq_ch", "vq_ch_mult", "vq_res_blocks", "vq_z_channels", "codebook_size",
-                                  "vq_steps", "vq_batch", "vq_lr", "seed"])
+                                  "vq_steps", "vq_batch", "vq_lr", "vq_restart_every", "seed"])
 
         def run() -> dict:
             self.tool(f"vq_{size}", "-m", "tokenizer.train_vq", "--data-path", self.paths.images(size),
+                      "--val-data-path", self.paths.held_out_images(size),
                       "--results-dir", vq_dir, "--vq-model", "VQ-16", "--image-size", size, "--ch", c.vq_ch,
                       "--ch-mult", *c.vq_ch_mult, "--num-res-blocks", c.vq_res_blocks, "--z-channels", c.vq_z_channels,
                       "--codebook-size", c.codebook_size, "--norm-groups", 8, "--max-steps", c.vq_steps,
-                      "--global-batch-size", c.vq_batch, "--lr", c.vq_lr, "--seed", c.seed,
+                      "--global-batch-size", c.vq_batch, "--lr", c.vq_lr, "--lr-schedule", "cosine",
+                      "--warmup-steps", c.vq_steps // 20, "--min-lr", c.vq_lr / 20,
+                      "--restart-dead-every", c.vq_restart_every, "--seed", c.seed,
                       "--log-every", max(1, c.vq_steps // 10), "--ckpt-every", c.vq_steps, "--device", self.device_flag)
             m = json.loads((vq_dir / "metrics.json").read_text())
             return {k: m[k] for k in ("psnr", "codebook_usage", "codes_used", "num_images", "eval_split")}
@@ -204,12 +215,14 @@ class Demo:
         return Stage(f"codes_{size}", "VQ codes of every image and its horizontal flip", {"size": size}, run,
                      validate, outputs=[codes], deps=[f"data_{size}", f"vq_{size}"])
 
-    def train_cmd(self, run_name: str, model: str, steps: int, batch: int, lr: float, warmup: int,
+    def train_cmd(self, run_name: str, model: str, steps: int, batch: int, lr: float, warmup: int, min_lr: float,
                   code_path: Path, results: Path) -> list:
+        """train_c2i.py flags of one run: cosine decay from lr to min_lr after `warmup` steps."""
         c = self.config
         return ["train_c2i.py", "--code-path", code_path, "--gpt-model", model, "--results-dir", results,
                 "--run-name", run_name, "--global-batch-size", batch, "--max-steps", steps, "--lr", lr,
-                "--warmup-steps", warmup, "--seed", c.seed, "--num-workers", 0, "--downsample-size", c.downsample,
+                "--lr-schedule", "cosine", "--min-lr", min_lr, "--warmup-steps", warmup, "--seed", c.seed,
+                "--num-workers", 0, "--downsample-size", c.downsample,
                 "--log-every", max(1, c.log_every(steps)), "--ckpt-every", max(1, steps // 4), "--keep-last", 1,
                 "--device", self.device_flag]
 
@@ -219,7 +232,7 @@ class Demo:
 
         def run() -> dict:
             cmd = self.train_cmd("entropy_model", c.entropy_model, c.entropy_steps, c.entropy_batch, c.entropy_lr,
-                                 c.entropy_steps // 20, self.paths.codes(size), self.paths.res(size))
+                                 c.entropy_steps // 20, c.entropy_lr / 20, self.paths.codes(size), self.paths.res(size))
             self.tool(f"entropy_model_{size}", *cmd, "--unconditional", progress="entropy model")
             summary = analysis.training_summary(run_dir, c.entropy_batch)
             return {k: summary[k] for k in ("steps", "final_loss", "seconds_per_step")}
@@ -310,7 +323,7 @@ class Demo:
             for name, (model, run_dir, flags) in runs.items():
                 if analysis.checkpoint_step(run_dir) >= target:
                     continue
-                cmd = self.train_cmd(name, model, c.train_steps, c.batch_size, c.lr, c.warmup_steps,
+                cmd = self.train_cmd(name, model, c.train_steps, c.batch_size, c.lr, c.warmup_steps, c.min_lr,
                                      self.paths.codes(c.image_size), self.paths.models)
                 cmd[cmd.index("--max-steps") + 1] = target
                 cmd[cmd.index("--ckpt-every") + 1] = target
@@ -321,7 +334,7 @@ class Demo:
     def train_stage(self) -> Stage:
         c = self.config
         params = stage_params(c, ["gpt_model", "dpar_model", "train_steps", "batch_size", "lr", "warmup_steps",
-                                  "max_patch_length", "seed"])
+                                  "min_lr", "max_patch_length", "seed"])
         runs_dirs = [self.paths.models / "gpt", self.paths.models / "dpar"]
 
         def run() -> dict:
@@ -418,8 +431,8 @@ class Demo:
     def train_static_stage(self) -> Stage:
         c = self.config
         run_dir = self.paths.models / "static"
-        params = {**stage_params(c, ["dpar_model", "train_steps", "batch_size", "lr", "warmup_steps", "seed",
-                                     "max_patch_length"]), "static_length": c.static_mean_length}
+        params = {**stage_params(c, ["dpar_model", "train_steps", "batch_size", "lr", "warmup_steps", "min_lr",
+                                     "seed", "max_patch_length"]), "static_length": c.static_mean_length}
 
         def run() -> dict:
             flags = ["--patching-mode", "static", "--static-length", c.static_mean_length,

@@ -50,6 +50,8 @@ SAMPLE_COMPRESSION_SHARE = 0.9
 CLASSIFIER_BAR = 0.9  # held-out accuracy the domain classifier needs before its metric decides a verdict
 INCONCLUSIVE = "inconclusive"
 WEAK_CLASSIFIER = "inconclusive (weak classifier)"
+SMOKE_PRESETS = ("tiny", "quick")
+VQ_PSNR_TARGET, CLASSIFIER_TARGET, CONSISTENCY_TARGET = 24.0, 0.95, 0.7  # the default preset's targets
 
 
 def fmt(x: Any, digits: int = 3) -> str:
@@ -112,7 +114,7 @@ def figure_samples(demo: Demo, class_names: list[str], path: Path) -> None:
     for name, title in (("gpt", f"{c.gpt_model} (baseline)"), ("dpar", f"{c.dpar_model}")):
         with np.load(demo.paths.samples / f"{name}.npz") as data:
             columns.append((title, data["arr_0"], data["labels"]))
-    sample_grid(columns, class_names, GRID_PER_CLASS, scale=2 if size <= 64 else 1).save(path)
+    sample_grid(columns, class_names, GRID_PER_CLASS, scale=max(1, 128 // size)).save(path)
 
 
 def figure_heatmaps(demo: Demo, patching: PatchingConfig, class_names: list[str], real_path: Path,
@@ -285,6 +287,21 @@ def model_table(d: dict, names: Sequence[tuple[str, str]]) -> str:
                   "sampling images / s", "final training loss", "class consistency", "domain Fréchet distance"], rows)
 
 
+def targets(d: dict, cl: dict) -> list[list[str]]:
+    """Rows (what, target, measured, met / missed by how much) of the targets the default preset is sized for:
+    a sharp tokenizer, a classifier good enough to judge with, and models that draw their class."""
+    q = cl["quality"]
+    rows = []
+    for what, goal, unit, value in (
+            ("VQ reconstruction PSNR", VQ_PSNR_TARGET, " dB", d["vq"]["psnr"]),
+            ("classifier held-out accuracy", CLASSIFIER_TARGET, "", d["classifier"]["classifier_held_out_accuracy"]),
+            ("class consistency, baseline", CONSISTENCY_TARGET, "", q["consistency_gpt"]),
+            ("class consistency, DPAR", CONSISTENCY_TARGET, "", q["consistency_dpar"])):
+        status = "n/a" if value is None else "met" if value >= goal else f"missed by {fmt(goal - value)}{unit}"
+        rows.append([what, f">= {goal:g}{unit}", f"{fmt(value)}{unit}", status])
+    return rows
+
+
 def write_markdown(demo: Demo, d: dict, cl: dict, figs: dict, path: Path) -> None:
     c = d["config"]
     main, flops, train, samples = d["main"], d["flops"], d["train"], d["samples"]
@@ -308,6 +325,10 @@ def write_markdown(demo: Demo, d: dict, cl: dict, figs: dict, path: Path) -> Non
     add(f"Preset **{c.preset}**, seed {c.seed}, written {time.strftime('%Y-%m-%d %H:%M')}. This report contains: "
         + "; ".join(contains) + ". Everything here was produced by this run of `python -m demo` on synthetic "
         "data; the numbers show whether DPAR's mechanisms work at toy scale, not the paper's ImageNet results.\n")
+    if c.preset in SMOKE_PRESETS:
+        add(f"**This is a smoke run** (--{c.preset}): it checks that every stage runs end to end. Its models are "
+            "trained far too briefly to draw their classes, so its pictures and quality numbers prove nothing about "
+            "quality; run the default preset for those.\n")
     add(f"Machine: {machine.get('cpu_count', '?')} CPU cores, torch {machine.get('torch', '?')} with "
         f"{machine.get('torch_threads', '?')} threads, GPU: {machine.get('cuda') or 'none'}. Load average when the "
         f"report was written: {', '.join(fmt(x, 2) for x in machine.get('load_average', [])) or 'n/a'} "
@@ -320,8 +341,10 @@ def write_markdown(demo: Demo, d: dict, cl: dict, figs: dict, path: Path) -> Non
         f"mask (pixels near an edge or inside a texture); codes stored for every image and its horizontal flip.")
     add(f"- **Tokenizer**: VQ with downsample {c.downsample} ({c.grid}x{c.grid} = {T} tokens), {c.codebook_size} "
         f"codes, base width {c.vq_ch}, {c.vq_steps} steps: reconstruction PSNR {fmt(vq['psnr'])} dB and codebook "
-        f"usage {fmt(vq['codebook_usage'])} on {vq['num_images']} {vq['eval_split']} images (tokenizer/train_vq.py, "
-        "L2 + codebook losses only, no perceptual or adversarial loss, so reconstructions are blurry).")
+        f"usage {fmt(vq['codebook_usage'])} on {vq['num_images']} "
+        f"{'held-out' if vq['eval_split'] == 'val' else 'training'} images (tokenizer/train_vq.py: L2 + codebook "
+        f"losses only, no perceptual or adversarial loss; cosine learning rate, codes unused for {c.vq_restart_every} "
+        "steps restarted on current latents).")
     em = d["entropy_model"]
     add(f"- **Entropy model**: unconditional {c.entropy_model}, {em['steps']} steps, final training loss "
         f"{fmt(em['final_loss'])} nats/token (max possible entropy ln {c.codebook_size} = {fmt(main['entropy_max'])}); "
@@ -345,6 +368,9 @@ def write_markdown(demo: Demo, d: dict, cl: dict, figs: dict, path: Path) -> Non
         f"accuracy {fmt(clf['classifier_held_out_accuracy'])} on {clf['num_held_out']} images (the ceiling for class "
         f"consistency); the Fréchet distance is computed in its pooled features against the held-out images.\n")
 
+    add("Targets the default preset is sized for (held-out images; class consistency at guidance "
+        f"{c.cfg_scale}):\n")
+    add(table(["what", "target", "measured", "status"], targets(d, cl)) + "\n")
     add("## Samples\n")
     add(f"Rows are classes; columns: {GRID_PER_CLASS} real images, the same images after the VQ tokenizer (the best "
         f"any generator on these codes can do), then the first {GRID_PER_CLASS} samples of each model (same seeds).\n")

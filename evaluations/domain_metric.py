@@ -20,6 +20,7 @@ data scores at that sample size).
 """
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -38,6 +39,7 @@ from evaluations.c2i.metrics import feature_statistics, frechet_distance
 from utils.cli import HelpFormatter
 
 METRIC_NAME = "domain metric"
+BLUR_SIGMA, NOISE_STD = 1.2, 0.1  # training augmentation: blur (pixels at 32px) and noise (on [-1, 1]) at most
 METRIC_NOTE = "domain metric: small CNN trained on the dataset itself; not FID, not comparable to FID"
 
 
@@ -132,14 +134,31 @@ def _run(model: DomainClassifier, x: torch.Tensor, batch_size: int = 256) -> tup
     return feats, model.head(feats)
 
 
+def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of a (B, 3, S, S) batch (reflect padding); sigma in pixels."""
+    radius = max(1, int(math.ceil(2 * sigma)))
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = (k / k.sum()).repeat(3, 1)  # (3, 2r+1): one kernel per channel
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), k[:, None, None, :], groups=3)
+    return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), k[:, None, :, None], groups=3)
+
+
 def _augment(x: torch.Tensor, generator: torch.Generator, shift: int = 4) -> torch.Tensor:
-    """Random horizontal flip and random translation (reflect padding) of a (B, 3, S, S) batch."""
+    """Random horizontal flip and random translation (reflect padding) of a (B, 3, S, S) batch; then
+    half of the images blurred and all given pixel noise of a random strength, so that the classifier
+    judges shapes rather than the sharpness of a small tokenizer's reconstructions."""
     flip = torch.rand(len(x), generator=generator) < 0.5
     x = torch.where(flip[:, None, None, None], x.flip(-1), x)
     size = x.shape[-1]
     padded = F.pad(x, (shift,) * 4, mode="reflect")  # (B, 3, S + 2 shift, S + 2 shift)
     dy, dx = torch.randint(0, 2 * shift + 1, (2,), generator=generator).tolist()
-    return padded[:, :, dy : dy + size, dx : dx + size]
+    x = padded[:, :, dy : dy + size, dx : dx + size]
+    sigma = BLUR_SIGMA * size / 32 * (0.3 + 0.7 * torch.rand((), generator=generator).item())
+    blur = torch.rand(len(x), generator=generator) < 0.5
+    x = torch.where(blur[:, None, None, None], _gaussian_blur(x, sigma), x)
+    noise = NOISE_STD * torch.rand(len(x), 1, 1, 1, generator=generator)  # (B, 1, 1, 1) per-image strength
+    return (x + noise * torch.randn(x.shape, generator=generator)).clamp(-1.0, 1.0)
 
 
 def _frechet(a: torch.Tensor, b: torch.Tensor) -> float | None:

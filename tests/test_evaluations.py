@@ -437,6 +437,31 @@ def test_domain_metric_train_and_score(colour_folder, tmp_path):
 
 
 
+def test_classifier_blur_augmentation_matches_plain_loop_reference():
+    torch.manual_seed(4)
+    x = torch.rand(2, 3, 9, 11, dtype=torch.float64) * 2 - 1
+    sigma = 1.3
+    out = domain_metric._gaussian_blur(x, sigma)
+    r = int(np.ceil(2 * sigma))
+    w = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
+    w /= w.sum()
+    ref = np.zeros(x.shape)
+    xn = x.numpy()
+    H, W = x.shape[-2:]
+    reflect = lambda i, n: -i if i < 0 else 2 * (n - 1) - i if i >= n else i
+    for i in range(H):
+        for j in range(W):
+            for a in range(-r, r + 1):
+                for b in range(-r, r + 1):
+                    ref[:, :, i, j] += w[a + r] * w[b + r] * xn[:, :, reflect(i + a, H), reflect(j + b, W)]
+    assert np.allclose(out.numpy(), ref, atol=1e-12)
+    flat = torch.full((1, 3, 8, 8), 0.3, dtype=torch.float64)
+    assert torch.allclose(domain_metric._gaussian_blur(flat, 0.8), flat)  # constant images stay constant
+    batch = torch.rand(64, 3, 16, 16) * 2 - 1
+    aug = domain_metric._augment(batch, torch.Generator().manual_seed(0))
+    assert aug.shape == batch.shape and aug.min() >= -1 and aug.max() <= 1
+
+
 def test_domain_metric_bad_inputs(colour_folder, tmp_path):
     np.savez(tmp_path / "nolabels.npz", arr_0=np.zeros((2, 16, 16, 3), np.uint8))
     with pytest.raises(ValueError, match="labels"):

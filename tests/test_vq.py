@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from llamagen_fixtures import rule_state_dict
-from tokenizer.train_vq import main as train_main
+from tokenizer.train_vq import learning_rate, main as train_main, restart_dead_codes
 from tokenizer.vq_model import VQ_models, VQModel, load_vq_checkpoint, vq_config
 
 FIXTURES = Path(__file__).parent / "fixtures" / "llamagen"
@@ -188,3 +188,58 @@ def test_trainer_one_line_errors(tmp_path, capsys, change, message):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_vq_learning_rate_warmup_and_cosine():
+    args = argparse.Namespace(lr=2e-3, min_lr=1e-4, warmup_steps=4, lr_schedule="cosine")
+    total = 20
+    rates = [learning_rate(step, total, args) for step in range(total)]
+    assert rates[:4] == pytest.approx([5e-4, 1e-3, 1.5e-3, 2e-3])  # linear warmup to lr
+    for step in range(4, total):  # plain-formula reference in float64
+        progress = (step - 4) / (total - 4)
+        assert rates[step] == pytest.approx(1e-4 + 0.5 * (2e-3 - 1e-4) * (1 + math.cos(math.pi * progress)))
+    assert all(a >= b for a, b in zip(rates[3:], rates[4:]))  # monotone decay after warmup
+    args.lr_schedule = "constant"
+    assert [learning_rate(s, total, args) for s in range(4, total)] == [2e-3] * (total - 4)
+
+
+def test_restart_dead_codes_moves_only_unused_codes_onto_batch_latents():
+    torch.manual_seed(0)
+    model = VQ_models["VQ-16"](ch=16, ch_mult=[1, 2, 2], num_res_blocks=1, z_channels=16, codebook_size=32,
+                               codebook_embed_dim=4, norm_groups=8)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    images = torch.rand(3, 3, 16, 16) * 2 - 1
+    loss = model(images).reconstruction.square().mean() + model(images).losses.vq_loss
+    loss.backward()
+    optimizer.step()
+    weight = model.quantize.embedding.weight
+    before = weight.detach().clone()
+    moments = {k: v.clone() for k, v in optimizer.state[weight].items() if v.shape == weight.shape}
+    assert moments and all(v.abs().sum() > 0 for v in moments.values())  # precondition: non-zero moments
+    used = torch.rand(32, generator=torch.Generator().manual_seed(1)) < 0.5
+    assert 0 < used.sum() < 32  # precondition: some live and some dead codes
+    moved = restart_dead_codes(model, optimizer, images, used, torch.Generator().manual_seed(2))
+    assert moved == int((~used).sum())
+    assert torch.equal(weight[used], before[used])  # live codes and their moments untouched
+    for k, v in optimizer.state[weight].items():
+        if v.shape == weight.shape:
+            assert torch.equal(v[used], moments[k][used]) and not v[~used].any()
+    with torch.no_grad():
+        latents = model.quantize.normalised_latent(model._latent(images)).reshape(-1, 4).double()  # (3*4*4, 4)
+    distance = torch.cdist(weight[~used].detach().double(), latents).min(dim=1).values
+    assert distance.max() < 1e-6  # every dead code now sits on a latent of the batch
+    assert not torch.isclose(weight[~used], before[~used]).all()
+
+
+def test_trainer_restarts_dead_codes_and_logs_the_schedule(tmp_path):
+    data = write_image_folder(tmp_path / "images", count=8, size=32, seed=0)
+    flags = train_flags(data, tmp_path / "run")
+    flags[flags.index("--max-steps") + 1] = "4"
+    train_main(flags + ["--lr-schedule", "cosine", "--warmup-steps", "1", "--min-lr", "1e-5",
+                        "--restart-dead-every", "2"])
+    history = json.loads((tmp_path / "run" / "metrics.json").read_text())["train"]
+    assert [h["step"] for h in history] == [2, 4]
+    assert history[0]["codes_restarted"] > 0  # 32 codes, few chosen in two steps of random blocks
+    assert history[1]["codes_restarted"] == 0  # no restart at the last step
+    assert history[1]["lr"] == pytest.approx(learning_rate(3, 4, argparse.Namespace(
+        lr=1e-3, min_lr=1e-5, warmup_steps=1, lr_schedule="cosine")))

@@ -6,7 +6,9 @@
 Loss = reconstruction (L2 by default, or L1) + codebook + beta * commitment (+ LlamaGen's entropy term
 when --entropy-loss-ratio > 0; off by default as in LlamaGen). LlamaGen's perceptual (LPIPS) and
 adversarial (PatchGAN) losses are not available here, so reconstructions are blurrier than those of its
-released tokenizers. Dead codes are not restarted; codebook usage is reported instead.
+released tokenizers. With --restart-dead-every N, codes chosen by no latent in the last N steps are moved
+onto latents of the current batch (small data leaves most of a randomly initialised codebook unused);
+--lr-schedule cosine decays the learning rate to --min-lr after --warmup-steps of linear warmup.
 
 Writes DIR/log.txt, DIR/checkpoints/{step:07d}.pt every --ckpt-every steps and DIR/checkpoints/final.pt
 ({"model", "optimizer", "step", "epoch", "args": {"vq_model", "model_config", ...}}), and DIR/metrics.json
@@ -16,6 +18,7 @@ import argparse
 import copy
 import json
 import logging
+import math
 import os
 import sys
 from dataclasses import asdict, dataclass
@@ -70,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
     p.add_argument("--global-batch-size", type=int, default=16, help="images per optimizer step")
     p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate")
+    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
+                   help="after warmup: constant, or cosine decay to --min-lr at the last step")
+    p.add_argument("--warmup-steps", type=int, default=0, help="linear warmup from 0")
+    p.add_argument("--min-lr", type=float, default=0.0, help="final learning rate of the cosine schedule")
+    p.add_argument("--restart-dead-every", type=int, default=0,
+                   help="every N steps, move codes unused in those N steps onto current latents (0 = off)")
     p.add_argument("--beta1", type=float, default=0.9, help="Adam beta1")
     p.add_argument("--beta2", type=float, default=0.95, help="Adam beta2")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0 = off)")
@@ -126,6 +135,9 @@ def prepare(args: argparse.Namespace) -> Setup:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    for flag in ("warmup_steps", "restart_dead_every", "min_lr"):
+        if getattr(args, flag) < 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
     config = build_config(args)
     train_set = image_folder(args.data_path, args.image_size, flip=True, flag="--data-path")
     if len(train_set) < args.global_batch_size:
@@ -225,6 +237,37 @@ def vq_loss_terms(model: VQModel, images: torch.Tensor, rec_loss: str, codebook_
     return total, {k: v.detach() for k, v in terms.items()}, indices
 
 
+def learning_rate(step: int, total: int, args: argparse.Namespace) -> float:
+    """Learning rate of optimizer step `step` (0-based) of `total`: linear warmup, then constant or cosine."""
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    if args.lr_schedule == "constant":
+        return args.lr
+    progress = (step - args.warmup_steps) / max(1, total - args.warmup_steps)
+    return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def restart_dead_codes(model: VQModel, optimizer: torch.optim.Optimizer, images: torch.Tensor,
+                       used: torch.Tensor, generator: torch.Generator) -> int:
+    """Move every code not in `used` (K,) bool onto a latent of `images` (B, 3, H, W) drawn at random
+    (with replacement when there are more dead codes than latents), and clear the optimizer's
+    moments of those rows. Returns the number of codes moved."""
+    dead = (~used).nonzero().flatten()  # (n,)
+    if len(dead) == 0:
+        return 0
+    quantize = model.quantize
+    latents = quantize.normalised_latent(model._latent(images))  # (B, h, w, D)
+    latents = latents.reshape(-1, latents.shape[-1])  # (B*h*w, D)
+    pick = torch.randint(0, len(latents), (len(dead),), generator=generator).to(latents.device)
+    weight = quantize.embedding.weight
+    weight[dead] = latents[pick].to(weight.dtype)
+    for moment in optimizer.state.get(weight, {}).values():
+        if moment.shape == weight.shape:
+            moment[dead] = 0
+    return len(dead)
+
+
 def train_vq(args: argparse.Namespace, setup: Setup | None = None) -> dict:
     """Train, checkpoint and evaluate; returns the metrics written to results_dir/metrics.json."""
     setup = setup or prepare(args)
@@ -271,11 +314,15 @@ def train_loop(model: VQModel, optimizer: torch.optim.Optimizer, loader: DataLoa
     K = model.config.codebook_size
     sums: dict[str, torch.Tensor] = {}
     seen = torch.zeros(K, dtype=torch.bool, device=device)  # codes chosen since the last log
-    history, step, window = [], 0, 0
+    alive = torch.zeros(K, dtype=torch.bool, device=device)  # codes chosen since the last restart
+    generator = torch.Generator().manual_seed(args.seed + 1)
+    history, step, window, restarted = [], 0, 0, 0
     bar = tqdm(total=total, desc="train_vq", dynamic_ncols=True)
     while step < total:
         for images, _ in loader:
             images = images.to(device)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, total, args)
             loss, terms, indices = vq_loss_terms(model, images, args.rec_loss, args.codebook_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -284,18 +331,23 @@ def train_loop(model: VQModel, optimizer: torch.optim.Optimizer, loader: DataLoa
             optimizer.step()
             model.quantize.record_usage(indices)
             seen[indices.flatten()] = True
+            alive[indices.flatten()] = True
+            if args.restart_dead_every and (step + 1) % args.restart_dead_every == 0 and step + 1 < total:
+                restarted += restart_dead_codes(model, optimizer, images, alive, generator)
+                alive.zero_()
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0) + v
             step, window = step + 1, window + 1
             bar.update(1)
             if step % args.log_every == 0 or step == total:
                 entry = {"step": step, **{k: float(v) / window for k, v in sums.items()},
-                         "codebook_usage": float(seen.sum()) / K}
+                         "codebook_usage": float(seen.sum()) / K, "lr": optimizer.param_groups[0]["lr"],
+                         "codes_restarted": restarted}
                 history.append(entry)
                 logger.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                      for k, v in entry.items()))
                 bar.set_postfix(loss=f"{entry['loss']:.4f}", usage=f"{entry['codebook_usage']:.3f}")
-                sums, window = {}, 0
+                sums, window, restarted = {}, 0, 0
                 seen.zero_()
             if step % args.ckpt_every == 0 and step < total:
                 save_checkpoint_atomic(checkpoint(model, optimizer, step, step // len(loader), args),
