@@ -35,6 +35,7 @@ PALETTE = np.array([
     (0.9, 0.1, 0.1), (0.1, 0.7, 0.2), (0.15, 0.3, 0.9), (0.95, 0.85, 0.1), (0.9, 0.45, 0.05), (0.6, 0.2, 0.8),
     (0.1, 0.75, 0.8), (0.95, 0.95, 0.95), (0.08, 0.08, 0.08), (0.5, 0.5, 0.5), (0.95, 0.5, 0.7), (0.45, 0.3, 0.15),
 ])
+FLAT_SHARE = 0.4  # share of flat backgrounds (the rest are gradients)
 EDGE_THRESHOLD = 0.08  # per-pixel colour step (0..1) that counts as an edge; gradients stay below
 
 
@@ -184,16 +185,19 @@ _RENDER: dict[str, Callable[[_Canvas], tuple[np.ndarray, np.ndarray | None]]] = 
 }
 
 
-def _contrasting_colour(rng: np.random.Generator, avoid: list[np.ndarray]) -> np.ndarray:
-    """A random palette colour at least 0.35 away from every colour in `avoid`."""
-    gaps = np.linalg.norm(PALETTE[:, None] - np.asarray(avoid)[None], axis=-1).min(1)  # (P,)
-    return PALETTE[rng.choice(np.flatnonzero(gaps >= 0.35))]
+def _contrasting_colour(rng: np.random.Generator, palette: np.ndarray, avoid: list[np.ndarray]) -> np.ndarray:
+    """A random palette colour at least 0.35 away from every colour in `avoid` (the farthest
+    colour where none is)."""
+    gaps = np.linalg.norm(palette[:, None] - np.asarray(avoid)[None], axis=-1).min(1)  # (P,)
+    far = np.flatnonzero(gaps >= 0.35)
+    return palette[rng.choice(far)] if len(far) else palette[gaps.argmax()]
 
 
-def _background(cv: _Canvas) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Flat colour or a slow linear gradient across the image: (S, S, 3) and its end colours."""
-    a = PALETTE[cv.rng.integers(len(PALETTE))]
-    if cv.rng.random() < 0.4:
+def _background(cv: _Canvas, palette: np.ndarray, flat_share: float) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Flat colour (with probability flat_share) or a slow linear gradient across the image:
+    (S, S, 3) and its end colours."""
+    a = palette[cv.rng.integers(len(palette))]
+    if cv.rng.random() < flat_share:
         return np.broadcast_to(a, (cv.size, cv.size, 3)), [a]
     b = np.clip(a + cv.rng.uniform(-0.5, 0.5, size=3), 0.0, 1.0)
     theta = cv.rng.uniform(0, 2 * np.pi)
@@ -230,18 +234,21 @@ def detail_mask(image: np.ndarray, textured: np.ndarray | None = None) -> np.nda
     return mask | textured if textured is not None else mask
 
 
-def render_image(family: str, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """One image of a family: (uint8 (S, S, 3), detail mask bool (S, S))."""
+def render_image(family: str, size: int, rng: np.random.Generator, colours: int = len(PALETTE),
+                 flat_share: float = FLAT_SHARE) -> tuple[np.ndarray, np.ndarray]:
+    """One image of a family, drawn with the first `colours` palette colours: (uint8 (S, S, 3),
+    detail mask bool (S, S))."""
+    palette = PALETTE[:colours]
     cv = _Canvas(size, rng)
-    bg, bg_colours = _background(cv)
+    bg, bg_colours = _background(cv, palette, flat_share)
     sdf, pattern = _RENDER[family](cv)
     alpha = np.clip(0.5 - sdf, 0.0, 1.0)[..., None]  # (S, S, 1) antialiased coverage
-    fg = _contrasting_colour(rng, bg_colours)
+    fg = _contrasting_colour(rng, palette, bg_colours)
     if pattern is None:
         colour = np.broadcast_to(fg, bg.shape)
         textured = None
     else:
-        fg2 = _contrasting_colour(rng, [fg])
+        fg2 = _contrasting_colour(rng, palette, [fg])
         colour = fg * pattern[..., None] + fg2 * (1 - pattern[..., None])  # (S, S, 3)
         textured = alpha[..., 0] > 0.5
     image = bg * (1 - alpha) + colour * alpha
@@ -249,9 +256,13 @@ def render_image(family: str, size: int, rng: np.random.Generator) -> tuple[np.n
     return np.round(np.clip(image, 0.0, 1.0) * 255).astype(np.uint8), mask
 
 
-def generate_dataset(out: str | Path, classes: int, per_class: int, size: int,
-                     seed: int = 0, masks: bool = False) -> list[str]:
+def generate_dataset(out: str | Path, classes: int, per_class: int, size: int, seed: int = 0,
+                     masks: bool = False, colours: int = len(PALETTE), flat_share: float = FLAT_SHARE) -> list[str]:
     """Write out/<class>/<i>.png (and masks under mask_dir(out)); returns the class names."""
+    if not 2 <= colours <= len(PALETTE):
+        raise ValueError(f"colours must be between 2 and {len(PALETTE)}, got {colours}")
+    if not 0 <= flat_share <= 1:
+        raise ValueError(f"flat_share must be between 0 and 1, got {flat_share}")
     if size < MIN_SIZE:
         raise ValueError(f"size must be at least {MIN_SIZE}, got {size}")
     if per_class < 1:
@@ -264,7 +275,7 @@ def generate_dataset(out: str | Path, classes: int, per_class: int, size: int,
             (mask_dir(out) / name).mkdir(parents=True, exist_ok=True)
         family = FAMILIES[k]
         for i in range(per_class):
-            image, mask = render_image(family, size, np.random.default_rng([seed, k, i]))
+            image, mask = render_image(family, size, np.random.default_rng([seed, k, i]), colours, flat_share)
             Image.fromarray(image).save(out / name / f"{i}.png", format="PNG")
             if masks:
                 Image.fromarray(mask.astype(np.uint8) * 255).save(
@@ -281,9 +292,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=64, help="image size in pixels")
     parser.add_argument("--seed", type=int, default=0, help="seed of the images")
     parser.add_argument("--masks", action="store_true", help="also write detail masks to <out>_masks")
+    parser.add_argument("--colours", type=int, default=len(PALETTE),
+                        help=f"draw with the first N palette colours (2..{len(PALETTE)}; fewer = simpler data)")
+    parser.add_argument("--flat-share", type=float, default=FLAT_SHARE,
+                        help="share of flat backgrounds; the rest are slow linear gradients")
     args = parser.parse_args(argv)
     try:
-        names = generate_dataset(args.out, args.classes, args.per_class, args.size, args.seed, args.masks)
+        names = generate_dataset(args.out, args.classes, args.per_class, args.size, args.seed, args.masks,
+                                 args.colours, args.flat_share)
     except ValueError as e:
         raise SystemExit(f"dataset.synthetic: error: {e}")
     print(f"wrote {len(names) * args.per_class} images ({len(names)} classes) to {args.out}"

@@ -28,6 +28,8 @@ class DemoConfig:
     classes: int = 6
     per_class: int = 200
     image_size: int = 32
+    colours: int = 12  # the first N palette colours (fewer colour pairs: more images per pair)
+    flat_share: float = 0.4  # share of flat backgrounds; the rest are gradients
     # VQ tokenizer (downsample 2 ** (len(vq_ch_mult) - 1)); cosine learning rate, dead codes restarted
     vq_ch: int = 32
     vq_ch_mult: list[int] = field(default_factory=lambda: [1, 2, 2])
@@ -155,6 +157,8 @@ OVERRIDES = {
     "classes": (int, "classes of the synthetic dataset (2-12)"),
     "per_class": (int, "images per class"),
     "image_size": (int, "image size in pixels (the token grid is image size / 4)"),
+    "colours": (int, "palette colours of the synthetic images (2-12)"),
+    "flat_share": (float, "share of flat backgrounds in the synthetic images (the rest are gradients)"),
     "vq_ch": (int, "VQ base width (a multiple of 8)"),
     "codebook_size": (int, "VQ codebook size"),
     "vq_steps": (int, "VQ training steps"),

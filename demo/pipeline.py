@@ -152,12 +152,13 @@ class Demo:
         c, images, held_out = self.config, self.paths.images(size), self.paths.held_out_images(size)
         expected = {images: c.classes * per_class, mask_dir(images): c.classes * per_class,
                     held_out: c.classes * HELD_OUT_PER_CLASS}
+        style = ["--colours", c.colours, "--flat-share", c.flat_share]
 
         def run() -> dict:
             self.tool(f"data_{size}", "-m", "dataset.synthetic", "--out", images, "--classes", c.classes,
-                      "--per-class", per_class, "--size", size, "--seed", c.seed, "--masks")
+                      "--per-class", per_class, "--size", size, "--seed", c.seed, "--masks", *style)
             self.tool(f"data_{size}", "-m", "dataset.synthetic", "--out", held_out, "--classes", c.classes,
-                      "--per-class", HELD_OUT_PER_CLASS, "--size", size, "--seed", c.seed + 1)
+                      "--per-class", HELD_OUT_PER_CLASS, "--size", size, "--seed", c.seed + 1, *style)
             return {"images": expected[images], "held_out_images": expected[held_out]}
 
         def validate() -> None:
@@ -167,7 +168,8 @@ class Demo:
                     raise ValueError(f"{folder} holds {n} images, expected {count}")
 
         return Stage(f"data_{size}", f"synthetic dataset, {c.classes} classes x {per_class} images at {size}px "
-                     f"with detail masks", {"classes": c.classes, "per_class": per_class, "size": size, "seed": c.seed},
+                     f"with detail masks", {"classes": c.classes, "per_class": per_class, "size": size, "seed": c.seed,
+                      "colours": c.colours, "flat_share": c.flat_share},
                      run, validate, outputs=[images, mask_dir(images), held_out])
 
     def vq_stage(self, size: int) -> Stage:

@@ -71,6 +71,30 @@ def test_synthetic_masks_separate_flat_from_detail(toy):
             assert flat_pair.any() and step[flat_pair].max() < 0.1, (name, i)
 
 
+def test_synthetic_palette_and_flat_share(tmp_path):
+    from dataset.synthetic import PALETTE
+
+    colours = 4
+    out = tmp_path / "few"
+    generate_dataset(out, classes=6, per_class=4, size=32, seed=3, colours=colours, flat_share=1.0)
+    allowed = {tuple(c) for c in np.round(PALETTE[:colours] * 255).astype(int)}
+    others = {tuple(c) for c in np.round(PALETTE[colours:] * 255).astype(int)}
+    for path in sorted(out.rglob("*.png")):
+        img = np.asarray(Image.open(path)).reshape(-1, 3)
+        values, counts = np.unique(img, axis=0, return_counts=True)
+        background = tuple(int(v) for v in values[counts.argmax()])
+        assert background in allowed, path  # flat backgrounds in the first `colours` palette colours
+        assert not {tuple(int(v) for v in c) for c in values} & others, path
+    # the default settings keep the full palette and gradient backgrounds
+    full = tmp_path / "full"
+    generate_dataset(full, classes=6, per_class=4, size=32, seed=3)
+    distinct = [len(np.unique(np.asarray(Image.open(p)).reshape(-1, 3), axis=0)) for p in full.rglob("*.png")]
+    assert max(distinct) > 100  # a gradient: many colours
+    for bad in ({"colours": 1}, {"colours": len(PALETTE) + 1}, {"flat_share": 1.5}):
+        with pytest.raises(ValueError):
+            generate_dataset(tmp_path / "bad", classes=2, per_class=1, size=16, **bad)
+
+
 def test_synthetic_generation_speed(tmp_path):
     import time
     t = time.perf_counter()
