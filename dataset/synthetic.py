@@ -35,6 +35,7 @@ PALETTE = np.array([
     (0.9, 0.1, 0.1), (0.1, 0.7, 0.2), (0.15, 0.3, 0.9), (0.95, 0.85, 0.1), (0.9, 0.45, 0.05), (0.6, 0.2, 0.8),
     (0.1, 0.75, 0.8), (0.95, 0.95, 0.95), (0.08, 0.08, 0.08), (0.5, 0.5, 0.5), (0.95, 0.5, 0.7), (0.45, 0.3, 0.15),
 ])
+RADIUS = (0.2, 0.34)  # object radius range, in image sizes (>= 6 pixels at 32px: shapes stay recognisable)
 FLAT_SHARE = 0.4  # share of flat backgrounds (the rest are gradients)
 EDGE_THRESHOLD = 0.08  # per-pixel colour step (0..1) that counts as an edge; gradients stay below
 
@@ -55,13 +56,13 @@ def mask_dir(out: str | Path) -> Path:
 class _Canvas:
     """Pixel-centre coordinates of a size x size image plus the per-image random draws."""
 
-    def __init__(self, size: int, rng: np.random.Generator):
+    def __init__(self, size: int, rng: np.random.Generator, radius: tuple[float, float] = RADIUS):
         self.size = size
         self.rng = rng
         y, x = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5  # (S, S) each
         self.x, self.y = x, y
         self.cx, self.cy = rng.uniform(0.3, 0.7, size=2) * size
-        self.radius = rng.uniform(0.2, 0.34) * size  # >= 6 pixels at 32px: shapes stay recognisable
+        self.radius = rng.uniform(*radius) * size
         self.angle = rng.uniform(0.0, 2 * np.pi)
 
     def local(self) -> tuple[np.ndarray, np.ndarray]:
@@ -235,11 +236,11 @@ def detail_mask(image: np.ndarray, textured: np.ndarray | None = None) -> np.nda
 
 
 def render_image(family: str, size: int, rng: np.random.Generator, colours: int = len(PALETTE),
-                 flat_share: float = FLAT_SHARE) -> tuple[np.ndarray, np.ndarray]:
-    """One image of a family, drawn with the first `colours` palette colours: (uint8 (S, S, 3),
-    detail mask bool (S, S))."""
+                 flat_share: float = FLAT_SHARE, radius: tuple[float, float] = RADIUS) -> tuple[np.ndarray, np.ndarray]:
+    """One image of a family, drawn with the first `colours` palette colours and an object radius
+    in `radius` (fractions of the image size): (uint8 (S, S, 3), detail mask bool (S, S))."""
     palette = PALETTE[:colours]
-    cv = _Canvas(size, rng)
+    cv = _Canvas(size, rng, radius)
     bg, bg_colours = _background(cv, palette, flat_share)
     sdf, pattern = _RENDER[family](cv)
     alpha = np.clip(0.5 - sdf, 0.0, 1.0)[..., None]  # (S, S, 1) antialiased coverage
@@ -257,12 +258,15 @@ def render_image(family: str, size: int, rng: np.random.Generator, colours: int 
 
 
 def generate_dataset(out: str | Path, classes: int, per_class: int, size: int, seed: int = 0,
-                     masks: bool = False, colours: int = len(PALETTE), flat_share: float = FLAT_SHARE) -> list[str]:
+                     masks: bool = False, colours: int = len(PALETTE), flat_share: float = FLAT_SHARE,
+                     radius: tuple[float, float] = RADIUS) -> list[str]:
     """Write out/<class>/<i>.png (and masks under mask_dir(out)); returns the class names."""
     if not 2 <= colours <= len(PALETTE):
         raise ValueError(f"colours must be between 2 and {len(PALETTE)}, got {colours}")
     if not 0 <= flat_share <= 1:
         raise ValueError(f"flat_share must be between 0 and 1, got {flat_share}")
+    if not 0 < radius[0] <= radius[1] <= 0.5:
+        raise ValueError(f"radius must be a range 0 < min <= max <= 0.5 (fractions of the image size), got {radius}")
     if size < MIN_SIZE:
         raise ValueError(f"size must be at least {MIN_SIZE}, got {size}")
     if per_class < 1:
@@ -275,7 +279,8 @@ def generate_dataset(out: str | Path, classes: int, per_class: int, size: int, s
             (mask_dir(out) / name).mkdir(parents=True, exist_ok=True)
         family = FAMILIES[k]
         for i in range(per_class):
-            image, mask = render_image(family, size, np.random.default_rng([seed, k, i]), colours, flat_share)
+            image, mask = render_image(family, size, np.random.default_rng([seed, k, i]), colours, flat_share,
+                                       tuple(radius))
             Image.fromarray(image).save(out / name / f"{i}.png", format="PNG")
             if masks:
                 Image.fromarray(mask.astype(np.uint8) * 255).save(
@@ -296,10 +301,12 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"draw with the first N palette colours (2..{len(PALETTE)}; fewer = simpler data)")
     parser.add_argument("--flat-share", type=float, default=FLAT_SHARE,
                         help="share of flat backgrounds; the rest are slow linear gradients")
+    parser.add_argument("--radius", type=float, nargs=2, default=RADIUS, metavar=("MIN", "MAX"),
+                        help="object radius range, as fractions of the image size")
     args = parser.parse_args(argv)
     try:
         names = generate_dataset(args.out, args.classes, args.per_class, args.size, args.seed, args.masks,
-                                 args.colours, args.flat_share)
+                                 args.colours, args.flat_share, tuple(args.radius))
     except ValueError as e:
         raise SystemExit(f"dataset.synthetic: error: {e}")
     print(f"wrote {len(names) * args.per_class} images ({len(names)} classes) to {args.out}"

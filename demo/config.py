@@ -30,6 +30,7 @@ class DemoConfig:
     image_size: int = 32
     colours: int = 12  # the first N palette colours (fewer colour pairs: more images per pair)
     flat_share: float = 0.4  # share of flat backgrounds; the rest are gradients
+    radius: list[float] = field(default_factory=lambda: [0.2, 0.34])  # object radius range (image sizes)
     # VQ tokenizer (downsample 2 ** (len(vq_ch_mult) - 1)); cosine learning rate, dead codes restarted
     vq_ch: int = 32
     vq_ch_mult: list[int] = field(default_factory=lambda: [1, 2, 2])
@@ -190,6 +191,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("overrides (default: the preset's)")
     for name, (kind, text) in OVERRIDES.items():
         g.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None, help=text)
+    g.add_argument("--radius", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+                   help="object radius range of the synthetic images, as fractions of the image size")
     g.add_argument("--inference-compressions", type=float, nargs="+", default=None,
                    help="extra mean patch lengths DPAR is sampled at (tau calibrated for each)")
     g.add_argument("--resolutions", type=int, nargs="*", default=None,
@@ -204,7 +207,7 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
         value = getattr(args, name)
         if value is not None:
             setattr(config, name, value)
-    for name in ("inference_compressions", "resolutions", "static_model"):
+    for name in ("radius", "inference_compressions", "resolutions", "static_model"):
         if getattr(args, name) is not None:
             setattr(config, name, getattr(args, name))
     config.seed, config.device = args.seed, args.device

@@ -152,7 +152,7 @@ class Demo:
         c, images, held_out = self.config, self.paths.images(size), self.paths.held_out_images(size)
         expected = {images: c.classes * per_class, mask_dir(images): c.classes * per_class,
                     held_out: c.classes * HELD_OUT_PER_CLASS}
-        style = ["--colours", c.colours, "--flat-share", c.flat_share]
+        style = ["--colours", c.colours, "--flat-share", c.flat_share, "--radius", *c.radius]
 
         def run() -> dict:
             self.tool(f"data_{size}", "-m", "dataset.synthetic", "--out", images, "--classes", c.classes,
@@ -169,7 +169,7 @@ class Demo:
 
         return Stage(f"data_{size}", f"synthetic dataset, {c.classes} classes x {per_class} images at {size}px "
                      f"with detail masks", {"classes": c.classes, "per_class": per_class, "size": size, "seed": c.seed,
-                      "colours": c.colours, "flat_share": c.flat_share},
+                      "colours": c.colours, "flat_share": c.flat_share, "radius": c.radius},
                      run, validate, outputs=[images, mask_dir(images), held_out])
 
     def vq_stage(self, size: int) -> Stage:

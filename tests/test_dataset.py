@@ -85,12 +85,21 @@ def test_synthetic_palette_and_flat_share(tmp_path):
         background = tuple(int(v) for v in values[counts.argmax()])
         assert background in allowed, path  # flat backgrounds in the first `colours` palette colours
         assert not {tuple(int(v) for v in c) for c in values} & others, path
+    # a disc of radius 0.3 x 32 pixels on a flat background covers pi r^2 pixels
+    disc = tmp_path / "disc"
+    generate_dataset(disc, classes=1, per_class=3, size=32, seed=3, colours=colours, flat_share=1.0, radius=(0.3, 0.3))
+    for path in sorted(disc.rglob("*.png")):
+        img = np.asarray(Image.open(path)).reshape(-1, 3).astype(int)
+        values, counts = np.unique(img, axis=0, return_counts=True)
+        off_background = np.abs(img - values[counts.argmax()]).max(1) > 127  # (S*S,) mostly inside the disc
+        assert abs(off_background.sum() - np.pi * (0.3 * 32) ** 2) < 2 * np.pi * 0.3 * 32, path  # within the rim
     # the default settings keep the full palette and gradient backgrounds
     full = tmp_path / "full"
     generate_dataset(full, classes=6, per_class=4, size=32, seed=3)
     distinct = [len(np.unique(np.asarray(Image.open(p)).reshape(-1, 3), axis=0)) for p in full.rglob("*.png")]
     assert max(distinct) > 100  # a gradient: many colours
-    for bad in ({"colours": 1}, {"colours": len(PALETTE) + 1}, {"flat_share": 1.5}):
+    for bad in ({"colours": 1}, {"colours": len(PALETTE) + 1}, {"flat_share": 1.5},
+                {"radius": (0.3, 0.2)}, {"radius": (0.0, 0.2)}, {"radius": (0.3, 0.6)}):
         with pytest.raises(ValueError):
             generate_dataset(tmp_path / "bad", classes=2, per_class=1, size=16, **bad)
 
