@@ -26,18 +26,20 @@ class DemoConfig:
     device: str = "auto"
     # synthetic data
     classes: int = 6
-    per_class: int = 200
+    per_class: int = 500
     image_size: int = 32
-    colours: int = 12  # the first N palette colours (fewer colour pairs: more images per pair)
-    flat_share: float = 0.4  # share of flat backgrounds; the rest are gradients
-    radius: list[float] = field(default_factory=lambda: [0.2, 0.34])  # object radius range (image sizes)
+    # 4 palette colours on flat backgrounds, objects 0.3-0.45 image sizes across their radius: every
+    # colour pair and shape is seen often, and a shape spans enough tokens to be told apart
+    colours: int = 4
+    flat_share: float = 1.0  # share of flat backgrounds; the rest are gradients
+    radius: list[float] = field(default_factory=lambda: [0.3, 0.45])  # object radius range (image sizes)
     # VQ tokenizer (downsample 2 ** (len(vq_ch_mult) - 1)); cosine learning rate, dead codes restarted
     vq_ch: int = 32
     vq_ch_mult: list[int] = field(default_factory=lambda: [1, 2, 2])
     vq_res_blocks: int = 1
     vq_z_channels: int = 32
-    codebook_size: int = 512
-    vq_steps: int = 2500
+    codebook_size: int = 64  # few codes: a flat colour maps to few codes, so the generators see clean sequences
+    vq_steps: int = 1500
     vq_batch: int = 16
     vq_lr: float = 2e-3
     vq_restart_every: int = 50
@@ -52,7 +54,7 @@ class DemoConfig:
     inference_compressions: list[float] = field(default_factory=lambda: [1.4, 2.4])
     # DPAR and the baseline: same depth and width, data, seed, steps and batches
     model_size: str = "XS"
-    train_steps: int = 1500
+    train_steps: int = 2500
     batch_size: int = 32
     lr: float = 1e-3
     warmup_steps: int = 50
@@ -142,7 +144,7 @@ def preset(name: str) -> DemoConfig:
         )
     if name == "quick":
         return DemoConfig(
-            preset=name, per_class=60, vq_ch=16, codebook_size=256, vq_steps=600, entropy_steps=400,
+            preset=name, per_class=60, vq_ch=16, vq_steps=600, entropy_steps=400,
             entropy_lr=2e-3, train_steps=300, batch_size=16, warmup_steps=15, inference_compressions=[2.4],
             samples_per_class=8, sample_batch=48, classifier_epochs=20,
         )

@@ -337,8 +337,11 @@ def write_markdown(demo: Demo, d: dict, cl: dict, figs: dict, path: Path) -> Non
 
     add("## Setup\n")
     vq = d["vq"]
-    add(f"- **Data**: {c.classes} classes x {c.per_class} synthetic images ({c.image_size}px), each with a detail "
-        f"mask (pixels near an edge or inside a texture); codes stored for every image and its horizontal flip.")
+    backgrounds = ("flat backgrounds" if c.flat_share == 1 else "gradient backgrounds" if c.flat_share == 0 else
+                   f"{fmt(c.flat_share)} flat backgrounds, the rest gradients")
+    add(f"- **Data**: {c.classes} classes x {c.per_class} synthetic images ({c.image_size}px; {c.colours} palette "
+        f"colours, {backgrounds}, object radius {fmt(c.radius[0])}-{fmt(c.radius[1])} image sizes), each with a "
+        f"detail mask (pixels near an edge or inside a texture); codes stored for every image and its horizontal flip.")
     add(f"- **Tokenizer**: VQ with downsample {c.downsample} ({c.grid}x{c.grid} = {T} tokens), {c.codebook_size} "
         f"codes, base width {c.vq_ch}, {c.vq_steps} steps: reconstruction PSNR {fmt(vq['psnr'])} dB and codebook "
         f"usage {fmt(vq['codebook_usage'])} on {vq['num_images']} "

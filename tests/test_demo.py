@@ -184,3 +184,19 @@ def test_entropy_is_higher_on_detailed_tokens(demo_run):
     masks = json.loads((out / "report.json").read_text())["claims"]["entropy_masks"]
     assert masks["mean_entropy_detailed"] > masks["mean_entropy_flat"]
     assert masks["held"] is True
+
+
+def test_presets_are_valid_and_smoke_presets_say_so():
+    from demo.config import PRESETS, preset
+    from demo.report import SMOKE_PRESETS
+
+    configs = {name: preset(name) for name in PRESETS}
+    for name, config in configs.items():
+        config.check()  # raises on settings that cannot work
+        assert config.preset == name
+    assert set(SMOKE_PRESETS) == {"tiny", "quick"}  # their reports carry the smoke-run notice
+    quick, default = configs["quick"], configs["default"]
+    # the quick preset is a shorter version of the default study, not a different one
+    assert quick.train_steps < default.train_steps and quick.vq_steps < default.vq_steps
+    assert (quick.classes, quick.image_size, quick.codebook_size) == (default.classes, default.image_size,
+                                                                     default.codebook_size)
