@@ -11,7 +11,10 @@ writes data/toy/<class>/<i>.png (class names like "00_disc") and, with --masks, 
 image in the sibling folder data/toy_masks/<class>/<i>.png (255 = detailed: near an edge or
 inside a texture, 0 = flat). The masks live outside the image folder, so an ImageFolder over
 data/toy sees exactly the requested classes. Image (class k, index i) depends only on
-(seed, k, i): the same seed gives byte-identical files.
+(seed, k, i) and the style flags: the same seed gives byte-identical files. The style flags make
+the data easier to learn from or harder: --colours (the first N palette colours), --flat-share
+(flat backgrounds instead of gradients) and --radius (object size); the offline demo uses 4
+colours, flat backgrounds and radius 0.3-0.45.
 """
 import argparse
 from collections.abc import Callable
