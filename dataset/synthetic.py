@@ -13,8 +13,7 @@ inside a texture, 0 = flat). The masks live outside the image folder, so an Imag
 data/toy sees exactly the requested classes. Image (class k, index i) depends only on
 (seed, k, i) and the style flags: the same seed gives byte-identical files. The style flags make
 the data easier to learn from or harder: --colours (the first N palette colours), --flat-share
-(flat backgrounds instead of gradients) and --radius (object size); the offline demo uses 4
-colours, flat backgrounds and radius 0.3-0.45.
+(flat backgrounds instead of gradients) and --radius (object size).
 """
 import argparse
 from collections.abc import Callable
@@ -275,15 +274,14 @@ def generate_dataset(out: str | Path, classes: int, per_class: int, size: int, s
     if per_class < 1:
         raise ValueError(f"per_class must be positive, got {per_class}")
     names = class_names(classes)
-    out = Path(out)
+    out, radius = Path(out), tuple(radius)
     for k, name in enumerate(names):
         (out / name).mkdir(parents=True, exist_ok=True)
         if masks:
             (mask_dir(out) / name).mkdir(parents=True, exist_ok=True)
         family = FAMILIES[k]
         for i in range(per_class):
-            image, mask = render_image(family, size, np.random.default_rng([seed, k, i]), colours, flat_share,
-                                       tuple(radius))
+            image, mask = render_image(family, size, np.random.default_rng([seed, k, i]), colours, flat_share, radius)
             Image.fromarray(image).save(out / name / f"{i}.png", format="PNG")
             if masks:
                 Image.fromarray(mask.astype(np.uint8) * 255).save(
@@ -309,7 +307,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         names = generate_dataset(args.out, args.classes, args.per_class, args.size, args.seed, args.masks,
-                                 args.colours, args.flat_share, tuple(args.radius))
+                                 args.colours, args.flat_share, args.radius)
     except ValueError as e:
         raise SystemExit(f"dataset.synthetic: error: {e}")
     print(f"wrote {len(names) * args.per_class} images ({len(names)} classes) to {args.out}"

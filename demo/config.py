@@ -28,8 +28,8 @@ class DemoConfig:
     classes: int = 6
     per_class: int = 500
     image_size: int = 32
-    # 4 palette colours on flat backgrounds, objects 0.3-0.45 image sizes across their radius: every
-    # colour pair and shape is seen often, and a shape spans enough tokens to be told apart
+    # 4 palette colours on flat backgrounds and large objects: every colour pair and shape is seen
+    # often, and a shape spans enough tokens to be told apart
     colours: int = 4
     flat_share: float = 1.0  # share of flat backgrounds; the rest are gradients
     radius: list[float] = field(default_factory=lambda: [0.3, 0.45])  # object radius range (image sizes)
