@@ -35,17 +35,58 @@ import torch
 PATCH_MODES = ("entropy", "relative", "token", "static")
 GATED_MODES = ("entropy", "relative")
 
-# The paper's settings (the authors' configs, dsrivastavv/PixelAR). tau belongs to the entropy
-# model it was chosen for (GPT-B, unconditional, 300 epochs on ImageNet codes): with any other
-# entropy model choose tau by calibration to the compression instead.
-PAPER_THRESHOLDS = {256: 7.8, 384: 7.9}  # tau in nats, by image size
-PAPER_COMPRESSION = {256: 1.81, 384: 2.06}  # mean tokens per patch, by image size
+# The paper's settings (the authors' configs, dsrivastavv/PixelAR, configs/main_{256,384,512}.yaml;
+# row reset on at every size). tau belongs to the entropy model it was chosen for (GPT-B,
+# unconditional, trained on that size's ImageNet codes): with any other entropy model choose tau by
+# calibration to the compression instead.
+@dataclass(frozen=True)
+class PaperSetting:
+    """The authors' patching setting at one image size (VQ-16 tokens, row reset on).
+
+    threshold: tau in nats. max_patch_length: P_max. compression: the mean tokens per patch the
+    paper reports at this size (None where it reports none)."""
+
+    threshold: float
+    max_patch_length: int
+    compression: float | None = None
+
+
+PAPER_SETTINGS = {
+    256: PaperSetting(threshold=7.8, max_patch_length=4, compression=1.81),
+    384: PaperSetting(threshold=7.9, max_patch_length=4, compression=2.06),
+    512: PaperSetting(threshold=8.1, max_patch_length=6),
+}
+PAPER_THRESHOLDS = {size: s.threshold for size, s in PAPER_SETTINGS.items()}  # tau in nats, by image size
+PAPER_MAX_PATCH_LENGTHS = {size: s.max_patch_length for size, s in PAPER_SETTINGS.items()}  # P_max, by image size
+PAPER_COMPRESSION = {size: s.compression for size, s in PAPER_SETTINGS.items() if s.compression is not None}
 PAPER_STATIC_LENGTH = 1.8191  # mean length of the authors' uniform (static) baseline at 256 px
 
 
+TRAINING_REMEDY = "pass --target-compression (or --threshold) and --max-patch-length"
+
+
+def unpublished_size_message(image_size: int, remedy: str = TRAINING_REMEDY) -> str:
+    """The one-line refusal for an image size without a published setting; `remedy` names the flags."""
+    published = ", ".join(str(size) for size in PAPER_SETTINGS)
+    return f"the paper publishes no patching setting for {image_size} px images (only {published} px): {remedy}"
+
+
+def paper_setting(image_size: int, remedy: str = TRAINING_REMEDY) -> PaperSetting:
+    """The authors' setting at `image_size`; ValueError (one line, naming `remedy`) at a size they
+    publish none for."""
+    if image_size not in PAPER_SETTINGS:
+        raise ValueError(unpublished_size_message(image_size, remedy))
+    return PAPER_SETTINGS[image_size]
+
+
 def paper_threshold(image_size: int = 256) -> float:
-    """The paper's tau at `image_size` (256 and 384 px are published; other sizes get 256 px's)."""
-    return PAPER_THRESHOLDS.get(image_size, PAPER_THRESHOLDS[256])
+    """The paper's tau at `image_size`; ValueError at a size without a published setting."""
+    return paper_setting(image_size).threshold
+
+
+def paper_max_patch_length(image_size: int = 256) -> int:
+    """The paper's P_max at `image_size`; ValueError at a size without a published setting."""
+    return paper_setting(image_size).max_patch_length
 
 
 def quantize_entropy(entropy: torch.Tensor) -> torch.Tensor:
@@ -259,11 +300,13 @@ class PatchingConfig:
     row_reset: whether the first token of every grid row opens a patch.
     static_length: "static" only: mean patch length of the fixed uniform pattern
         (static_pattern_starts), e.g. PAPER_STATIC_LENGTH; None = max_patch_length's fixed length.
+
+    The defaults are the paper's 256 px setting; paper_patching gives another size's.
     """
 
     mode: str = "entropy"
-    threshold: float | None = PAPER_THRESHOLDS[256]
-    max_patch_length: int | None = 4
+    threshold: float | None = PAPER_SETTINGS[256].threshold
+    max_patch_length: int | None = PAPER_SETTINGS[256].max_patch_length
     row_reset: bool = True
     static_length: float | None = None
 
@@ -332,6 +375,13 @@ class PatchingConfig:
         if unknown:
             raise ValueError(f"unknown patching settings {unknown}; expected a subset of {sorted(known)}")
         return cls(**dict(d))
+
+
+def paper_patching(image_size: int, remedy: str = TRAINING_REMEDY) -> PatchingConfig:
+    """The paper's rule at `image_size` (mode "entropy", its tau and P_max, row reset);
+    ValueError (one line, naming `remedy`) at a size without a published setting."""
+    setting = paper_setting(image_size, remedy)
+    return PatchingConfig("entropy", setting.threshold, setting.max_patch_length, row_reset=True)
 
 
 class StepRule:

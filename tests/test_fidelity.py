@@ -25,6 +25,8 @@ from autoregressive.train.model import model_kwargs
 from dpar_helpers import CLASSES, GRID, T, VOCAB, quantile_patching, random_dpar, random_entropy_model
 from entropy_model.entropy import entropy_from_logits, teacher_forced_entropy
 from entropy_model.patching import (
+    PAPER_COMPRESSION,
+    PAPER_MAX_PATCH_LENGTHS,
     PAPER_STATIC_LENGTH,
     PAPER_THRESHOLDS,
     PatchingConfig,
@@ -286,7 +288,8 @@ def test_static_length_cap_and_config_errors():
         PatchingConfig("entropy", 7.8, 4, True, static_length=2.0)
     with pytest.raises(ValueError, match=">= 1"):
         PatchingConfig("static", None, 4, True, static_length=0.5)
-    assert PAPER_THRESHOLDS == {256: 7.8, 384: 7.9} and paper_threshold(384) == 7.9
+    assert PAPER_THRESHOLDS == {256: 7.8, 384: 7.9, 512: 8.1} and paper_threshold(384) == 7.9
+    assert PAPER_MAX_PATCH_LENGTHS == {256: 4, 384: 4, 512: 6} and PAPER_COMPRESSION == {256: 1.81, 384: 2.06}
     assert PatchingConfig().threshold == 7.8
 
 

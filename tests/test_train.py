@@ -170,7 +170,8 @@ def test_dpar_batches_carry_patch_lengths(tmp_path):
     np.save(entropy_store / "entropy.npy", entropy)
     record = {"entropy_model_hash": "e" * 64, "code_store_hash": code_store_hash(entropy_store), "count": 32}
     (entropy_store / "entropy.json").write_text(json.dumps(record))
-    main(train_argv(entropy_store, tmp_path, "dpar", gpt_model="DPAR-T", threshold=2.0, max_steps=3))
+    main(train_argv(entropy_store, tmp_path, "dpar", gpt_model="DPAR-T", threshold=2.0, max_patch_length=4,
+                    max_steps=3))
     log = read_log(tmp_path / "dpar")
     # per row: [0 1] [2] [3] -> 3 patches of 4 tokens: mean length 4/3
     assert all(abs(r["mean_patch_length"] - 4 / 3) < 1e-9 and r["patches_per_s"] > 0 for r in log)
@@ -178,7 +179,7 @@ def test_dpar_batches_carry_patch_lengths(tmp_path):
     assert args["patching"] == {"mode": "entropy", "threshold": 2.0, "max_patch_length": 4, "row_reset": True}
     assert args["entropy_model_hash"] == "e" * 64 and args["code_store_hash"] == record["code_store_hash"]
     flags = vars(parse_args(train_argv(entropy_store, tmp_path, "dpar", gpt_model="DPAR-T", threshold=2.0,
-                                       max_steps=3)))
+                                       max_patch_length=4, max_steps=3)))
     derived = {"world_size", "block_size", "model_config", "run_dir", "per_rank_batch_size", "total_steps",
                "code_store_hash", "entropy_model_hash", "achieved_compression", "patching"}
     assert set(args) == set(flags) | derived and args["achieved_compression"] is None and args["total_steps"] == 3
@@ -186,7 +187,8 @@ def test_dpar_batches_carry_patch_lengths(tmp_path):
     record["code_store_hash"] = "0" * 64  # entropies of other codes are refused
     (entropy_store / "entropy.json").write_text(json.dumps(record))
     with pytest.raises(SystemExit, match="^error: entropies in .* were made for code store 0000"):
-        main(train_argv(entropy_store, tmp_path, "dpar2", gpt_model="DPAR-T", threshold=2.0, max_steps=1))
+        main(train_argv(entropy_store, tmp_path, "dpar2", gpt_model="DPAR-T", threshold=2.0, max_patch_length=4,
+                        max_steps=1))
 
 
 def test_nonfinite_loss_stops_naming_the_step(store, tmp_path):

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from autoregressive.models import build_model, model_family, model_from_checkpoint
-from entropy_model.patching import GATED_MODES, PatchingConfig
+from entropy_model.patching import GATED_MODES, PatchingConfig, paper_patching, paper_setting
 from tokenizer.vq_model import VQModel, load_vq_checkpoint
 from utils.checkpoint import checkpoint_sha256, checkpoint_weights, load_checkpoint
 
@@ -90,20 +90,26 @@ def load_generator(
     return model.eval(), {"weights": "ema" if used_ema else "raw"}
 
 
+SAMPLING_REMEDY = "pass --threshold and --max-patch-length"
+
+
 def sampling_patching(ckpt_args: dict, overrides: PatchingOverrides) -> PatchingConfig:
-    """The DPAR checkpoint's patching rule (args["patching"]) with the overrides applied."""
+    """The DPAR checkpoint's patching rule (args["patching"]) with the overrides applied. A
+    checkpoint without a rule, or a switch to a gated mode without --threshold, takes the paper's
+    setting for the recorded image size, and refuses in one line at a size without one."""
     stored = ckpt_args.get("patching")
+    image_size = ckpt_args.get("image_size", 256)
     if stored is None:
-        base = PatchingConfig()
-        print(f"note: the checkpoint records no patching rule; using the paper's ({base.mode}, tau {base.threshold}, "
-              f"cap {base.max_patch_length}, row reset)")
+        base = paper_patching(image_size, SAMPLING_REMEDY)
+        print(f"note: the checkpoint records no patching rule; using the paper's at {image_size} px ({base.mode}, "
+              f"tau {base.threshold}, cap {base.max_patch_length}, row reset)")
     else:
         base = PatchingConfig.from_dict(stored)
     changes = {k: v for k, v in vars(overrides).items() if v is not None}
     if changes.get("max_patch_length") == 0:
         changes["max_patch_length"] = None
     if changes.get("mode") in GATED_MODES and base.threshold is None and "threshold" not in changes:
-        changes["threshold"] = PatchingConfig().threshold
+        changes["threshold"] = paper_setting(image_size, SAMPLING_REMEDY).threshold
     if changes.get("mode", "static") != "static":
         changes.setdefault("static_length", None)  # a stored static pattern does not carry to another mode
     return replace(base, **changes)

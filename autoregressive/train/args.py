@@ -5,10 +5,11 @@ import argparse
 from typing import Optional, Sequence
 
 from autoregressive.models import all_models, model_family
-from entropy_model.patching import PAPER_THRESHOLDS, PATCH_MODES
+from entropy_model.patching import PAPER_SETTINGS, PATCH_MODES
 from utils.cli import HelpFormatter
 
-PAPER_TAUS = " and ".join(f"{tau} at {size} px" for size, tau in PAPER_THRESHOLDS.items())
+PAPER_TAUS = ", ".join(f"{s.threshold} at {size} px" for size, s in PAPER_SETTINGS.items())
+PAPER_CAPS = ", ".join(f"{s.max_patch_length} at {size} px" for size, s in PAPER_SETTINGS.items())
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
@@ -52,11 +53,14 @@ def _dpar_args(p: argparse.ArgumentParser) -> None:
                    help="entropy model checkpoint; when given, the entropies must have been made by it (hash check)")
     g.add_argument("--patching-mode", choices=PATCH_MODES, default="entropy", help="patch boundary rule")
     g.add_argument("--threshold", type=float, default=None,
-                   help=f"entropy threshold tau in nats (default the paper's, {PAPER_TAUS}, unless "
-                        "--target-compression; tau belongs to the paper's entropy model: with another one calibrate)")
+                   help=f"entropy threshold tau in nats (default the paper's for the image size, {PAPER_TAUS}, "
+                        "unless --target-compression; other sizes need one of the two; tau belongs to the paper's "
+                        "entropy model: with another one calibrate)")
     g.add_argument("--target-compression", type=float, default=None,
                    help="choose tau so that the mean patch length on the stored entropies is this (e.g. 1.81)")
-    g.add_argument("--max-patch-length", type=int, default=4, help="length cap P_max (0 = no cap)")
+    g.add_argument("--max-patch-length", type=int, default=None,
+                   help=f"length cap P_max (0 = no cap); default the paper's for the image size, {PAPER_CAPS}; "
+                        "other sizes need it (unless --patching-mode token or --static-length)")
     g.add_argument("--no-row-reset", action="store_true", help="let patches run across grid rows")
     g.add_argument("--encoder-layers", type=int, default=None,
                    help="token encoder depth E (default: the registry's); the patch depth keeps the total")
@@ -214,6 +218,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.num_workers is not None and args.num_workers < 0:
         p.error("--num-workers must be >= 0")
+    if args.max_patch_length is not None and args.max_patch_length < 0:
+        p.error("--max-patch-length must be >= 0 (0 = no cap)")
     _resolve_llamagen_flags(p, args)
     if not 0.0 <= args.ema_decay < 1.0:
         p.error("--ema-decay must be in [0, 1)")
@@ -224,8 +230,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     patched = model_family(args.gpt_model).patched
     if patched and args.unconditional:
         p.error("--unconditional trains a GPT entropy model; DPAR is class-conditional")
-    dpar_only = ("entropy_path", "entropy_model", "threshold", "target_compression", "encoder_layers", "decoder_layers",
-                 "static_length")
+    dpar_only = ("entropy_path", "entropy_model", "threshold", "target_compression", "max_patch_length",
+                 "encoder_layers", "decoder_layers", "static_length")
     given = [n for n in dpar_only if getattr(args, n) is not None]
     given += ["local_dropout"] if args.local_dropout else []
     given += ["patch_init"] if args.patch_init != "llamagen" else []

@@ -23,7 +23,8 @@ from autoregressive.models.modules import drop_labels
 from autoregressive.train.guards import TrainingError
 from dataset.code_store import CodeDataset, CodeStore, check_code_store, code_store_hash, open_code_store
 from entropy_model.calibrate import load_entropies, sample_entropies, threshold_for_compression
-from entropy_model.patching import GATED_MODES, PatchingConfig, build_patch_batch, paper_threshold
+from entropy_model.patching import (
+    GATED_MODES, PAPER_SETTINGS, PatchingConfig, build_patch_batch, paper_threshold, unpublished_size_message)
 from utils.checkpoint import checkpoint_sha256
 from utils.cli import default_workers
 from utils.distributed import DistInfo, broadcast_object
@@ -118,20 +119,36 @@ def open_entropies(args: argparse.Namespace, store: CodeStore, info: DistInfo) -
     return entropies, store_hash, record.get("entropy_model_hash")
 
 
+def training_max_patch_length(args: argparse.Namespace, image_size: int) -> Optional[int]:
+    """P_max as used (None = no cap): --max-patch-length when given (0 = no cap), else the paper's
+    at image_size; at a size the paper publishes no setting for, no cap for the rules whose lengths
+    need none ("token", "static" with --static-length) and a one-line ValueError for the others."""
+    if args.max_patch_length is not None:
+        return args.max_patch_length or None
+    if image_size in PAPER_SETTINGS:
+        return PAPER_SETTINGS[image_size].max_patch_length
+    if args.patching_mode == "token" or args.static_length is not None:
+        return None
+    raise ValueError(unpublished_size_message(image_size))
+
+
 def training_patching(args: argparse.Namespace, image_size: int, entropies: Optional[np.ndarray],
                       grid_width: int) -> tuple:
-    """(PatchingConfig, achieved compression or None): the patching settings from the flags;
-    --target-compression picks tau on a fixed sample of the stored entropies (the same on every
-    rank); a gated mode without --threshold uses the paper's tau for image_size."""
-    cap = args.max_patch_length or None
+    """(PatchingConfig, achieved compression or None): the patching settings from the flags, with
+    the paper's defaults for image_size (training_max_patch_length; a gated mode without
+    --threshold or --target-compression takes the paper's tau, and refuses in one line at a size
+    without a published setting). --target-compression picks tau on a fixed sample of the stored
+    entropies (the same on every rank). Explicit flags always win."""
+    cap = training_max_patch_length(args, image_size)
     row_width = None if args.no_row_reset else grid_width
     threshold, achieved = args.threshold, None
     if args.patching_mode in GATED_MODES and threshold is None:
-        threshold = paper_threshold(image_size)
         if args.target_compression is not None:
             sample = sample_entropies(entropies, CALIBRATION_SAMPLE, seed=args.seed)  # (S, T)
             threshold, achieved = threshold_for_compression(sample, args.target_compression, cap, row_width,
                                                             args.patching_mode)
+        else:
+            threshold = paper_threshold(image_size)
     config = PatchingConfig(mode=args.patching_mode, threshold=threshold, max_patch_length=cap,
                             row_reset=not args.no_row_reset, static_length=args.static_length)
     return config, achieved

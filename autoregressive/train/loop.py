@@ -84,7 +84,8 @@ def resolve_run(args: argparse.Namespace, info: DistInfo) -> Tuple[TrainRun, Cod
             entropies, resolved["code_store_hash"], resolved["entropy_model_hash"] = open_entropies(args, store, info)
         patching, resolved["achieved_compression"] = training_patching(args, resolved["image_size"], entropies,
                                                                        store.grid_width)
-        resolved.update(threshold=patching.threshold, patching=patching.to_dict())
+        resolved.update(threshold=patching.threshold, max_patch_length=patching.max_patch_length or 0,
+                        patching=patching.to_dict())
     batch = per_rank_batch(args, info.world_size)
     run_name, run_dir = run_dir_path(args)
     per_epoch = steps_per_epoch(len(store), info.world_size, batch, args.grad_accum_steps)

@@ -13,9 +13,9 @@ class TrainRun:
     """Flags as parsed (`flags`, read-only; any flag reads as an attribute), except the resolved
     ones, which are fields: mixed_precision and compile (the 'auto' defaults decided for the
     device), vocab_size, image_size, downsample_size and num_classes (from the code store),
-    num_workers, threshold (tau as used) and run_name; and the derived ones: world_size,
-    block_size (tokens per image), model_config (the registry config as a dict), run_dir,
-    per_rank_batch_size and total_steps. DPAR runs add patching (the rule as a dict) and
+    num_workers, threshold (tau as used), max_patch_length (DPAR: P_max as used, 0 = no cap) and
+    run_name; and the derived ones: world_size, block_size (tokens per image), model_config (the
+    registry config as a dict), run_dir, per_rank_batch_size and total_steps. DPAR runs add patching (the rule as a dict) and
     achieved_compression; gated modes add code_store_hash and entropy_model_hash (None
     elsewhere, and then absent from the checkpoint's args)."""
 
@@ -35,6 +35,7 @@ class TrainRun:
     num_workers: int
     per_rank_batch_size: int
     total_steps: int
+    max_patch_length: Optional[int] = None
     patching: Optional[dict] = None
     achieved_compression: Optional[float] = None
     code_store_hash: Optional[str] = None
@@ -54,7 +55,7 @@ class TrainRun:
         """What checkpoints, args.json and wandb record as "args": the flags with the resolved
         values in place, then the derived values; plain values only."""
         resolved = ("mixed_precision", "compile", "vocab_size", "image_size", "downsample_size", "num_classes",
-                    "run_name", "threshold", "num_workers")
+                    "run_name", "threshold", "max_patch_length", "num_workers")
         out = {**self.flags, **{k: getattr(self, k) for k in resolved}}
         out.update(world_size=self.world_size, block_size=self.block_size, model_config=self.model_config,
                    run_dir=self.run_dir)
