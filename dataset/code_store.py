@@ -2,12 +2,33 @@
 
 Layout (one directory per dataset, image size and augmentation):
     manifest.json  image_size, grid_height, grid_width, codebook_size, num_views, count,
-                   tokenizer_hash, ... (written last and atomically: no manifest = incomplete)
+                   tokenizer_hash, codes_sha256, codes_stat, ... (written last and atomically:
+                   no manifest = incomplete)
     codes.npy      (N, views, T) uint16, T = grid_height * grid_width, raster order
     labels.npy     (N,) int64
 Readers also accept LlamaGen's layout, a directory holding `<name><size>_codes/<i>.npy`
 ((1, views, T) each) and `<name><size>_labels/<i>.npy`. It has no manifest: the grid comes
 from T (square) and the codebook size must be given.
+
+Identity (code_store_hash: what entropies and DPAR checkpoints record, so that entropies made
+for other codes are refused). It costs a stat, not a read of the codes:
+- This layout: codes.npy is hashed once, when the store is finalized; the manifest keeps the
+  digest (codes_sha256) and the file's size and mtime (codes_stat). The identity is a hash of
+  the manifest without codes_stat, so it changes with the codes and with every recorded fact.
+  Opening compares size and mtime (utils.file_identity): a different size is refused, a
+  different mtime re-hashes once (refused if the content changed; if only the time did, as
+  after a copy without -p, the new stat is recorded). verify=True (--verify-store) re-hashes
+  always.
+- A manifest from before codes_sha256: the identity keeps its old definition (SHA-256 of
+  manifest.json's bytes, then codes.npy's), computed once on the first open and recorded
+  (legacy_store_hash, with codes_sha256 and codes_stat), so entropies scored against the old
+  store still fit and later opens are cheap.
+- LlamaGen's layout (1.28M files for ImageNet; no manifest to record a hash in): the identity
+  hashes the folder name, the image count and the bytes of 64 files at evenly spaced indices
+  (the first and the last among them); one directory listing, 64 reads. It guarantees that a
+  different image count or any change to a sampled file changes the identity; a change to an
+  other file goes unseen. There is no recorded hash to verify against (verify=True says so in
+  one line). For a full guarantee, extract the images into this layout.
 """
 import hashlib
 import json
@@ -21,6 +42,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from utils.file_identity import (check_recorded_file, file_stat, note, record_file, try_write_json_atomic,
+                                 update_sha256, write_json_atomic)
+
 MANIFEST = "manifest.json"
 CODES = "codes.npy"
 LABELS = "labels.npy"
@@ -28,6 +52,10 @@ FORMAT_VERSION = 1
 MAX_CODEBOOK_SIZE = 65536  # codes are stored as uint16
 REQUIRED_KEYS = ("image_size", "grid_height", "grid_width", "codebook_size", "num_views", "count",
                  "tokenizer_hash")
+CODES_HASH = "codes_sha256"  # SHA-256 of codes.npy, taken once when the store is finalized
+CODES_STAT = "codes_stat"  # {"size", "mtime_ns"} of codes.npy when CODES_HASH was taken
+LEGACY_HASH = "legacy_store_hash"  # identity of a store finalized before CODES_HASH existed
+LLAMAGEN_SAMPLE = 64  # files hashed for the identity of LlamaGen's layout
 
 
 def check_codebook_fits(codebook_size: int) -> None:
@@ -39,14 +67,7 @@ def check_codebook_fits(codebook_size: int) -> None:
 
 def write_manifest_atomic(path: str | Path, manifest: dict[str, Any]) -> None:
     """Write path/manifest.json via a temporary file and rename, so readers never see half of it."""
-    path = Path(path)
-    tmp = path / (MANIFEST + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path / MANIFEST)
+    write_json_atomic(Path(path) / MANIFEST, manifest)
 
 
 class CodeStoreWriter:
@@ -90,8 +111,8 @@ class CodeStoreWriter:
         self.labels.flush()
 
     def finalize(self, manifest: dict[str, Any], keep: np.ndarray | None = None) -> dict[str, Any]:
-        """Drop the rows where keep (N,) bool is False (unreadable images), then write the
-        manifest (count = rows kept). Returns the manifest written."""
+        """Drop the rows where keep (N,) bool is False (unreadable images), hash codes.npy once,
+        then write the manifest (count = rows kept, codes_sha256, codes_stat). Returns it."""
         self.flush()
         if keep is not None and not keep.all():
             self._compact(np.flatnonzero(keep))
@@ -102,6 +123,8 @@ class CodeStoreWriter:
         check_codebook_fits(manifest["codebook_size"])
         if (manifest["num_views"], manifest["grid_height"] * manifest["grid_width"]) != self.codes.shape[1:]:
             raise ValueError(f"manifest views/grid do not match codes of shape {self.codes.shape}")
+        codes = record_file(self.path / CODES)
+        manifest.update({CODES_HASH: codes["sha256"], CODES_STAT: codes["stat"]})
         write_manifest_atomic(self.path, manifest)
         return manifest
 
@@ -286,21 +309,65 @@ def open_code_store(path: str | Path, codebook_size: int | None = None) -> CodeS
     return _open_llamagen(path, codebook_size)
 
 
-def code_store_hash(path: str | Path) -> str:
-    """SHA-256 hex digest of manifest.json bytes followed by codes.npy bytes (streamed). For
-    LlamaGen's layout: of the code files' bytes in index order."""
+def code_store_hash(path: str | Path, verify: bool = False) -> str:
+    """The store's identity, a SHA-256 hex digest (see the module docstring): from the manifest
+    after a size-and-mtime check of codes.npy, or with verify=True after re-hashing it.
+    ValueError (one line) when codes.npy changed after its hash was recorded."""
     path = Path(path)
-    h = hashlib.sha256()
     if (path / MANIFEST).is_file():
-        files = [path / MANIFEST, path / CODES]
-    else:
-        _, codes_dir, _ = _llamagen_folders(path)
-        files = [codes_dir / f"{i}.npy" for i in range(_numbered_files(codes_dir))]
-    for file in files:
-        with open(file, "rb") as f:
-            while chunk := f.read(1 << 24):
-                h.update(chunk)
-    return h.hexdigest()
+        raw = (path / MANIFEST).read_bytes()
+        manifest = json.loads(raw)
+        if CODES_HASH not in manifest:
+            return _record_legacy_identity(path, raw, manifest)
+        recorded = {"sha256": manifest[CODES_HASH], "stat": manifest[CODES_STAT]}
+        remedy = "re-extract the code store (entropies and models of the old codes do not fit it)"
+        new_stat = check_recorded_file(path / CODES, recorded, verify, remedy)
+        if new_stat is not None:
+            try_write_json_atomic(path / MANIFEST, {**manifest, CODES_STAT: new_stat})
+        return manifest.get(LEGACY_HASH) or manifest_identity(manifest)
+    return _llamagen_identity(path, verify)
+
+
+def manifest_identity(manifest: dict[str, Any]) -> str:
+    """SHA-256 of the manifest's facts (every key but codes_stat, canonical JSON); the facts
+    include codes_sha256, so the identity follows the codes."""
+    facts = {k: v for k, v in manifest.items() if k != CODES_STAT}
+    text = json.dumps(facts, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(b"dpar code store\0" + text.encode()).hexdigest()
+
+
+def _record_legacy_identity(path: Path, raw_manifest: bytes, manifest: dict[str, Any]) -> str:
+    """Identity of a manifest without codes_sha256, by its old definition (manifest bytes, then
+    codes.npy), hashed in one pass with codes.npy alone; both are recorded in the manifest."""
+    codes_path = path / CODES
+    stat = file_stat(codes_path)
+    note(f"code store {path}: manifest.json records no codes hash (an older extract_codes.py); hashing "
+         f"codes.npy once ({stat['size'] / 1e9:.2f} GB) and recording it")
+    identity, codes = hashlib.sha256(raw_manifest), hashlib.sha256()
+    with open(codes_path, "rb") as f:
+        while block := f.read(1 << 24):
+            identity.update(block)
+            codes.update(block)
+    if file_stat(codes_path) == stat:  # not rewritten while it was read
+        try_write_json_atomic(path / MANIFEST, {**manifest, CODES_HASH: codes.hexdigest(), CODES_STAT: stat,
+                                                LEGACY_HASH: identity.hexdigest()})
+    return identity.hexdigest()
+
+
+def _llamagen_identity(path: Path, verify: bool) -> str:
+    """Identity of LlamaGen's layout: folder name, image count and LLAMAGEN_SAMPLE files evenly
+    spaced over the indices, in index order."""
+    name, codes_dir, _ = _llamagen_folders(path)
+    count = _numbered_files(codes_dir)
+    if verify:
+        note(f"code store {path} has LlamaGen's layout, which records no hash to verify against; its identity "
+             f"samples {min(LLAMAGEN_SAMPLE, count)} of {count} files")
+    indices = np.unique(np.linspace(0, count - 1, min(LLAMAGEN_SAMPLE, count)).round().astype(np.int64))
+    digest = hashlib.sha256(f"llamagen code store\0{name}\0{count}".encode())
+    for i in indices.tolist():
+        digest.update(f"\0{i}\0".encode())
+        update_sha256(digest, codes_dir / f"{i}.npy")
+    return digest.hexdigest()
 
 
 def check_code_store(store: CodeStore, codebook_size: int | None = None,

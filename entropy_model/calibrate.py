@@ -8,8 +8,9 @@ finds the closest achievable compression exactly.
 
 Also reads stored entropies, as entropy_tools/score.py writes them: `<code store>/entropy.npy`
 (N, views, T) float16 with `<code store>/entropy.json` {"entropy_model_hash",
-"code_store_hash", "count", "stats", ...}; `load_entropies` refuses entropies made for other
-codes or by another entropy model.
+"code_store_hash", "count", "stats", "entropy_file", ...}; `load_entropies` refuses entropies
+made for other codes or by another entropy model, and an entropy.npy changed after scoring
+(its size and mtime against the record, or on request its content; utils.file_identity).
 
     python -m entropy_model.calibrate --code-path STORE --target-compression 1.81
     python -m entropy_model.calibrate --code-path STORE --threshold 7.8 --json calib.json
@@ -34,6 +35,7 @@ from entropy_model.patching import (
     patch_starts,
 )
 from utils.cli import HelpFormatter
+from utils.file_identity import check_recorded_file, try_write_json_atomic
 
 PAPER_THRESHOLD = PAPER_THRESHOLDS[256]  # the paper's tau at 256 px (its entropy model only)
 QUANTILE_LEVELS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
@@ -65,9 +67,12 @@ def load_entropies(
     code_store_path: str,
     expected_code_store_hash: str,
     expected_entropy_model_hash: str | None = None,
+    verify: bool = False,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Memory-mapped entropies (N, views, T) float16 and their JSON record, refusing
-    (ValueError) entropies computed for other codes or, when a hash is given, by another model."""
+    (ValueError) entropies computed for other codes or, when a hash is given, by another model,
+    and an entropy.npy that no longer fits the record's size and mtime (verify: its sha256).
+    Records written before the scorer hashed entropy.npy are taken as they are."""
     entropy, info = read_entropy_file(code_store_path)
     checks = [("code_store_hash", expected_code_store_hash, "code store")]
     if expected_entropy_model_hash is not None:
@@ -79,6 +84,12 @@ def load_entropies(
                 f"entropies in {code_store_path} were made for {what} {str(recorded)[:16]}, "
                 f"not {str(expected)[:16]}; rescore them"
             )
+    if "entropy_file" in info:
+        npy_path = os.path.join(code_store_path, "entropy.npy")
+        new_stat = check_recorded_file(npy_path, info["entropy_file"], verify, remedy="rescore the code store")
+        if new_stat is not None:
+            info = {**info, "entropy_file": {**info["entropy_file"], "stat": new_stat}}
+            try_write_json_atomic(os.path.join(code_store_path, "entropy.json"), info)
     return entropy, info
 
 

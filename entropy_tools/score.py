@@ -6,8 +6,12 @@
 Writes beside the codes (or into --entropy-path):
     entropy.npy   (N, views, T) float16; entropy[n, v, t] = H(p(x_t | x_<t)) for view v of image n
     entropy.json  {"entropy_model_hash", "code_store_hash", "count", "num_views", "T", "stats",
-                  "complete": true, ...}, written atomically once every entropy is on disk.
-Readers (entropy_model.calibrate.load_entropies) refuse entropies whose hashes do not match.
+                  "entropy_file": {"sha256", "stat"}, "complete": true, ...}, written atomically
+                  once every entropy is on disk; entropy.npy is hashed once, then.
+Readers (entropy_model.calibrate.load_entropies) refuse entropies whose hashes do not match, and
+an entropy.npy whose size, mtime or (on request) content no longer fits its record.
+The code store's identity is cheap (dataset.code_store.code_store_hash); --verify-store
+re-hashes its codes first.
 
 One teacher-forced pass per batch of sequences (the N * views views, flattened); entropies are
 computed in float32 from the logits whatever the autocast dtype, then stored as float16.
@@ -24,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -40,6 +43,7 @@ from entropy_model.entropy import entropy_from_logits
 from utils.checkpoint import checkpoint_sha256
 from utils.cli import HelpFormatter
 from utils.distributed import all_reduce, barrier, broadcast_object, init_distributed, teardown_distributed
+from utils.file_identity import record_file, write_json_atomic
 
 ENTROPY_FILE = "entropy.npy"
 RECORD_FILE = "entropy.json"
@@ -123,16 +127,6 @@ def entropy_statistics(counts: np.ndarray, max_entropy: float, num_bins: int = H
 # ---------------------------------------------------------------------------------------
 # Output files
 # ---------------------------------------------------------------------------------------
-def write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _read_json(path: Path) -> dict[str, Any] | None:
     try:
         return json.loads(path.read_text())
@@ -254,13 +248,15 @@ def score_code_store(
     world_size: int = 1,
     progress: bool = True,
     extra_record: dict[str, Any] | None = None,
+    verify_store: bool = False,
 ) -> dict[str, Any]:
     """Score every stored view of the code store at code_path with the entropy model (already
     on its device) and write entropy.npy / entropy.json into entropy_path (default: the store).
 
     Every rank of a torchrun job calls this with its rank and the world size. Returns the
     final record, as written to entropy.json, plus "batches_run" (this rank's) and
-    "up_to_date" (True when a finished record of this run already existed: nothing was scored)."""
+    "up_to_date" (True when a finished record of this run already existed: nothing was scored).
+    verify_store: re-hash the codes instead of trusting their recorded size and mtime."""
     if batch_size < 1 or slice_size < 1:
         raise ValueError("batch size and slice size must be >= 1")
     if mixed_precision not in AUTOCAST_DTYPES:
@@ -271,7 +267,7 @@ def score_code_store(
     shape = (len(store), store.num_views, store.seq_len)
     plan = None
     if rank == 0:  # one rank hashes and prepares the files; all follow its plan
-        identity = {"entropy_model_hash": model_hash, "code_store_hash": code_store_hash(code_path),
+        identity = {"entropy_model_hash": model_hash, "code_store_hash": code_store_hash(code_path, verify_store),
                     "count": shape[0], "num_views": shape[1], "T": shape[2], "mixed_precision": mixed_precision}
         state = prepare_output(out, identity, shape, slice_size)
         todo = np.zeros(0, dtype=np.int64)
@@ -297,7 +293,8 @@ def score_code_store(
         if unfinished:
             raise RuntimeError(f"{unfinished} slices of {out / ENTROPY_FILE} were not scored")
         stats = entropy_statistics(counts, math.log(model.config.vocab_size))
-        record = {**identity, **(extra_record or {}), "stats": stats, "complete": True}
+        record = {**identity, **(extra_record or {}), "stats": stats, "entropy_file": record_file(out / ENTROPY_FILE),
+                  "complete": True}
         write_json_atomic(out / RECORD_FILE, record)
         for name in (PROGRESS_FILE, DONE_MASK_FILE):
             (out / name).unlink(missing_ok=True)
@@ -321,6 +318,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mixed-precision", choices=list(AUTOCAST_DTYPES), default="none",
                         help="autocast dtype of the forward pass; entropies are always computed in float32")
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="auto: CUDA when available")
+    parser.add_argument("--verify-store", action="store_true",
+                        help="re-hash codes.npy against its manifest instead of checking its size and mtime")
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.slice_size < 1:
         parser.error("--batch-size and --slice-size must be >= 1")
@@ -342,6 +341,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             args.code_path, model, model_hash, args.entropy_path, args.batch_size, args.slice_size,
             args.mixed_precision, info.rank, info.world_size, progress=info.is_main,
             extra_record={"entropy_model": model_args["gpt_model"], "entropy_ckpt": Path(args.entropy_ckpt).name},
+            verify_store=args.verify_store,
         )
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}")

@@ -126,7 +126,9 @@ def make_figure(args: argparse.Namespace) -> Image.Image:
     if bad:
         raise ValueError(f"indices {bad} are outside the store's {len(store)} images")
     vq, entropy_model, model_hash = _load_models(args, device)
-    entropy, _ = load_entropies(str(args.entropy_path or args.code_path), code_store_hash(args.code_path), model_hash)
+    store_hash = code_store_hash(args.code_path, args.verify_store)
+    entropy, _ = load_entropies(str(args.entropy_path or args.code_path), store_hash, model_hash,
+                                verify=args.verify_store)
     patching = _patching(args, entropy, store.grid_width)
     panels = _stored_panels(args, store, entropy, vq)
     if args.generate_ckpt:
@@ -148,6 +150,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                      formatter_class=HelpFormatter)
     parser.add_argument("--code-path", required=True, help="code store directory holding entropy.npy")
     parser.add_argument("--entropy-path", default=None, help="directory holding entropy.npy (default: the store)")
+    parser.add_argument("--verify-store", action="store_true",
+                        help="re-hash codes.npy and entropy.npy against their recorded hashes instead of checking "
+                             "size and mtime")
     parser.add_argument("--codebook-size", type=int, default=None, help="for LlamaGen's store layout only")
     parser.add_argument("--indices", type=int, nargs="*", default=[0], help="stored images to show")
     parser.add_argument("--view", type=int, default=0, help="stored view to show (0 = center)")

@@ -1,5 +1,7 @@
 """Synthetic ImageFolder, augmentations, ImageFolder loading, code store and CodeDataset."""
+import hashlib
 import json
+import os
 import random
 from pathlib import Path
 
@@ -8,6 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
+import dataset.code_store as code_store_module
+import utils.file_identity as file_identity
 from dataset.augmentation import center_crop_arr, random_crop_arr, ten_crops
 from dataset.code_store import (CodeDataset, CodeStoreWriter, check_code_store, code_store_hash,
                                 open_code_store)
@@ -206,12 +210,92 @@ def test_code_store_round_trip_and_hash(tmp_path):
     check_code_store(store, codebook_size=1024, grid=4)
     h = code_store_hash(tmp_path / "s")
     assert h == code_store_hash(tmp_path / "s") and len(h) == 64
-    del store
-    mm = np.load(tmp_path / "s" / "codes.npy", mmap_mode="r+")
-    mm[3, 1, 5] = (mm[3, 1, 5] + 1) % 1024
+
+
+def _counting_hashes(monkeypatch) -> list:
+    """Record every file that utils.file_identity reads in full for a hash."""
+    read = []
+    real = file_identity.update_sha256
+
+    def counting(digest, path, *args):
+        read.append(Path(path).name)
+        return real(digest, path, *args)
+
+    monkeypatch.setattr(file_identity, "update_sha256", counting)
+    monkeypatch.setattr(code_store_module, "update_sha256", counting)
+    return read
+
+
+def _rewrite_same_size(path: Path, keep_mtime: bool) -> None:
+    """Change one code of codes.npy in place (same size); a later mtime, or the old one restored."""
+    before = os.stat(path)
+    mm = np.load(path, mmap_mode="r+")
+    mm[3, 1, 5] = (int(mm[3, 1, 5]) + 1) % 1024
     mm.flush()
     del mm
-    assert code_store_hash(tmp_path / "s") != h
+    mtime = before.st_mtime_ns if keep_mtime else max(os.stat(path).st_mtime_ns, before.st_mtime_ns + 10 ** 9)
+    os.utime(path, ns=(before.st_atime_ns, mtime))
+    after = os.stat(path)
+    assert after.st_size == before.st_size and (after.st_mtime_ns == before.st_mtime_ns) == keep_mtime
+
+
+def test_code_store_identity_is_cheap_and_refuses_changed_codes(tmp_path, monkeypatch):
+    rng = np.random.default_rng(10)
+    codes = rng.integers(0, 1024, size=(9, 2, 16))
+    manifest = _write_store(tmp_path / "s", codes, rng.integers(0, 10, size=9))
+    path = tmp_path / "s" / "codes.npy"
+    assert manifest["codes_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    read = _counting_hashes(monkeypatch)
+    h = code_store_hash(tmp_path / "s")
+    assert read == [] and len(h) == 64  # a stat, no read of the codes
+    assert code_store_hash(tmp_path / "s", verify=True) == h and read == ["codes.npy"]  # full re-hash agrees
+
+    st = os.stat(path)  # a copy without -p: same bytes, new mtime -> re-hashed once, the new stat recorded
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
+    read.clear()
+    assert code_store_hash(tmp_path / "s") == h and read == ["codes.npy"]
+    read.clear()
+    assert code_store_hash(tmp_path / "s") == h and read == []
+
+    _rewrite_same_size(path, keep_mtime=False)
+    with pytest.raises(ValueError, match="changed after its hash was recorded.*re-extract") as e:
+        code_store_hash(tmp_path / "s")
+    assert "\n" not in str(e.value)
+
+
+def test_code_store_full_rehash_catches_a_tamper_with_restored_mtime(tmp_path):
+    rng = np.random.default_rng(11)
+    _write_store(tmp_path / "s", rng.integers(0, 1024, size=(9, 2, 16)), rng.integers(0, 10, size=9))
+    h = code_store_hash(tmp_path / "s")
+    _rewrite_same_size(tmp_path / "s" / "codes.npy", keep_mtime=True)
+    assert code_store_hash(tmp_path / "s") == h  # the cheap check's documented blind spot
+    with pytest.raises(ValueError, match="changed after its hash was recorded"):
+        code_store_hash(tmp_path / "s", verify=True)
+    with open(tmp_path / "s" / "codes.npy", "ab") as f:  # a different size needs no hash to be refused
+        f.write(b"\0\0")
+    with pytest.raises(ValueError, match="bytes, recorded"):
+        code_store_hash(tmp_path / "s")
+
+
+def test_code_store_identity_of_an_older_manifest(tmp_path, monkeypatch, capsys):
+    rng = np.random.default_rng(12)
+    manifest = _write_store(tmp_path / "s", rng.integers(0, 1024, size=(5, 2, 16)), rng.integers(0, 10, size=5))
+    older = {k: v for k, v in manifest.items() if k not in ("codes_sha256", "codes_stat")}
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps(older, indent=2) + "\n")
+    codes_bytes = (tmp_path / "s" / "codes.npy").read_bytes()
+    expected = hashlib.sha256((tmp_path / "s" / "manifest.json").read_bytes() + codes_bytes).hexdigest()
+    open_code_store(tmp_path / "s")  # still opens
+    assert code_store_hash(tmp_path / "s") == expected  # the old definition, so old entropies still fit
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "records no codes hash" in err
+    upgraded = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert upgraded["legacy_store_hash"] == expected
+    assert upgraded["codes_sha256"] == hashlib.sha256(codes_bytes).hexdigest()
+    read = _counting_hashes(monkeypatch)
+    assert code_store_hash(tmp_path / "s") == expected and read == [] and capsys.readouterr().err == ""
+    _rewrite_same_size(tmp_path / "s" / "codes.npy", keep_mtime=False)
+    with pytest.raises(ValueError, match="changed after"):
+        code_store_hash(tmp_path / "s")
 
 
 def test_code_store_compacts_skipped_rows(tmp_path):
@@ -258,6 +342,27 @@ def _write_llamagen(root: Path, codes: np.ndarray, labels: np.ndarray, name: str
     for i in range(len(codes)):
         np.save(root / f"{name}_codes" / f"{i}.npy", codes[i:i + 1])  # (1, views, T) int64
         np.save(root / f"{name}_labels" / f"{i}.npy", labels[i:i + 1])  # (1,)
+
+
+def test_llamagen_identity_samples_files(tmp_path, monkeypatch, capsys):
+    rng = np.random.default_rng(13)
+    count = 3 * code_store_module.LLAMAGEN_SAMPLE
+    codes = rng.integers(0, 64, size=(count, 1, 4))
+    _write_llamagen(tmp_path / "lg", codes, rng.integers(0, 10, size=count))
+    read = _counting_hashes(monkeypatch)
+    h = code_store_hash(tmp_path / "lg")
+    sampled = sorted(int(name[:-4]) for name in read)
+    assert len(sampled) == code_store_module.LLAMAGEN_SAMPLE and sampled[0] == 0 and sampled[-1] == count - 1
+    assert code_store_hash(tmp_path / "lg", verify=True) == h and "records no hash" in capsys.readouterr().err
+    folder = tmp_path / "lg" / "imagenet256_codes"
+    unsampled = next(i for i in range(count) if i not in sampled)
+    np.save(folder / f"{unsampled}.npy", (codes[unsampled:unsampled + 1] + 1) % 64)
+    assert code_store_hash(tmp_path / "lg") == h  # the documented limit: unsampled files are not read
+    np.save(folder / f"{sampled[1]}.npy", (codes[sampled[1]:sampled[1] + 1] + 1) % 64)
+    changed = code_store_hash(tmp_path / "lg")
+    assert changed != h
+    np.save(folder / f"{count}.npy", codes[:1])  # one more image
+    assert code_store_hash(tmp_path / "lg") not in (h, changed)
 
 
 def test_llamagen_layout(tmp_path):

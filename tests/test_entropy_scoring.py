@@ -144,10 +144,30 @@ def test_load_entropies_refuses_other_model_or_changed_codes(setup, tmp_path):
     other = save_model(entropy_model(seed=1), tmp_path / "other.pt")
     with pytest.raises(ValueError, match="entropy model"):
         load_entropies(str(store), code_store_hash(store), file_sha256(other))
-    codes = np.load(store / "codes.npy", mmap_mode="r+")
+    assert record["entropy_file"]["sha256"] == file_sha256(store / "entropy.npy")  # hashed once, at scoring
+
+    ent_path = store / "entropy.npy"  # entropies rewritten after scoring: refused by mtime, or by a re-hash
+    before = os.stat(ent_path)
+    ent = np.load(ent_path, mmap_mode="r+")
+    ent[2, 0, 3] = ent[2, 0, 3] + np.float16(0.5)
+    ent.flush()
+    del ent
+    os.utime(ent_path, ns=(before.st_atime_ns, before.st_mtime_ns))  # mtime restored: only a re-hash sees it
+    load_entropies(str(store), code_store_hash(store), file_sha256(setup["ckpt"]))
+    with pytest.raises(ValueError, match="entropy.npy changed after its hash was recorded"):
+        load_entropies(str(store), code_store_hash(store), file_sha256(setup["ckpt"]), verify=True)
+    os.utime(ent_path, ns=(before.st_atime_ns, before.st_mtime_ns + 10 ** 9))
+    with pytest.raises(ValueError, match="rescore"):
+        load_entropies(str(store), code_store_hash(store), file_sha256(setup["ckpt"]))
+
+    codes_path = store / "codes.npy"  # codes rewritten in place, same size, later mtime: refused
+    before = os.stat(codes_path)
+    codes = np.load(codes_path, mmap_mode="r+")
     codes[3, 1, 7] = (int(codes[3, 1, 7]) + 1) % VOCAB
     codes.flush()
     del codes
+    os.utime(codes_path, ns=(before.st_atime_ns, max(os.stat(codes_path).st_mtime_ns, before.st_mtime_ns + 10 ** 9)))
+    assert os.stat(codes_path).st_size == before.st_size
     with pytest.raises(ValueError, match="code store"):
         load_entropies(str(store), code_store_hash(store), file_sha256(setup["ckpt"]))
 
@@ -223,11 +243,16 @@ def test_rerun_with_another_model_or_changed_store_starts_over(setup, tmp_path):
     count_forward_calls(model, crash_after=3)
     with pytest.raises(KeyboardInterrupt):
         score.score_code_store(store, model, file_sha256(setup["ckpt"]), None, BATCH, SLICE, progress=False)
+    before = os.stat(store / "codes.npy")
     codes = np.load(store / "codes.npy", mmap_mode="r+")
     codes[0, 0, 0] = (int(codes[0, 0, 0]) + 1) % VOCAB
     codes.flush()
     del codes
+    os.utime(store / "codes.npy", ns=(before.st_atime_ns, before.st_mtime_ns + 10 ** 9))
     model = score.load_entropy_model(setup["ckpt"])[0]
+    with pytest.raises(ValueError, match="re-extract the code store"):  # changed after extraction
+        score.score_code_store(store, model, file_sha256(setup["ckpt"]), None, BATCH, SLICE, progress=False)
+    write_store(store, seed=6)  # extracted again: another store, whose rerun starts over
     calls = count_forward_calls(model)
     score.score_code_store(store, model, file_sha256(setup["ckpt"]), None, BATCH, SLICE, progress=False)
     assert calls["n"] == 4 * BATCHES_PER_SLICE

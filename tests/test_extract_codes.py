@@ -64,6 +64,10 @@ def test_extract_center_and_flip(setup):
     assert manifest["views"] == ["center", "flip_center"]
     assert [s["path"] for s in manifest["skipped"]] == ["00_disc/x.png"] and manifest["skipped"][0]["index"] == 3
     assert manifest["tokenizer_hash"] == file_sha256(setup["ckpt"])
+    codes_file = Path(cfg.code_path) / "codes.npy"  # hashed once, after the skipped rows were dropped
+    assert manifest["codes_sha256"] == file_sha256(codes_file)
+    assert manifest["codes_stat"] == {"size": codes_file.stat().st_size, "mtime_ns": codes_file.stat().st_mtime_ns}
+    assert code_store_hash(cfg.code_path, verify=True) == code_store_hash(cfg.code_path)
     assert manifest["tokenizer"] == "VQ-16 layout, downsample 4" and manifest["downsample_factor"] == 4
     check_code_store(store, codebook_size=64, grid=8)
 
@@ -155,6 +159,7 @@ def test_torchrun_two_ranks_match_single_process(setup):
     a, b = open_code_store(single), open_code_store(multi)
     np.testing.assert_array_equal(a.codes, b.codes)
     np.testing.assert_array_equal(a.labels, b.labels)
-    assert json.loads((multi / "manifest.json").read_text()) == {**a.manifest, "data_path": str(setup["data"])}
+    assert {k: v for k, v in json.loads((multi / "manifest.json").read_text()).items() if k != "codes_stat"} == \
+        {k: v for k, v in {**a.manifest, "data_path": str(setup["data"])}.items() if k != "codes_stat"}
     assert code_store_hash(single) == code_store_hash(multi)
     assert a.manifest["skipped"][0]["path"] == "00_disc/x.png"

@@ -50,6 +50,7 @@ import torch.nn as nn
 
 from utils.cli import HelpFormatter
 from utils.distributed import DistInfo, barrier, gather_objects
+from utils.file_identity import file_sha256
 
 TRAIN_STATE = "train_state.pt"  # non-tensor fields of a distributed checkpoint directory
 WEIGHT_KEYS = ("model", "module", "state_dict")  # where checkpoints (ours, LlamaGen's) keep the weights
@@ -58,14 +59,6 @@ CHECKPOINT_NAME = re.compile(r"^(\d{7,})(\.pt)?$")
 ARCHITECTURE_KEYS = ("gpt_model", "model_config")
 # config fields a resumed run may change: they shape training, not the weights
 TRAINING_ONLY_FIELDS = ("token_dropout_p", "attn_dropout_p", "resid_dropout_p", "ffn_dropout_p", "drop_path_rate")
-
-
-def file_sha256(path: Union[str, Path], chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def checkpoint_sha256(path: Union[str, Path]) -> str:

@@ -51,6 +51,9 @@ def _dpar_args(p: argparse.ArgumentParser) -> None:
                    help="directory holding entropy.npy + entropy.json; default: the code store")
     g.add_argument("--entropy-model", default=None,
                    help="entropy model checkpoint; when given, the entropies must have been made by it (hash check)")
+    g.add_argument("--verify-store", action="store_true",
+                   help="re-hash codes.npy and entropy.npy against their recorded hashes instead of checking "
+                        "size and mtime")
     g.add_argument("--patching-mode", choices=PATCH_MODES, default="entropy", help="patch boundary rule")
     g.add_argument("--threshold", type=float, default=None,
                    help=f"entropy threshold tau in nats (default the paper's for the image size, {PAPER_TAUS}, "

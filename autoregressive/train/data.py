@@ -109,11 +109,14 @@ def entropy_dir(args: argparse.Namespace) -> Path:
 def open_entropies(args: argparse.Namespace, store: CodeStore, info: DistInfo) -> tuple:
     """(entropies, code store hash, entropy model hash): memory-mapped entropies (N, views, T)
     float16 made for exactly this code store (and, with --entropy-model, by that checkpoint).
-    Rank 0 hashes, all check."""
+    Rank 0 checks the store's identity (its recorded hash; --verify-store re-hashes the codes
+    and the entropies), all check the entropies' record."""
     hashes = None
-    if info.is_main:
+    if info.is_main:  # first, so that a re-hash (and the stat it records) happens once
         model_hash = checkpoint_sha256(args.entropy_model) if args.entropy_model else None
-        hashes = (code_store_hash(store.path), model_hash)
+        store_hash = code_store_hash(store.path, verify=args.verify_store)
+        load_entropies(str(entropy_dir(args)), store_hash, model_hash, verify=args.verify_store)
+        hashes = (store_hash, model_hash)
     store_hash, expected_model = broadcast_object(hashes)
     entropies, record = load_entropies(str(entropy_dir(args)), store_hash, expected_model)
     return entropies, store_hash, record.get("entropy_model_hash")

@@ -1,0 +1,106 @@
+"""Cheap identity of large data files: a SHA-256 taken once, when the file is written, plus the
+file's size and modification time at that moment; opening compares only the two.
+
+    recorded = {"sha256": ..., "stat": {"size": ..., "mtime_ns": ...}}   (record_file)
+    check_recorded_file(path, recorded, verify=False)                     (on open)
+
+On open: a different size means different content and is refused; a different mtime (the file
+was rewritten, or copied without keeping times) triggers one full re-hash, which refuses changed
+content and otherwise returns the new stat to record. verify=True re-hashes whatever the stat
+says: it also catches a same-size rewrite whose mtime was set back. What the stat check cannot
+see: a same-size rewrite within the file system's mtime resolution, or with its mtime restored.
+"""
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Optional, Union
+
+HASH_CHUNK = 1 << 24
+
+
+def update_sha256(digest: "hashlib._Hash", path: Union[str, Path], chunk: int = HASH_CHUNK) -> None:
+    """Feed the bytes of one file into digest, streamed."""
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+
+
+def file_sha256(path: Union[str, Path], chunk: int = HASH_CHUNK) -> str:
+    """SHA-256 hex digest of a file's bytes."""
+    digest = hashlib.sha256()
+    update_sha256(digest, path, chunk)
+    return digest.hexdigest()
+
+
+def files_sha256(paths: Iterable[Union[str, Path]]) -> str:
+    """SHA-256 hex digest of the files' bytes, concatenated in the given order."""
+    digest = hashlib.sha256()
+    for path in paths:
+        update_sha256(digest, path)
+    return digest.hexdigest()
+
+
+def file_stat(path: Union[str, Path]) -> dict:
+    """{"size": bytes, "mtime_ns": modification time}: what the cheap check compares (no inode,
+    so a copy that keeps times, rsync -a or cp -p, still passes)."""
+    st = os.stat(path)
+    return {"size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns)}
+
+
+def record_file(path: Union[str, Path]) -> dict:
+    """{"sha256", "stat"} of a finished file: hashed once, here."""
+    stat = file_stat(path)
+    return {"sha256": file_sha256(path), "stat": stat}
+
+
+def note(message: str) -> None:
+    """One line on stderr (stdout stays for results)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def check_recorded_file(path: Union[str, Path], recorded: dict, verify: bool = False,
+                        remedy: str = "") -> Optional[dict]:
+    """ValueError (one line) unless the file at path still has the recorded content.
+
+    recorded: {"sha256", "stat"} from record_file. Returns None when the record still holds, or
+    the file's new stat when it was re-hashed, matched, and its stat changed (the caller may
+    record it so the next open is cheap again)."""
+    path = Path(path)
+    current = file_stat(path)
+    suffix = f"; {remedy}" if remedy else ""
+    if current["size"] != recorded["stat"]["size"]:
+        raise ValueError(f"{path} changed after its hash was recorded ({current['size']} bytes, "
+                         f"recorded {recorded['stat']['size']}){suffix}")
+    if not verify and current["mtime_ns"] == recorded["stat"]["mtime_ns"]:
+        return None
+    why = "verifying" if verify else "modified or copied since its hash was recorded (mtime differs): re-hashing"
+    note(f"{path}: {why} ({current['size'] / 1e9:.2f} GB)")
+    actual = file_sha256(path)
+    if actual != recorded["sha256"]:
+        raise ValueError(f"{path} changed after its hash was recorded (sha256 {actual[:12]}, recorded "
+                         f"{recorded['sha256'][:12]}){suffix}")
+    return current if current != recorded["stat"] else None
+
+
+def write_json_atomic(path: Union[str, Path], obj: Any) -> None:
+    """Write JSON via a temporary file (unique per process) and rename: readers never see half."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def try_write_json_atomic(path: Union[str, Path], obj: Any) -> bool:
+    """write_json_atomic, or False with a note when the folder is not writable (read-only data)."""
+    try:
+        write_json_atomic(path, obj)
+        return True
+    except OSError as e:
+        note(f"could not update {path} ({e.strerror}); the next open will re-hash again")
+        return False
