@@ -430,13 +430,12 @@ class DPAR(nn.Module):
     def setup_caches(self, max_batch_size: int, dtype: Optional[torch.dtype] = None, images: Optional[int] = None):
         """Caches for max_batch_size rows (2 x images with guidance) of `images` images (default:
         one per row): encoder caches and encoder states per image, patch-transformer and decoder
-        caches per row. The patch caches and the injections have one more row, the scratch row
-        that padding rows of a patch-step group write to."""
+        caches and the decoder injections per row."""
         dtype = dtype or self.tok_embeddings.weight.dtype
         device, T = self.tok_embeddings.weight.device, self.config.block_size
         images = images or max_batch_size
         setup_kv_caches(self.encoder_layers, images, T, dtype, device)
-        setup_kv_caches(self.patch_layers, max_batch_size + 1, T, dtype, device)
+        setup_kv_caches(self.patch_layers, max_batch_size, T, dtype, device)
         setup_kv_caches(self.decoder_layers, max_batch_size, T, dtype, device)
         shapes = DecodeBuffers.shapes(self.config, max_batch_size, images)
         old = self.decode_buffers
@@ -448,17 +447,11 @@ class DPAR(nn.Module):
             remove_kv_caches(layers)
         self.decode_buffers = None
 
-    @property
-    def scratch_row(self) -> int:
-        return self.decode_buffers.injections.shape[0] - 1
-
     def start_patches(self, cond_idx: torch.Tensor, length: int) -> None:
         """Slot 0 (the class embedding) of every row (R,); sets the rows' injections."""
-        R = cond_idx.shape[0]
-        zeros = torch.zeros(R, dtype=torch.long, device=cond_idx.device)
-        rows = torch.arange(R, device=cond_idx.device)
-        g = self.patch_step(self.cls_embedding(cond_idx)[:, 0], rows, zeros, (zeros,) * 3, length)
-        self.decode_buffers.injections[:R] = self.injections(g)
+        zeros = torch.zeros(cond_idx.shape[0], dtype=torch.long, device=cond_idx.device)
+        g = self.patch_step(self.cls_embedding(cond_idx)[:, 0], zeros, (zeros,) * 3, length)
+        self.decode_buffers.injections.copy_(self.injections(g))
 
     def encode_step(self, tokens: torch.Tensor, input_pos: torch.Tensor, length: int) -> torch.Tensor:
         """tokens (n,) of images 0..n-1 at encoder slots input_pos (n, 1). Stores the states after
@@ -473,38 +466,42 @@ class DPAR(nn.Module):
         self.decode_buffers.states[images, :, input_pos[:, 0]] = torch.stack(states, dim=1)  # (n, E, dim)
         return h[:, 0]
 
-    def patch_step(
-        self, x: torch.Tensor, rows: torch.Tensor, slot: torch.Tensor, geometry, length: Optional[int] = None
-    ) -> torch.Tensor:
-        """Advance the patch transformer by one slot for the cache rows `rows` (n,), each at its
-        own slot (n,). x (n, dim) is the class embedding (slot 0) or the finished patch vector;
+    def patch_step(self, x: torch.Tensor, slot: torch.Tensor, geometry, length: Optional[int] = None) -> torch.Tensor:
+        """Advance the patch transformer by one slot for cache rows 0..n-1, each at its own slot
+        (n,). x (n, dim) is the class embedding (slot 0) or the finished patch vector;
         geometry = (row, col_start, col_end) (n,) of that patch. length: host-side bound above
         every slot: attention reads only that prefix of the caches. Returns g (n, dim)."""
         slot = slot[:, None]  # (n, 1)
         freqs = self.patch_rope(slot, *(t[:, None] for t in geometry))
         h = x[:, None]
         for layer in self.patch_layers:
-            h = layer.decode(h, freqs, slot, rows, length)
+            h = layer.decode(h, freqs, slot, length)
         return h[:, 0]
 
-    def close_patches(self, images: torch.Tensor, cache_rows: torch.Tensor, start: torch.Tensor, slot: torch.Tensor,
-                      step: torch.Tensor, max_length: int, length: int) -> None:
-        """One patch step for a group: pool the finished patches [start, step-1] of `images` (g,)
-        from the stored encoder states, gathering max_length states per patch (a bound on every
-        patch's length, not the prefix), advance the patch transformer at `slot` (g,) for their
-        cache rows (g * copies,), and store the new patches' injections in those rows. step (1,)
-        is a tensor, so that a captured graph serves every step."""
-        W, copies = self.config.grid_size, cache_rows.shape[0] // images.shape[0]
-        states = self.decode_buffers.states  # (B, E, T, dim)
-        index = start[:, None] + torch.arange(max_length, device=start.device)  # (g, L)
+    def close_patches(self, opens: torch.Tensor, start: torch.Tensor, slot: torch.Tensor, step: torch.Tensor,
+                      max_length: int, length: int) -> None:
+        """One patch step over every row: images whose token `step` opens a patch (opens (B,))
+        pool their finished patch [start, step-1] from the stored encoder states (gathering
+        max_length states per patch, a bound on every patch's length, not the prefix) and
+        advance the patch transformer at `slot` (B,), their next slot, in both guidance copies;
+        only their injections change. The other rows run too, on their unfinished patch: their
+        cache write lands in their next slot, which no read reaches before the row's own next
+        patch step rewrites it, and their results are dropped. So the step reads every cache
+        as a view of rows 0..R-1 (no per-step gather) and has one shape per read length.
+        step (1,) is a tensor, so that a captured graph serves every step."""
+        W, B = self.config.grid_size, start.shape[0]
+        states, injections = self.decode_buffers.states, self.decode_buffers.injections  # (B, E, T, dim), (R, D, dim)
+        copies = injections.shape[0] // B
+        index = start[:, None] + torch.arange(max_length, device=start.device)  # (B, L)
         valid = index < step  # the patch's tokens start..step-1
-        index = index.clamp(max=states.shape[2] - 1)
-        layer_tokens = [states[images[:, None], l, index] for l in range(states.shape[1])]  # E x (g, L, dim)
-        p = self.pool_patches(layer_tokens, valid)  # (g, dim)
+        index = index.clamp(max=states.shape[2] - 1)[..., None].expand(B, max_length, states.shape[3])
+        layer_tokens = [states[:, l].gather(1, index) for l in range(states.shape[1])]  # E x (B, L, dim)
+        p = self.pool_patches(layer_tokens, valid)  # (B, dim)
         geometry = (start // W, start % W, ((step - 1) % W).expand_as(start))
         geometry = tuple(t.repeat(copies) for t in geometry)
-        g = self.patch_step(p.repeat(copies, 1), cache_rows, slot.repeat(copies), geometry, length)
-        self.decode_buffers.injections[cache_rows] = self.injections(g)
+        g = self.patch_step(p.repeat(copies, 1), slot.repeat(copies), geometry, length)  # (R, dim)
+        advance = opens.repeat(copies)[:, None, None]  # (R, 1, 1)
+        injections.copy_(torch.where(advance, self.injections(g), injections))
 
     def injections(self, g: torch.Tensor) -> torch.Tensor:
         """g (n, dim) -> what each decoder layer adds for tokens of that patch (n, D, dim)."""
@@ -524,7 +521,7 @@ class DPAR(nn.Module):
 class DecodeBuffers(nn.Module):
     """What incremental DPAR decoding keeps besides the KV caches, written inside the steps:
     states      (B, E, T, dim) encoder states h^l of every token so far (pooled when a patch closes)
-    injections  (R + 1, D, dim) decoder injections of each row's current patch (row R: scratch)"""
+    injections  (R, D, dim) decoder injections of each row's current patch"""
 
     def __init__(self, shapes, dtype, device):
         super().__init__()
@@ -534,7 +531,7 @@ class DecodeBuffers(nn.Module):
     @staticmethod
     def shapes(config: DPARConfig, rows: int, images: int) -> dict:
         T, dim = config.block_size, config.dim
-        return {"states": (images, config.n_encoder_layer, T, dim), "injections": (rows + 1, config.n_decoder_layer, dim)}
+        return {"states": (images, config.n_encoder_layer, T, dim), "injections": (rows, config.n_decoder_layer, dim)}
 
     def shape_key(self):
         shapes = {name: tuple(b.shape) for name, b in self.named_buffers()}

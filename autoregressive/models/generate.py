@@ -10,7 +10,7 @@ Draws use one uniform number per (image, token), fixed before sampling starts: w
 which other images share its batch.
 
 Decode steps have static shapes (see `Decoding`): caches are read over a bounded set of lengths
-with per-row masks, DPAR's patch transformer runs on groups of a few fixed sizes, a GPT step
+with per-row masks, DPAR's patch transformer runs over every row (masked), a GPT step
 reads nothing back to the host and a DPAR step reads one small tensor (the count of rows that
 open a patch and the highest patch slot). The fast path runs each step function compiled
 (torch.compile, fullgraph; CUDA graphs on CUDA); eager is the default and the reference.
@@ -224,12 +224,6 @@ def generate(
 # --------------------------------------------------------------------------------------
 # DPAR
 # --------------------------------------------------------------------------------------
-def group_size(count: int, batch: int) -> int:
-    """Rows a patch step runs for `count` rows that open a patch: the next power of two, at most
-    `batch`, so a whole generation uses at most log2(batch) + 1 group sizes."""
-    return min(batch, 1 << max(count - 1, 0).bit_length())
-
-
 @torch.no_grad()
 def generate_dpar(
     model,
@@ -247,10 +241,11 @@ def generate_dpar(
     advance the patch transformer by one slot (only those rows, each at its own slot); one
     decoder step then gives the logits of x_i.
 
-    The opening rows run as one group of group_size(n) rows: the n opening rows first, then
-    rows that do not open, whose cache writes go to the patch caches' scratch row and whose
-    results are dropped. The step reads (n, highest patch slot) back to the host: n picks the
-    group size, the slot bounds the patch caches' read length. Nothing else leaves the device."""
+    A patch step runs over every row, the rows that do not open a patch masked
+    (DPAR.close_patches): it reads the patch caches as views, never gathering the opening
+    rows' caches, and has one shape per read length. The step reads (n, highest patch slot)
+    back to the host: n = 0 skips the patch step, the slot bounds the patch caches' read
+    length. Nothing else leaves the device."""
     if patching is None:
         raise ValueError("DPAR generation needs the patching settings (PatchingConfig)")
     if patching.needs_entropy and entropy_model is None:
@@ -266,7 +261,6 @@ def generate_dpar(
     max_length = rule.max_patch_length
     block, capacity = decoding.read_block, cfg.block_size
     model.setup_caches(R, images=B)
-    scratch = model.scratch_row
     scorer = None
     if patching.needs_entropy:
         scorer = IncrementalEntropy(entropy_model, B, read_block=block, wrap=decoding.wrap,
@@ -292,12 +286,8 @@ def generate_dpar(
             u = h.repeat(copies, 1)  # (R, dim) decoder input u_i = h_{i-1}
             n, top = torch.stack([opens.sum(), num_patches.max()]).to("cpu", copy=True).tolist()  # the host read
             if n:
-                size = group_size(n, B)
-                images = torch.sort((~opens).to(torch.uint8), stable=True).indices[:size]  # (size,) openers first
-                real = opens[images]
-                cache_rows = torch.cat([torch.where(real, images + k * B, scratch) for k in range(copies)])
-                close_patches(images, cache_rows, patch_start[images], num_patches[images],
-                              torch.full((1,), i, device=dev), max_length, read_length(top + 1, capacity, block))
+                close_patches(opens, patch_start, num_patches, torch.full((1,), i, device=dev), max_length,
+                              read_length(top + 1, capacity, block))
                 patch_start = torch.where(opens, i, patch_start)
                 num_patches = num_patches + opens
             logits = decode(u, torch.full((R, 1), i, device=dev), read_length(i + 1, capacity, block))

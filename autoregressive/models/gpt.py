@@ -131,7 +131,7 @@ class Transformer(nn.Module):
 
     @property
     def cache_length(self) -> int:
-        return self.layers[0].attention.kv_cache.k_cache.shape[1]
+        return self.layers[0].attention.kv_cache.capacity
 
     def _decode(self, h: torch.Tensor, input_pos: torch.Tensor, length: Optional[int]) -> torch.Tensor:
         """length: host-side bound above every position, so attention reads only that cache prefix."""

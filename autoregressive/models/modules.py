@@ -6,10 +6,9 @@ attention_norm, ffn_norm, cls_embedding.embedding_table) so released checkpoints
 Every block has two explicit modes:
   forward(x, freqs_cis, documents=None)      teacher-forced, causal over the S positions of x, or,
                                              with `documents`, over each packed document of x (1, N);
-  decode(x, freqs_cis, input_pos, rows, length)
-                                             KV-cached: writes keys/values at input_pos (per row)
-                                             into the cache rows `rows` and attends to the cache
-                                             (its first `length` slots when that bound is given).
+  decode(x, freqs_cis, input_pos, length)    KV-cached: writes keys/values of cache rows 0..B-1 at
+                                             input_pos (per row) and attends to the cache (its
+                                             first `length` slots when that bound is given).
 Positions, RoPE tables and masks are per row, because DPAR rows advance independently.
 """
 from dataclasses import dataclass
@@ -45,9 +44,11 @@ class BlockConfig(Protocol):
 # Rotary position embeddings. A table has shape (..., head_dim // 2, 2) holding (cos, sin)
 # per rotary pair; pairs are consecutive (even, odd) channels as in LlamaGen.
 # --------------------------------------------------------------------------------------
-def rope_frequencies(n_pairs: int, denominator: int, base: float = 10000.0) -> torch.Tensor:
-    """theta_j = base^(-2j / denominator) for j < n_pairs, float32 (n_pairs,)."""
-    return 1.0 / (base ** (torch.arange(0, 2 * n_pairs, 2)[:n_pairs].float() / denominator))
+def rope_frequencies(n_pairs: int, denominator: int, base: float = 10000.0, device=None) -> torch.Tensor:
+    """theta_j = base^(-2j / denominator) for j < n_pairs, float32 (n_pairs,), built on `device`
+    (inside a step or a training forward: the device of the positions, so no host copy)."""
+    exponents = torch.arange(0, 2 * n_pairs, 2, dtype=torch.float32, device=device)[:n_pairs]
+    return 1.0 / (base ** (exponents / denominator))
 
 
 def rope_table(angles: torch.Tensor, zero: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -63,14 +64,14 @@ def rope_table(angles: torch.Tensor, zero: Optional[torch.Tensor] = None) -> tor
 def rope_2d(row: torch.Tensor, col: torch.Tensor, head_dim: int, base: float = 10000.0) -> torch.Tensor:
     """LlamaGen's 2D RoPE: the first head_dim/4 pairs rotate by row, the rest by column,
     both with theta_j = base^(-2j/(head_dim/2)). row, col (...,) -> (..., head_dim/2, 2)."""
-    freqs = rope_frequencies(head_dim // 4, head_dim // 2, base).to(row.device)
+    freqs = rope_frequencies(head_dim // 4, head_dim // 2, base, row.device)
     angles = torch.cat([row.float()[..., None] * freqs, col.float()[..., None] * freqs], dim=-1)
     return rope_table(angles)
 
 
 def rope_1d(position: torch.Tensor, head_dim: int, base: float = 10000.0) -> torch.Tensor:
     """Plain 1D RoPE over head_dim/2 pairs. position (...,) -> (..., head_dim/2, 2)."""
-    freqs = rope_frequencies(head_dim // 2, head_dim, base).to(position.device)
+    freqs = rope_frequencies(head_dim // 2, head_dim, base, position.device)
     return rope_table(position.float()[..., None] * freqs)
 
 
@@ -83,8 +84,8 @@ def rope_dynamic(
     row, col_start, col_end (...,) -> (..., head_dim/2, 2)."""
     if head_dim % 16:
         raise ValueError(f"dynamic RoPE needs a head dim that is a multiple of 16, got {head_dim}")
-    row_freqs = rope_frequencies(head_dim // 4, head_dim // 2, base).to(row.device)
-    col_freqs = rope_frequencies(head_dim // 16, head_dim // 8, base).to(row.device)
+    row_freqs = rope_frequencies(head_dim // 4, head_dim // 2, base, row.device)
+    col_freqs = rope_frequencies(head_dim // 16, head_dim // 8, base, row.device)
     cs, ce = col_start.float()[..., None], col_end.float()[..., None]
     angles = torch.cat(
         [row.float()[..., None] * row_freqs, cs * col_freqs, ce * col_freqs, ce * col_freqs, cs * col_freqs], dim=-1
@@ -195,50 +196,51 @@ class FeedForward(nn.Module):
 class KVCache(nn.Module):
     """Static per-layer cache (gpt-fast style) written at explicit per-row positions.
 
-    Reads have static shapes: a decode step reads the first `length` slots of its rows, where
-    `length` comes from a small fixed set (read_length), and masks the slots past each row's
-    position; no read depends on a value held on the device."""
+    Reads have static shapes: a decode step reads the first `length` slots of rows 0..n-1 as a
+    view (no copy), where `length` comes from a small fixed set (read_length), and masks the
+    slots past each row's position; no read depends on a value held on the device. The buffers
+    hold one spare slot past `capacity` that no read reaches, so every read is a strided view
+    of one layout (a read of the whole buffer would be contiguous, and compiled steps guard
+    on that)."""
 
     def __init__(self, max_batch_size: int, max_seq_length: int, n_head: int, head_dim: int, dtype, device=None):
         super().__init__()
-        shape = (max_batch_size, max_seq_length, n_head, head_dim)
+        shape = (max_batch_size, max_seq_length + 1, n_head, head_dim)
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(
-        self,
-        input_pos: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        rows: Optional[torch.Tensor],
-        length: Optional[int] = None,
-    ):
-        """input_pos (n, S) positions; k, v (n, S, H, D); rows (n,) cache rows or None for rows 0..n-1;
-        length: attend to cache slots 0..length-1 only (a host-side bound above every position in
-        input_pos; None = every slot). Returns the keys/values of those rows (n, L, H, D) and the
-        mask (n, 1, S, L), L = length or S_max."""
+    @property
+    def capacity(self) -> int:
+        """Slots a row can hold (and the longest read)."""
+        return self.k_cache.shape[1] - 1
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: Optional[int] = None):
+        """input_pos (n, S) positions; k, v (n, S, H, D) of cache rows 0..n-1; length: attend to
+        cache slots 0..length-1 only (a host-side bound above every position in input_pos, at
+        most capacity; None = capacity). Returns the keys/values of those rows (n, L, H, D), views
+        of the cache, and the mask (n, 1, S, L), L = length or capacity."""
         n = k.shape[0]
-        L = self.k_cache.shape[1] if length is None else length
-        if rows is None:
-            batch = torch.arange(n, device=k.device)[:, None]  # (n, 1)
-            self.k_cache[batch, input_pos] = k
-            self.v_cache[batch, input_pos] = v
-            keys, values = self.k_cache[:n, :L], self.v_cache[:n, :L]
-        else:
-            self.k_cache[rows[:, None], input_pos] = k
-            self.v_cache[rows[:, None], input_pos] = v
-            keys, values = self.k_cache[rows, :L], self.v_cache[rows, :L]
+        L = self.capacity if length is None else length
+        batch = torch.arange(n, device=k.device)[:, None]  # (n, 1)
+        self.k_cache[batch, input_pos] = k
+        self.v_cache[batch, input_pos] = v
+        keys, values = self.k_cache[:n, :L], self.v_cache[:n, :L]  # (n, L, H, D) views
         slots = torch.arange(L, device=k.device)
         mask = slots[None, None, :] <= input_pos[:, :, None]  # (n, S, L)
         return keys, values, mask[:, None]
 
 
 def read_length(needed: int, capacity: int, block: int) -> int:
-    """Cache slots a decode step reads: `needed` rounded up to a multiple of `block`, at most
-    `capacity`. Steps therefore see at most ceil(capacity / block) + 1 distinct key lengths."""
+    """Cache slots a decode step reads: the smallest of block x (2, 3, 4, 6, 8, 12, 16, ...)
+    (half-octave steps from two blocks) that covers `needed`, at most `capacity`. A step thus
+    reads at most 1.5x the slots it needs (2x below two blocks), and a whole generation sees
+    about 2 log2(capacity / block) distinct key lengths (8 for 577 slots in blocks of 32)."""
     if needed < 1 or block < 1:
         raise ValueError(f"needed and block must be >= 1, got {needed} and {block}")
-    return min(capacity, -(-needed // block) * block)
+    blocks = 2
+    while blocks * block < needed:
+        blocks = blocks * 3 // 2 if blocks & (blocks - 1) == 0 else blocks * 4 // 3
+    return min(capacity, blocks * block)
 
 
 # Attention kernels for KV-cached decoding, pinned so that no step depends on a per-shape
@@ -283,11 +285,9 @@ class Attention(nn.Module):
         q, k, v = self._qkv(x, freqs_cis)
         return self._attend(q, k, v, mask=None, documents=documents)
 
-    def decode(
-        self, x, freqs_cis, input_pos: torch.Tensor, rows: Optional[torch.Tensor] = None, length: Optional[int] = None
-    ) -> torch.Tensor:
+    def decode(self, x, freqs_cis, input_pos: torch.Tensor, length: Optional[int] = None) -> torch.Tensor:
         q, k, v = self._qkv(x, freqs_cis)
-        k, v, mask = self.kv_cache.update(input_pos, k, v, rows, length)
+        k, v, mask = self.kv_cache.update(input_pos, k, v, length)
         with sdpa_kernel(list(DECODE_ATTENTION)):
             return self._attend(q, k, v, mask=mask)
 
@@ -327,11 +327,9 @@ class TransformerBlock(nn.Module):
         h = x + self.drop_path(self.attention(self.attention_norm(x), freqs_cis, documents), documents)
         return self._ffn(h, documents)
 
-    def decode(
-        self, x, freqs_cis, input_pos: torch.Tensor, rows: Optional[torch.Tensor] = None, length: Optional[int] = None
-    ) -> torch.Tensor:
-        """KV-cached step (see KVCache.update for rows and length)."""
-        h = x + self.attention.decode(self.attention_norm(x), freqs_cis, input_pos, rows, length)
+    def decode(self, x, freqs_cis, input_pos: torch.Tensor, length: Optional[int] = None) -> torch.Tensor:
+        """KV-cached step of cache rows 0..B-1 (see KVCache.update for length)."""
+        h = x + self.attention.decode(self.attention_norm(x), freqs_cis, input_pos, length)
         return self._ffn(h)
 
 
@@ -342,9 +340,8 @@ def setup_kv_caches(layers: nn.ModuleList, max_batch_size: int, max_seq_length: 
         attn = layer.attention
         shape = (max_batch_size, max_seq_length, attn.n_kv_head, attn.head_dim)
         old = attn.kv_cache
-        if old is not None and (old.k_cache.shape, old.k_cache.dtype, old.k_cache.device) == (
-            shape, dtype, torch.device(device)
-        ):
+        if old is not None and (old.k_cache.shape[0], old.capacity, *old.k_cache.shape[2:], old.k_cache.dtype,
+                                old.k_cache.device) == (*shape, dtype, torch.device(device)):
             continue
         attn.kv_cache = KVCache(max_batch_size, max_seq_length, attn.n_kv_head, attn.head_dim, dtype, device)
 
