@@ -29,6 +29,11 @@ within a layout are placed evenly; where they lie changes no count.
     python -m evaluations.flops --model GPT-XL --image-size 384
     python -m evaluations.flops --model DPAR-XL --image-size 384 --compression 2.06
     python -m evaluations.flops --model DPAR-L --image-size 256 --entropy-path STORE --threshold 7.8
+    python -m evaluations.flops --model GPT-B DPAR-B --image-size 128 256 384 512 --paper-compression
+
+Several models or sizes print one markdown table. --paper-compression takes the paper's mean patch
+length where it reports one (1.81 at 256 px, 2.06 at 384 px) and elsewhere an assumed one: the power
+law patches = a x tokens^b through those two points (assumed_compression), marked "assumed".
 
 Models are built on the meta device and materialised uninitialised (to_empty); during counting
 each Linear returns zeros of its output shape instead of multiplying, so even XL counts in
@@ -51,7 +56,8 @@ from autoregressive.models import all_models, build_model, model_family
 from autoregressive.models.dpar import PatchCrossAttention
 from autoregressive.models.modules import Attention
 from entropy_model.calibrate import read_entropy_file, sample_entropies, store_grid_width
-from entropy_model.patching import PATCH_MODES, PAPER_THRESHOLDS, PatchingConfig, paper_threshold
+from entropy_model.patching import (
+    PAPER_COMPRESSION, PAPER_SETTINGS, PATCH_MODES, PatchingConfig, paper_max_patch_length, paper_threshold)
 from utils.cli import HelpFormatter
 
 PAPER_FORWARD_GMACS = {("GPT-XL", 384, 1.0): 433.6, ("DPAR-XL", 384, 2.06): 258.5}  # (model, px, compression)
@@ -186,8 +192,8 @@ def _count_distribution(model: nn.Module, weights: Dict[int, float]) -> MacCount
 
 def measured_patch_counts(
     entropy_path: str,
-    threshold: Optional[float] = PAPER_THRESHOLDS[256],
-    max_patch_length: Optional[int] = 4,
+    threshold: Optional[float],
+    max_patch_length: Optional[int],
     row_reset: bool = True,
     mode: str = "entropy",
     max_images: Optional[int] = None,
@@ -296,6 +302,64 @@ def flops_per_image(
     }
 
 
+def paper_scaling_law(downsample_size: int = 16) -> tuple:
+    """(a, b) of patches per image = a x tokens^b through the paper's two reported points (1.81
+    tokens per patch at 256 px, 2.06 at 384 px; VQ tokens of downsample_size)."""
+    (s0, c0), (s1, c1) = sorted(PAPER_COMPRESSION.items())
+    t0, t1 = (s0 // downsample_size) ** 2, (s1 // downsample_size) ** 2
+    b = math.log((t1 / c1) / (t0 / c0)) / math.log(t1 / t0)
+    return (t0 / c0) / t0**b, b
+
+
+def assumed_compression(image_size: int, downsample_size: int = 16) -> tuple:
+    """(mean tokens per patch, source): the paper's where it reports one ("paper"), else the value
+    on paper_scaling_law ("assumed": an extrapolation, not a measurement)."""
+    if image_size in PAPER_COMPRESSION:
+        return PAPER_COMPRESSION[image_size], "paper"
+    a, b = paper_scaling_law(downsample_size)
+    tokens = (image_size // downsample_size) ** 2
+    return max(1.0, tokens / (a * tokens**b)), "assumed"
+
+
+def resolution_table(models: Sequence[str], sizes: Sequence[int], compressions: Optional[Sequence[float]] = None,
+                     **kwargs) -> list:
+    """flops_per_image of every model at every size, each result with "compression_source". DPAR
+    models count at `compressions` (one per size, "given"), or without them at assumed_compression."""
+    if compressions is not None and len(compressions) != len(sizes):
+        raise ValueError(f"give one compression per image size ({len(sizes)}), got {len(compressions)}")
+    downsample = kwargs.get("downsample_size", 16)
+    results = []
+    for k, size in enumerate(sizes):
+        for name in models:
+            if not model_family(name).patched:
+                results.append({**flops_per_image(name, size, **kwargs), "compression_source": None})
+                continue
+            compression, source = ((compressions[k], "given") if compressions is not None
+                                   else assumed_compression(size, downsample))
+            results.append({**flops_per_image(name, size, compression=compression, **kwargs),
+                            "compression_source": source})
+    return results
+
+
+def format_resolution_table(results: Sequence[dict]) -> str:
+    """Markdown table of resolution_table results; "vs <model>" compares with the first model at
+    the same size."""
+    first = {}
+    for r in results:
+        first.setdefault(r["image_size"], r)
+    base = results[0]["model"]
+    lines = [f"| model | image size | tokens | tokens/patch | positions in G | forward GMACs | training GFLOPs "
+             f"| forward vs {base} | training vs {base} |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        source = f" ({r['compression_source']})" if r.get("compression_source") else ""
+        ref = first[r["image_size"]]
+        lines.append(f"| {r['model']} | {r['image_size']} px | {r['tokens']} | {r['compression']:.3f}{source} | "
+                     f"{r['g_positions']:.1f} | {r['forward_gmacs']:.2f} | {r['training_gflops']:.1f} | "
+                     f"{r['forward_macs'] / ref['forward_macs']:.3f} | "
+                     f"{r['training_flops'] / ref['training_flops']:.3f} |")
+    return "\n".join(lines)
+
+
 def format_table(result: dict) -> str:
     """Two-column text table of a flops_per_image result."""
     grid, params, embedding = result["grid"], result["params"] / 1e6, result["embedding_params"] / 1e6
@@ -331,46 +395,92 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Forward MACs (the paper's unit) and training FLOPs per image, "
                                             "counted from the modules of one forward pass.",
                                 formatter_class=HelpFormatter)
-    p.add_argument("--model", required=True, choices=sorted(all_models()), help="registry name")
-    p.add_argument("--image-size", type=int, default=256, help="image size in pixels")
+    p.add_argument("--model", required=True, nargs="+", choices=sorted(all_models()),
+                   help="registry name(s); several print one table")
+    p.add_argument("--image-size", type=int, nargs="+", default=[256], help="image size(s) in pixels")
     p.add_argument("--downsample-size", type=int, default=16, help="tokenizer downsampling (VQ-16: 16)")
     p.add_argument("--vocab-size", type=int, default=16384, help="codebook size")
     p.add_argument("--num-classes", type=int, default=1000, help="classes of the class embedding")
     g = p.add_argument_group("DPAR patches (exactly one)")
-    g.add_argument("--compression", type=float, default=None,
-                   help="mean tokens per patch (the paper's: 1.81 at 256 px, 2.06 at 384 px)")
+    g.add_argument("--compression", type=float, nargs="+", default=None,
+                   help="mean tokens per patch, one per image size (the paper's: 1.81 at 256 px, 2.06 at 384 px)")
+    g.add_argument("--paper-compression", action="store_true",
+                   help="the paper's compression where it reports one, elsewhere the assumed power law through "
+                        "its two points (marked 'assumed')")
     g.add_argument("--lengths", type=_lengths, default=None, help="one patch layout, comma-separated lengths")
     g.add_argument("--entropy-path", default=None, help="code store holding entropy.npy: use its measured patch counts")
     g = p.add_argument_group("patching rule for --entropy-path")
     g.add_argument("--patching-mode", choices=PATCH_MODES, default="entropy", help="patch boundary rule")
     g.add_argument("--threshold", type=float, default=None,
                    help="entropy threshold tau (default the paper's at --image-size: "
-                        + ", ".join(f"{tau} at {size} px" for size, tau in PAPER_THRESHOLDS.items()) + ")")
+                        + ", ".join(f"{s.threshold} at {size} px" for size, s in PAPER_SETTINGS.items()) + ")")
     g.add_argument("--static-length", type=float, default=None,
                    help="mode static: mean length of the uniform pattern (fractional allowed)")
-    g.add_argument("--max-patch-length", type=int, default=4, help="length cap (0 = none)")
+    g.add_argument("--max-patch-length", type=int, default=None,
+                   help="length cap (0 = none; default the paper's at --image-size: "
+                        + ", ".join(f"{s.max_patch_length} at {size} px" for size, s in PAPER_SETTINGS.items()) + ")")
     g.add_argument("--no-row-reset", action="store_true", help="let patches run across grid rows")
     g.add_argument("--max-images", type=int, default=10000, help="random entropy rows used (0 = all)")
-    p.add_argument("--json", default=None, help="also write the result to this JSON file")
-    return p.parse_args(argv)
+    p.add_argument("--json", default=None, help="also write the result (a list for a table) to this JSON file")
+    args = p.parse_args(argv)
+    sources = [n for n in ("compression", "paper_compression", "lengths", "entropy_path") if getattr(args, n)]
+    if len(sources) > 1:
+        p.error(f"--{sources[0].replace('_', '-')} and --{sources[1].replace('_', '-')}: give one patch source")
+    several = len(args.model) > 1 or len(args.image_size) > 1
+    if several and (args.lengths is not None or args.entropy_path is not None):
+        p.error("--lengths and --entropy-path count one model at one image size")
+    if args.compression is not None and len(args.compression) not in (1, len(args.image_size)):
+        p.error(f"--compression: give one value, or one per image size ({len(args.image_size)})")
+    if args.max_patch_length is not None and args.max_patch_length < 0:
+        p.error("--max-patch-length must be >= 0 (0 = no cap)")
+    return args
+
+
+FLOPS_REMEDY = "pass --threshold and --max-patch-length"
+
+
+def entropy_patch_counts(args: argparse.Namespace, image_size: int) -> np.ndarray:
+    """Measured patches per image under the flags' rule; tau and P_max default to the paper's at
+    image_size, and a size without a published setting refuses in one line."""
+    gated = args.patching_mode in ("entropy", "relative")
+    threshold = args.threshold
+    if gated and threshold is None:
+        threshold = paper_threshold(image_size) if image_size in PAPER_SETTINGS else None
+    cap = args.max_patch_length
+    if cap is None and args.patching_mode != "token" and args.static_length is None:
+        if image_size not in PAPER_SETTINGS:
+            raise ValueError(f"the paper publishes no patching setting for {image_size} px images: {FLOPS_REMEDY}")
+        cap = paper_max_patch_length(image_size)
+    if gated and threshold is None:
+        raise ValueError(f"the paper publishes no patching setting for {image_size} px images: {FLOPS_REMEDY}")
+    tokens = (image_size // args.downsample_size) ** 2
+    return measured_patch_counts(args.entropy_path, threshold, cap or None, not args.no_row_reset,
+                                 args.patching_mode, args.max_images or None, num_tokens=tokens,
+                                 static_length=args.static_length)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
+    common = dict(vocab_size=args.vocab_size, num_classes=args.num_classes, downsample_size=args.downsample_size)
     try:
-        patch_counts = None
-        if args.entropy_path is not None:
-            tokens = (args.image_size // args.downsample_size) ** 2
-            threshold = paper_threshold(args.image_size) if args.threshold is None else args.threshold
-            patch_counts = measured_patch_counts(
-                args.entropy_path, threshold, args.max_patch_length or None, not args.no_row_reset,
-                args.patching_mode, args.max_images or None, num_tokens=tokens, static_length=args.static_length)
-        result = flops_per_image(args.model, args.image_size, compression=args.compression, lengths=args.lengths,
-                                 patch_counts=patch_counts, vocab_size=args.vocab_size,
-                                 num_classes=args.num_classes, downsample_size=args.downsample_size)
+        if len(args.model) > 1 or len(args.image_size) > 1 or args.paper_compression:
+            compressions = args.compression
+            if compressions is not None and len(compressions) == 1:
+                compressions = compressions * len(args.image_size)
+            dpar = [m for m in args.model if model_family(m).patched]
+            if dpar and compressions is None and not args.paper_compression:
+                raise ValueError(f"{dpar[0]} needs --compression (one per image size) or --paper-compression")
+            result = resolution_table(args.model, args.image_size, compressions, **common)
+            print(format_resolution_table(result))
+        else:
+            size = args.image_size[0]
+            patch_counts = entropy_patch_counts(args, size) if args.entropy_path is not None else None
+            compression = args.compression[0] if args.compression is not None else None
+            result = flops_per_image(args.model[0], size, compression=compression, lengths=args.lengths,
+                                     patch_counts=patch_counts, **common)
+            print(format_table(result))
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
-    print(format_table(result))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -1,5 +1,6 @@
 """evaluations/flops.py: the counter against hand counts of tiny models, the real-layer path,
-patch-count interpolation and distributions, the paper's compute table, and the CLI."""
+patch-count interpolation and distributions, the paper's compute table, the table over image
+sizes (paper and assumed compressions) and the CLI."""
 import json
 
 import numpy as np
@@ -9,7 +10,9 @@ import torch
 from autoregressive.models.dpar import DPAR_models
 from autoregressive.models.gpt import GPT_models
 from entropy_model.patching import PatchingConfig
-from evaluations.flops import count_forward_macs, flops_per_image, main, measured_patch_counts
+from evaluations.flops import (
+    assumed_compression, count_forward_macs, flops_per_image, main, measured_patch_counts, paper_scaling_law,
+    resolution_table)
 
 V, C, GRID = 32, 5, 6
 T = GRID * GRID
@@ -137,3 +140,56 @@ def test_measured_distribution_and_cli(tmp_path, capsys):
 
     with pytest.raises(SystemExit, match="DPAR models only"):
         main(["--model", "GPT-T", "--image-size", "96", "--compression", "2"])
+
+
+def test_assumed_compression_passes_through_the_paper_points():
+    a, b = paper_scaling_law()
+    assert a * 256**b == pytest.approx(256 / 1.81, rel=1e-12) and a * 576**b == pytest.approx(576 / 2.06, rel=1e-12)
+    assert 0 < b < 1  # the paper's two points already grow sub-linearly in tokens
+    assert assumed_compression(256) == (1.81, "paper") and assumed_compression(384) == (2.06, "paper")
+    low, high = assumed_compression(128), assumed_compression(512)
+    assert low[1] == high[1] == "assumed" and 1.0 < low[0] < 1.81 < 2.06 < high[0]
+    assert 64 / low[0] == pytest.approx(a * 64**b, rel=1e-12) and 1024 / high[0] == pytest.approx(a * 1024**b, rel=1e-12)
+
+
+def test_resolution_table_is_the_per_image_count(tmp_path, capsys):
+    """Every row equals a direct flops_per_image count at its compression; the CLI prints the table."""
+    common = dict(vocab_size=V, num_classes=C)
+    rows = resolution_table(["GPT-T", "DPAR-T"], [64, 96], [1.5, 2.25], **common)
+    assert [(r["model"], r["image_size"], r["compression_source"]) for r in rows] == [
+        ("GPT-T", 64, None), ("DPAR-T", 64, "given"), ("GPT-T", 96, None), ("DPAR-T", 96, "given")]
+    for r, compression in zip(rows, (None, 1.5, None, 2.25)):
+        direct = flops_per_image(r["model"], r["image_size"], compression=compression, **common)
+        assert r["forward_macs"] == direct["forward_macs"] and r["training_flops"] == direct["training_flops"]
+    assert rows[1]["g_positions"] == pytest.approx(16 / 1.5) and rows[3]["g_positions"] == pytest.approx(36 / 2.25)
+    assumed = resolution_table(["DPAR-T"], [64], None, **common)[0]
+    assert assumed["compression_source"] == "assumed" and assumed["compression"] == pytest.approx(
+        assumed_compression(64)[0])
+
+    out = tmp_path / "table.json"
+    main(["--model", "GPT-T", "DPAR-T", "--image-size", "64", "96", "--compression", "1.5", "2.25",
+          "--vocab-size", str(V), "--num-classes", str(C), "--json", str(out)])
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].startswith("| model | image size |") and len(table) == 2 + 4
+    assert "| DPAR-T | 96 px | 36 | 2.250 (given) |" in table[-1]
+    assert [r["forward_macs"] for r in json.loads(out.read_text())] == [r["forward_macs"] for r in rows]
+    with pytest.raises(SystemExit, match="needs --compression"):
+        main(["--model", "GPT-T", "DPAR-T", "--image-size", "64", "96"])
+
+
+def test_entropy_counts_take_the_paper_rule_by_size(tmp_path):
+    """At 512 px the paper's P_max 6 and tau 8.1 apply unasked: entropies below tau leave the
+    row resets and the cap, 6 patches per 32-token row; 96 px has no published rule."""
+    store = tmp_path / "store512"
+    store.mkdir()
+    entropy = np.random.default_rng(3).uniform(0.0, 8.0, size=(3, 2, 1024)).astype(np.float16)  # (N, views, T)
+    np.save(store / "entropy.npy", entropy)
+    (store / "entropy.json").write_text(json.dumps({"count": 3}))
+    out = tmp_path / "flops512.json"
+    main(["--model", "DPAR-T", "--image-size", "512", "--vocab-size", str(V), "--num-classes", str(C),
+          "--entropy-path", str(store), "--json", str(out)])
+    assert json.loads(out.read_text())["patches"] == 6 * 32
+    with pytest.raises(SystemExit) as info:
+        main(["--model", "DPAR-T", "--image-size", "96", "--entropy-path", str(store), "--threshold", "7.0"])
+    text = str(info.value)
+    assert "no patching setting for 96 px" in text and "--max-patch-length" in text and "\n" not in text
