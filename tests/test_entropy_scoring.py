@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from autoregressive.models.dpar import DPAR_models
+from benchmarks import imagenet_store_rehearsal as rehearsal
 from autoregressive.models.gpt import GPT_models
 from dataset.augmentation import center_crop_arr
 from dataset.code_store import CodeStoreWriter, code_store_hash
@@ -25,7 +26,7 @@ from entropy_model.entropy import IncrementalEntropy, teacher_forced_entropy
 from entropy_model.patching import PatchingConfig, patch_starts
 from extract_codes import ExtractConfig, extract_codes
 from tokenizer.vq_model import VQ_models
-from utils.checkpoint import file_sha256, save_checkpoint_atomic
+from utils.checkpoint import checkpoint_sha256, file_sha256, save_checkpoint_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB, GRID, IMAGES, VIEWS = 32, 6, 12, 2
@@ -431,3 +432,27 @@ def test_visualize_cli_decoded_codes_and_generated_samples(extracted, tmp_path):
     with pytest.raises(SystemExit, match="entropy model"):
         visualize.main(["--code-path", str(extracted["store"]), "--vq-ckpt", str(extracted["vq_ckpt"]),
                         "--entropy-ckpt", str(other), "--device", "cpu", "--out", str(out)])
+
+
+def test_rehearsal_store_is_accepted_as_scored_entropies(tmp_path):
+    """The ImageNet-size rehearsal's writer, tiny: its store and entropies pass the checks
+    DPAR training makes (code store identity, entropy model hash, entropy file record), and its
+    interrupted state is one the scorer resumes with one small slice left."""
+    store = tmp_path / "store"
+    written = rehearsal.write_code_store(store, images=40, views=3, grid=4, codebook_size=64, classes=5,
+                                         image_size=64, seed=0)
+    assert written["manifest"]["codes_sha256"] == file_sha256(store / "codes.npy")
+    model_path = tmp_path / "entropy.pt"
+    model_hash = rehearsal.write_entropy_model(model_path, 64, 16, seed=0)
+    record = rehearsal.write_entropies(store, model_path, model_hash, seed=0)["record"]
+    entropy, loaded = load_entropies(str(store), code_store_hash(store, verify=True), checkpoint_sha256(model_path),
+                                     verify=True)
+    assert loaded == record and entropy.shape == (40, 3, 16)
+    assert 0 <= float(entropy.min()) and float(entropy.max()) <= np.log(64) + 1e-2
+    assert record["stats"]["num_values"] == entropy.size
+    setup = rehearsal.interrupt_scoring(store)
+    assert 1 <= setup["left"] < setup["slice_size"] and setup["slices"] == -(-120 // setup["slice_size"])
+    model = score.load_entropy_model(model_path)[0]
+    calls = count_forward_calls(model)
+    result = score.score_code_store(store, model, model_hash, batch_size=64, progress=False)
+    assert calls["n"] == 1 and result["batches_run"] == 1 and result["complete"]
