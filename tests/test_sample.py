@@ -183,3 +183,91 @@ def test_one_line_errors(ckpts, tmp_path, capsys):
     assert "--image-size 128 does not match" in one_line_error(capsys, gpt + ["--image-size", "128"])
     assert "apply to DPAR" in one_line_error(capsys, gpt + ["--threshold", "3"])
     assert not (tmp_path / "x.png").exists()
+
+
+# --------------------------------------------------------------------------------------
+# The fast path as the sampler runs it: the compile plan, its line, and one-line failures
+# --------------------------------------------------------------------------------------
+@pytest.fixture
+def compile_cache(tmp_path, monkeypatch):
+    path = tmp_path / "inductor-cache"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(path))
+    return path
+
+
+def test_compile_cache_folder(tmp_path, monkeypatch):
+    from autoregressive.sample.compiling import compile_cache_dir, use_compile_cache
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert compile_cache_dir() == tmp_path / "xdg" / "dpar" / "inductor"  # not torch's /tmp default
+    assert use_compile_cache() == tmp_path / "xdg" / "dpar" / "inductor"
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "xdg" / "dpar" / "inductor")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert use_compile_cache() == tmp_path / "mine"  # a user's choice wins
+
+
+def test_compile_plan_weighs_compile_time_against_the_saving(compile_cache):
+    from autoregressive.sample import compiling
+
+    ent, dpar = random_entropy_model(), random_dpar()
+    gpt = GPT_models["GPT-T"](vocab_size=VOCAB, block_size=T, num_classes=CLASSES)
+    assert [f.name for f in compiling.step_functions(gpt)] == ["GPT step"]
+    names = [f.name for f in compiling.step_functions(dpar, ent)]
+    assert names == ["entropy step", "encoder step", "patch step", "decoder step"]
+    assert len(compiling.step_functions(dpar)) == 3  # patching without entropies
+    functions = compiling.step_functions(gpt)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    cold = compiling.compile_seconds(functions, cached=False)
+    saved = compiling.saved_seconds(functions, 576, cuda)
+    assert cold > 0 and saved > 0
+    enough = int(cold / saved) + 1  # generations whose saving pays for the compile
+    key = compiling.compiled_key("GPT-T", "bf16", 16, cuda)
+    assert not compiling.plan_compile(None, cuda, functions, 576, enough - 1, key).fast
+    plan = compiling.plan_compile(None, cuda, functions, 576, enough, key)
+    assert plan.fast and not plan.cached and plan.compile_s == pytest.approx(cold)
+    assert compiling.plan_compile(False, cuda, functions, 576, 10 * enough, key).fast is False  # the flag wins
+    assert compiling.plan_compile(True, cpu, functions, 576, 1, key).fast  # the flag wins
+    compiling.mark_compiled(key)  # the cache now holds these step functions: a second run pays less
+    warm = compiling.plan_compile(None, cuda, functions, 576, enough - 1, key)
+    assert warm.cached and warm.compile_s < cold and (compile_cache / compiling.COMPILED_MARKERS / key).exists()
+    line = compiling.plan_compile(True, cuda, functions, 576, 1, key).notice(compile_cache)
+    assert line.startswith("compiling decode steps (1 step function), one-time, ~") and "--no-compile" in line
+    assert "--compile forces it" in compiling.plan_compile(None, cpu, functions, 576, 1, key).notice(compile_cache)
+
+
+def test_grid_prints_how_it_decodes(ckpts, tmp_path, capsys, compile_cache):
+    out = ["--class-labels", "0", "1", "--out", str(tmp_path / "g.png")]
+    main(common(ckpts, "gpt") + out)
+    assert "decoding eagerly: compiling 1 step function" in capsys.readouterr().out  # CPU, one batch: not worth it
+    main(common(ckpts, "dpar") + out + ["--no-compile"])
+    assert "decoding eagerly (--no-compile)" in capsys.readouterr().out
+
+
+def raising_backend(gm, example_inputs):
+    raise RuntimeError("no code generator here\nsecond line of the compiler's report")
+
+
+def capture_failing_backend(gm, example_inputs):
+    def run(*args):
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+    return run
+
+
+@pytest.mark.parametrize("model,backend,shown", [("gpt", raising_backend, "BackendCompilerFailed, RuntimeError: no code"),
+                                                 ("dpar", capture_failing_backend, "stream is capturing")])
+def test_failed_compile_stops_with_one_line_naming_no_compile(ckpts, tmp_path, capsys, monkeypatch, compile_cache,
+                                                              backend, shown, model):
+    """A compile (or, on CUDA, a capture) that fails at run time ends the run with one line that
+    names the failure and --no-compile; nothing falls back to eager, no grid is written."""
+    from autoregressive.models.generate import Decoding
+    from autoregressive.sample import cli
+
+    monkeypatch.setattr(cli, "fast_decoding", lambda device: Decoding(compile=True, backend=backend, keep_caches=True))
+    torch._dynamo.reset()
+    out = tmp_path / "g.png"
+    err = one_line_error(capsys, common(ckpts, model) + ["--compile", "--class-labels", "0", "1", "--out", str(out)])
+    assert "the compiled decode path failed" in err and shown in err and "--no-compile" in err, err
+    assert not out.exists() and not (compile_cache / "dpar-compiled").exists()
+    torch._dynamo.reset()

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from autoregressive.models import model_family
 from autoregressive.models.generate import Decoding, Generated, Sampling, generate
+from autoregressive.sample.compiling import FAST_PATH_FAILURES, fast_path_failure
 from entropy_model.patching import PatchingConfig
 
 
@@ -94,14 +95,20 @@ class Sampler:
 
     @torch.no_grad()
     def sample(self, classes: Sequence[int], seeds: Sequence[int]) -> SampleBatch:
-        """Images for classes (B,), image i drawn from seeds[i]."""
+        """Images for classes (B,), image i drawn from seeds[i]. On the fast path a failed compile
+        or CUDA-graph capture raises compiling.FastPathError (one line naming --no-compile)."""
         self.check_classes(classes)
         cond = torch.tensor(list(classes), dtype=torch.long, device=self.device)
         extra = dict(entropy_model=self.entropy_model, patching=self.patching) if self.patched else {}
         synchronize(self.device)
         start = time.perf_counter()
-        out: Generated = generate(self.model, cond, self.num_tokens, row_seeds=list(seeds),
-                                  decoding=self.decoding, **asdict(self.sampling), **extra)
+        try:
+            out: Generated = generate(self.model, cond, self.num_tokens, row_seeds=list(seeds),
+                                      decoding=self.decoding, **asdict(self.sampling), **extra)
+        except FAST_PATH_FAILURES as e:
+            if not self.decoding.compile:
+                raise
+            raise fast_path_failure(e) from e
         synchronize(self.device)
         seconds = time.perf_counter() - start
         B, h = cond.shape[0], self.grid_size
