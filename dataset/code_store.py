@@ -32,6 +32,7 @@ for other codes are refused). It costs a stat, not a read of the codes:
 """
 import hashlib
 import json
+import mmap
 import os
 import re
 from dataclasses import dataclass
@@ -383,12 +384,23 @@ def check_code_store(store: CodeStore, codebook_size: int | None = None,
                              f"but the model expects {grid[0]}x{grid[1]}")
 
 
+def advise_random_access(array: Any) -> None:
+    """Tell the kernel that a memory-mapped array (np.memmap) is read at random: a read then
+    faults in its own pages only, not the read-around of 128 KB or more that a sequential read
+    wants. For a shuffled epoch over a store larger than the page cache, read-around makes
+    each item cost tens of pages of disk reads. Arrays that are not memory-mapped are left alone."""
+    mapping = getattr(array, "_mmap", None)
+    if mapping is not None and hasattr(mmap, "MADV_RANDOM"):
+        mapping.madvise(mmap.MADV_RANDOM)
+
+
 class CodeDataset(Dataset):
     """Item i: (codes (T,) int64 of one augmented view, label () int64[, entropy (T,) float32
     of the same view]). The view is drawn from (seed, epoch, i) alone, so a run is
     reproducible and resumes mid-epoch exactly; call set_epoch() each epoch (DataLoader
     workers copy the dataset when they start: use persistent_workers=False). With one
-    view it is always view 0. entropies: (N, views, T) float16, aligned with the codes."""
+    view it is always view 0. entropies: (N, views, T) float16, aligned with the codes.
+    Memory-mapped codes and entropies are advised for random access (the items are)."""
 
     def __init__(self, store: CodeStore, seed: int = 0, entropies: np.ndarray | None = None):
         if entropies is not None and tuple(entropies.shape) != tuple(store.codes.shape):
@@ -398,6 +410,8 @@ class CodeDataset(Dataset):
         self.seed = seed
         self.entropies = entropies
         self.epoch = 0
+        advise_random_access(store.codes)
+        advise_random_access(entropies)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

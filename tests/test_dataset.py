@@ -452,3 +452,30 @@ def test_manifest_is_json_and_written_last(tmp_path):
                      "num_views": 1, "tokenizer_hash": "x", "count": 99})
     manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
     assert manifest["count"] == 2 and manifest["format_version"] == 1
+
+
+def _vm_flags(path: Path) -> list[str]:
+    """VmFlags of this process's mappings of path (Linux /proc/self/smaps)."""
+    flags, current = [], None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if fields and "-" in fields[0] and len(fields) >= 5:
+            current = fields[-1] if len(fields) >= 6 else None
+        elif line.startswith("VmFlags:") and current == str(path):
+            flags.append(line)
+    return flags
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").is_file(), reason="needs Linux /proc/self/smaps")
+def test_code_dataset_advises_random_reads(tmp_path):
+    rng = np.random.default_rng(14)
+    codes = rng.integers(0, 1024, size=(6, 2, 16))
+    _write_store(tmp_path / "s", codes, rng.integers(0, 10, size=6))
+    np.save(tmp_path / "entropy.npy", rng.random((6, 2, 16)).astype(np.float16))
+    store = open_code_store(tmp_path / "s")
+    entropies = np.load(tmp_path / "entropy.npy", mmap_mode="r")
+    codes_file, entropy_file = (tmp_path / "s" / "codes.npy").resolve(), (tmp_path / "entropy.npy").resolve()
+    assert _vm_flags(codes_file) and not any(" rr" in f for f in _vm_flags(codes_file))  # precondition
+    dataset = CodeDataset(store, seed=0, entropies=entropies)
+    assert all(" rr" in f for f in _vm_flags(codes_file) + _vm_flags(entropy_file)) and _vm_flags(entropy_file)
+    np.testing.assert_array_equal(dataset[4][0], codes[4, dataset.view_index(4)])
