@@ -112,7 +112,8 @@ class Decoding:
 
     compile: run each step function (GPT step; entropy-model, encoder, patch and decoder steps)
         through torch.compile(fullgraph=True, dynamic=True); else eager.
-    backend, mode: torch.compile's ("inductor" with mode "reduce-overhead" captures CUDA graphs).
+    backend, mode: torch.compile's ("inductor" with mode "reduce-overhead" captures CUDA graphs;
+        a backend may also be a callable, as torch.compile takes it).
     read_block: caches are read in blocks of this many slots, so a whole generation sees at most
         T / read_block + 1 key lengths per step function.
     keep_caches: leave the KV caches attached after a generation: the next batch of the same size
@@ -121,7 +122,7 @@ class Decoding:
     """
 
     compile: bool = False
-    backend: str = "inductor"
+    backend: str | Callable = "inductor"
     mode: Optional[str] = None
     read_block: int = 32
     keep_caches: bool = False

@@ -3,13 +3,24 @@ compile at all (compile cost against the time it saves, when --compile / --no-co
 given), one line that says what is compiled before it starts, and one line naming --no-compile
 when compiling or CUDA-graph capture fails.
 
-Cost model (seconds), fitted to benchmarks.compiler_check on the CPU (inductor, torch 2.14):
-    compile = PROCESS_S + sum over step functions of GRAPHS_PER_FUNCTION x (GRAPH_S + LAYER_S x layers)
-and a second process that finds the step functions in the compile cache pays WARM_SHARE of it.
-The saving per generation is tokens x layers run per token step x the saving per layer-step:
-measured on the CPU; on CUDA taken from the eager GPT-L decode of the README (20 ms per step,
-24 layers, H200) against the 5 ms/step the CUDA graphs aim at. Compiling on CUDA (Triton kernels,
-then one CUDA-graph capture per shape) has not been timed yet, so the CPU's compile cost stands in.
+Cost model (seconds), fitted to inductor compiles of the decode steps on a 2-core CPU (torch
+2.14; benchmarks/compiler_check.py measures them):
+    compile = PROCESS_S + sum over step functions of GRAPHS_PER_FUNCTION x
+              (GRAPH_S + EXTRA_LAYER_S x (layers - 1))
+The compiler's start-up costs 14 s once; a one-layer step function 12 s; each further layer 6 s,
+less than the first because identical layers generate identical kernels, which are compiled once
+(fit: a one-layer GPT step 10-12 s, GPT-T's 2 x 2-layer graphs 41 s, DPAR-T's 9 graphs 114 s, each
+after the start-up, and DPAR-L's first CPU generation, 233 s). A second process whose compile
+cache holds the step functions pays WARM_SHARE of it (measured 0.44 DPAR-T, 0.44-0.62 GPT: Dynamo
+and AOTAutograd still trace, inductor loads its compiled graphs).
+The saving per generation is tokens x layers run per token step x the saving per layer-step. CPU:
+compiled GPT-T / DPAR-T steps save 0.1-1 ms per layer-step over eager ones (1 ms is taken), so
+compiling pays only over hundreds of tiny generations. CUDA: the eager GPT-L decode measured on an
+H200 (README: 20 ms per step, 24 layers) against the 5 ms/step the CUDA graphs aim at, 0.6 ms per
+layer-step. Compiling on CUDA (Triton kernels, one CUDA-graph capture per shape) has not been
+timed, so the CPU's compile cost stands in for it: an 8-image GPT-L grid (one generation, ~9 s
+saved against ~160 s of compile) decodes eagerly, an FID run of hundreds of batches per rank
+compiles, and so does a grid once the cache holds its step functions and the grid is large enough.
 """
 import os
 from dataclasses import dataclass
@@ -24,11 +35,11 @@ CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 COMPILED_MARKERS = "dpar-compiled"  # folder of the compile cache: one empty file per compiled set of step functions
 
 PROCESS_S = 14.0  # the compiler's start-up, once per process
-GRAPH_S = 8.0  # per compiled graph
-LAYER_S = 3.0  # per transformer layer in a graph
-GRAPHS_PER_FUNCTION = 2  # a first graph, then one with the sizes dynamic
-WARM_SHARE = 0.45  # second process / first process, same cache
-SAVED_S_PER_LAYER_STEP = {"cpu": 0.0, "cuda": (20e-3 - 5e-3) / 24}
+GRAPH_S = 12.0  # per compiled graph, its first transformer layer included
+EXTRA_LAYER_S = 6.0  # per further transformer layer in a graph
+GRAPHS_PER_FUNCTION = 1  # measured: GPT 1 graph, DPAR 4 graphs for its 4 step functions
+WARM_SHARE = 0.5  # second process / first process, same compile cache
+SAVED_S_PER_LAYER_STEP = {"cpu": 1e-3, "cuda": (20e-3 - 5e-3) / 24}
 
 
 def compile_cache_dir() -> Path:
@@ -70,7 +81,7 @@ def step_functions(model, entropy_model=None) -> List[StepFunction]:
 
 
 def compile_seconds(functions: List[StepFunction], cached: bool) -> float:
-    cold = PROCESS_S + sum(GRAPHS_PER_FUNCTION * (GRAPH_S + LAYER_S * f.layers) for f in functions)
+    cold = PROCESS_S + sum(GRAPHS_PER_FUNCTION * (GRAPH_S + EXTRA_LAYER_S * (f.layers - 1)) for f in functions)
     return cold * WARM_SHARE if cached else cold
 
 
