@@ -247,7 +247,7 @@ def make_trainee(
 
     def step(i: int) -> None:
         k = i % count
-        extra = (layouts[k].to(device, non_blocking=True),) if layouts else ()
+        extra = (layouts[k].to(device, non_blocking=True).mark_dynamic(),) if layouts else ()
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             _, loss = model(codes[k][:, :-1], labels[k], *extra, targets=codes[k], return_logits=False)
         loss.backward()

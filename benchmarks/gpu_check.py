@@ -1,11 +1,14 @@
-"""One-GPU check (scripts/gpu_check.sh): attention backends against a float64 reference, then
-training throughput and decoding speed of GPT vs DPAR at real sizes. Fits in about 8 minutes
-on one H100/H200; every section records its own failure and the run goes on.
+"""One-GPU check (scripts/gpu_check.sh): decoding speed, attention backends against a float64
+reference, and training throughput of GPT vs DPAR at real sizes. Each section has its own time
+limit (SECTION_LIMITS, --time-limit) and records its own failure; calls with different
+--sections add to the same OUT/gpu_check.json, so the sections can run as separate processes
+(the launcher does) or separate sessions on the GPU machine.
 
-    python -m benchmarks.gpu_check --out results/gpu_check          # on the GPU machine
+    python -m benchmarks.gpu_check --out results/gpu_check --sections decoding    # first: at risk
+    python -m benchmarks.gpu_check --out results/gpu_check --sections attention training
     python -m benchmarks.gpu_check --out /tmp/check --dry-run       # same code, CPU, tiny sizes
 
-Sections (results in OUT/gpu_check.json):
+Sections (in the default order; results in OUT/gpu_check.json):
   attention  each backend available on the device (sdpa, flex, varlen) in bf16: dense causal
              attention and packed document-causal attention (ragged documents plus padding
              slots), outputs and q/k/v gradients against float64 attention, relative error
@@ -14,7 +17,9 @@ Sections (results in OUT/gpu_check.json):
              bf16 autocast, the trainer's step (chunked loss, layouts built on the host), two
              compile scopes: the whole model (train_c2i.py's default) and each transformer block;
              alternating steps after a warm-up that covers every patch layout
-             (benchmarks.benchmark), patch layouts at the paper's compression (1.81 / 2.06):
+             (benchmarks.benchmark; the packed dimensions are marked dynamic from the first
+             step, so no static graph is compiled and thrown away), patch layouts at the
+             paper's compression (1.81 / 2.06):
              images/s, speed-up, FLOPs ratio, MFU against the measured bf16 matmul rate, peak
              memory, graphs compiled per model, recompiles after warm-up and graph breaks.
   decoding   whole images at batch 256 with guidance (512 rows), bf16 weights: GPT-L and
@@ -50,6 +55,8 @@ from benchmarks import benchmark
 from utils.cli import HelpFormatter
 
 TOLERANCE = 2e-2
+SECTIONS = ("decoding", "attention", "training")  # decoding first: its compile and capture are the longest risk
+SECTION_LIMITS = {"decoding": 300.0, "attention": 60.0, "training": 300.0}  # seconds; runs in flight finish
 
 
 def relative_error(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -254,8 +261,10 @@ def check_training(device: torch.device, dry_run: bool, steps: int, warmup: int,
 
 
 def _decode_runs(device: torch.device, dry_run: bool, tokens: Optional[int], reference_tokens: Optional[int],
-                 reference_batch: int, deadline: float) -> Dict[str, dict]:
-    """Timed whole-image generations, fastest-first so that a time limit cuts the least useful."""
+                 reference_batch: int, deadline: float, runs: Dict[str, dict],
+                 progress: Callable[[], None] = lambda: None) -> Dict[str, dict]:
+    """Timed whole-image generations into `runs`, fastest-first so that a time limit cuts the
+    least useful; progress() is called after each run (a killed process keeps what it measured)."""
     names = (("GPT-T", "DPAR-T", "GPT-T", 96, 64, 4) if dry_run else ("GPT-L", "DPAR-L", "GPT-S", 384, 256, 256))
     gpt_name, dpar_name, entropy_name, size, reference_size, batch = names
     vocab, classes = (64, 10) if dry_run else (16384, 1000)
@@ -271,8 +280,6 @@ def _decode_runs(device: torch.device, dry_run: bool, tokens: Optional[int], ref
         compression = benchmark.DEFAULT_COMPRESSION.get(image_size, 1.81)
         entropy_model, patching = benchmark.calibrated_entropy_model(entropy_name, T, vocab, compression, device)
         return gpt, dpar, dict(entropy_model=entropy_model.to(dtype), patching=patching), T
-
-    runs: Dict[str, dict] = {}
 
     def timed(name: str, model, n: int, decoding: Optional[Decoding], warmup: int, batch_size: int, **kwargs):
         if time.time() > deadline:
@@ -290,7 +297,12 @@ def _decode_runs(device: torch.device, dry_run: bool, tokens: Optional[int], ref
             if m is not None:
                 m.remove_caches()
         runs[name]["wall_seconds"] = time.time() - started
+        runs[name]["image_size"] = image_size_of(name)
         _release(device)
+        progress()
+
+    def image_size_of(name: str) -> int:
+        return reference_size if name in ("dpar_incremental_ref", "dpar_reference") else size
 
     gpt, dpar, dpar_kwargs, T = models(size)
     n = min(tokens or T, T)
@@ -304,26 +316,27 @@ def _decode_runs(device: torch.device, dry_run: bool, tokens: Optional[int], ref
     n = min(reference_tokens or T, T)
     timed("dpar_incremental_ref", dpar, n, eager, min(n, 8), batch, **dpar_kwargs)
     timed("dpar_reference", dpar, n, None, 0, reference_batch, reference=True, **dpar_kwargs)
-    for name, entry in runs.items():
-        entry["image_size"] = reference_size if name in ("dpar_incremental_ref", "dpar_reference") else size
     torch._dynamo.reset()
     return runs
 
 
 def check_decoding(device: torch.device, dry_run: bool, tokens: Optional[int], reference_tokens: Optional[int],
-                   deadline: float, reference_batch: Optional[int] = None) -> dict:
+                   deadline: float, reference_batch: Optional[int] = None,
+                   progress: Callable[[dict], None] = lambda entry: None) -> dict:
     """Sampling speed over whole images at batch 256 with guidance (512 rows), bf16 weights:
     GPT-L and incremental DPAR-L (entropy model GPT-S) at 384 px, each eager and on the fast path
     (compiled steps in CUDA graphs, measured after a whole-image warm-up that compiles and
     captures them); DPAR-L incremental vs the re-running reference path at 256 px (the reference
-    with fewer images). images/s = batch x tokens / (T x seconds)."""
+    with fewer images). images/s = batch x tokens / (T x seconds). progress(entry) is called with
+    the runs so far after each one."""
     if time.time() > deadline:
         return {"ok": False, "error": "skipped: time limit"}
     started = time.time()
     reference_batch = reference_batch or (2 if dry_run else 8)
-    entry = {"batch_size": 4 if dry_run else 256, "cfg_scale": 4.0, "reference_batch_size": reference_batch}
-    runs = _decode_runs(device, dry_run, tokens, reference_tokens, reference_batch, deadline)
-    entry["runs"] = runs
+    entry = {"batch_size": 4 if dry_run else 256, "cfg_scale": 4.0, "reference_batch_size": reference_batch,
+             "ok": False, "error": "in progress", "runs": {}}
+    runs = _decode_runs(device, dry_run, tokens, reference_tokens, reference_batch, deadline, entry["runs"],
+                        lambda: progress(entry))
 
     def best(*names: str) -> Optional[dict]:
         done = [runs[name] for name in names if runs[name].get("ok")]
@@ -352,6 +365,8 @@ def check_decoding(device: torch.device, dry_run: bool, tokens: Optional[int], r
     else:
         failed = {k: r.get("error", "") for k, r in runs.items() if not r.get("ok")}
         entry.update(ok=False, error=f"runs failed or skipped: {failed}"[:1000])
+    if entry["ok"]:
+        entry.pop("error")
     entry["seconds"] = time.time() - started
     return entry
 
@@ -374,6 +389,12 @@ def environment(device: torch.device) -> dict:
     }
 
 
+def _save(report: dict, path: str) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(report, f, indent=2)
+    os.replace(path + ".tmp", path)  # a killed run never leaves half a file
+
+
 def _run_section(name: str, fn: Callable[[], object], report: Dict[str, object], path: str) -> None:
     started = time.time()
     try:
@@ -381,9 +402,25 @@ def _run_section(name: str, fn: Callable[[], object], report: Dict[str, object],
     except Exception as e:
         report[name] = {"ok": False, "error": f"{type(e).__name__}: {e}"[:1000],
                         "traceback": traceback.format_exc()[-2000:]}
+    if isinstance(report[name], dict):
+        report[name]["section_seconds"] = time.time() - started
     print(f"[gpu_check] {name} done in {time.time() - started:.0f} s", flush=True)
-    with open(path, "w") as f:  # written after every section: a killed run keeps what it measured
-        json.dump(report, f, indent=2)
+    _save(report, path)  # written after every section: a killed run keeps what it measured
+
+
+def previous_report(path: str, environment: dict, dry_run: bool) -> Dict[str, object]:
+    """The sections an earlier call wrote to `path` on the same machine and torch (so that
+    separately run sections make one report), else a new report."""
+    report: Dict[str, object] = {"environment": environment, "dry_run": dry_run}
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                old = json.load(f)
+        except (OSError, ValueError):
+            return report
+        if old.get("environment") == environment and old.get("dry_run") == dry_run:
+            report.update({name: old[name] for name in SECTIONS if name in old})
+    return report
 
 
 def summary(report: dict) -> str:
@@ -440,9 +477,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--reference-steps", type=int, default=None,
                    help="tokens per image on the reference path (default: whole 256-token images)")
     p.add_argument("--reference-batch", type=int, default=None, help="images on the reference path (default 8; dry 2)")
-    p.add_argument("--time-limit", type=float, default=420.0, help="seconds after which remaining sections are skipped")
-    p.add_argument("--sections", nargs="+", choices=("attention", "training", "decoding"),
-                   default=["attention", "training", "decoding"], help="parts of the check to run")
+    p.add_argument("--time-limit", type=float, default=None,
+                   help="seconds each section may run before its remaining runs are skipped (default per section: "
+                        + ", ".join(f"{k} {v:.0f}" for k, v in SECTION_LIMITS.items()) + ")")
+    p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+                   help="parts of the check to run, in this order; each adds its results to OUT/gpu_check.json")
     return p.parse_args(argv)
 
 
@@ -457,18 +496,22 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         torch.backends.cudnn.allow_tf32 = True
     steps = args.steps or (1 if dry else 6)
     warmup = args.warmup if args.warmup is not None else (1 if dry else 4)
-    deadline = time.time() + args.time_limit
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "gpu_check.json")
-    report: Dict[str, object] = {"environment": environment(device), "dry_run": dry}
+    report = previous_report(path, environment(device), dry)
+
+    def deadline(name: str) -> float:
+        return time.time() + (args.time_limit if args.time_limit is not None else SECTION_LIMITS[name])
+
+    def decoding_progress(entry: dict) -> None:
+        report["decoding"] = entry
+        _save(report, path)
+
     sections = {
         "attention": lambda: check_attention(device, dry),
-        # training leaves the decoding section a minute of the time limit
-        "training": lambda: check_training(device, dry, steps, warmup,
-                                           deadline - (60 if "decoding" in args.sections and not dry else 0),
-                                           args.compile_scopes),
-        "decoding": lambda: check_decoding(device, dry, args.decode_steps, args.reference_steps, deadline,
-                                           args.reference_batch),
+        "training": lambda: check_training(device, dry, steps, warmup, deadline("training"), args.compile_scopes),
+        "decoding": lambda: check_decoding(device, dry, args.decode_steps, args.reference_steps,
+                                           deadline("decoding"), args.reference_batch, decoding_progress),
     }
     for name in args.sections:
         _run_section(name, sections[name], report, path)

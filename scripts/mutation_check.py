@@ -89,8 +89,8 @@ FAULTS = [
           "packed layout: slot m gets the RoPE of P_m, whose end depends on tokens inside P_m",
           (T_PACKED_PADDED, "tests/test_fidelity.py::test_patch_rope_tables_follow_the_held_patch")),
     Fault("packed-documents-misassigned", DPAR,
-          "documents = build_documents(counts, n_slots, max_seqlen=T, grid_multiple=DOCUMENT_GRID_MULTIPLE)",
-          "documents = build_documents(counts.flip(0), n_slots, max_seqlen=T, grid_multiple=DOCUMENT_GRID_MULTIPLE)",
+          "documents = build_documents(counts, n_slots, max_seqlen=bound, grid_multiple=DOCUMENT_GRID_MULTIPLE)",
+          "documents = build_documents(counts.flip(0), n_slots, max_seqlen=bound, grid_multiple=DOCUMENT_GRID_MULTIPLE)",
           "packed layout: document boundaries do not match the images, so patches attend across images",
           (T_PACKED_PADDED, "tests/test_fidelity.py::test_packed_layout_is_causal_with_recomputed_patches")),
     # ---- RoPE ------------------------------------------------------------------------

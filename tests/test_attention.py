@@ -249,3 +249,38 @@ def test_compiled_patch_layers_do_not_recompile_for_new_patch_counts():
     assert len(slots) >= 3  # at least three different packed lengths
     assert counters["stats"]["unique_graphs"] == 2
     torch._dynamo.reset()
+
+
+def test_marked_layouts_compile_one_whole_model_graph():
+    """PatchLayout.mark_dynamic: the first compiled forward is already the graph that serves
+    every packed length (unmarked, the first batch compiles a throw-away static graph)."""
+    model = tiny_dpar(pack_multiple=16)
+    batches = [dpar_batch(seed, threshold=threshold) for seed, threshold in ((2, 6.0), (3, 3.0))]
+    slots = {build_patch_layout(lengths, model.config, packed=True).n_slots for _, _, lengths in batches}
+    assert len(slots) == 2  # precondition: two packed lengths
+    graphs = {}
+    for marked in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = torch.compile(model, backend="eager", fullgraph=True)
+        with torch.no_grad():
+            for (codes, cond, lengths) in batches:
+                layout = build_patch_layout(lengths, model.config, packed=True)  # fresh tensors, as each batch
+                layout = layout.mark_dynamic() if marked else layout
+                logits, _ = compiled(codes[:, :-1], cond, layout)
+                assert torch.allclose(logits, model(codes[:, :-1], cond, layout)[0], atol=1e-5)
+        graphs[marked] = counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    assert graphs == {False: 2, True: 1}
+
+
+def test_packed_documents_bound_covers_the_padding_document():
+    """varlen kernels only write rows of documents up to max_seqlen long: the bound must cover
+    the padding document, which holds up to pack_multiple slots, more than T on small grids."""
+    model = DPAR_models["DPAR-T"](vocab_size=V, block_size=36, num_classes=5)  # 6 x 6 tokens < 128
+    g = torch.Generator().manual_seed(8)
+    lengths = patch_lengths_from_starts(patch_starts(torch.rand(3, 36, generator=g) * 10, 6.0, 4, 6))
+    documents = build_patch_layout(lengths, model.config, packed=True).documents
+    sizes = documents.cu_seqlens.diff()
+    assert sizes[-1] > 36 and sizes[:-1].max() <= 36  # precondition: the padding document is longer than T
+    assert int(sizes.max()) <= documents.max_seqlen

@@ -201,6 +201,20 @@ class PatchLayout:
         """Page-locked copies (DataLoader(pin_memory=True) calls this), for non_blocking .to()."""
         return self._map(lambda t: t.pin_memory())
 
+    def mark_dynamic(self) -> "PatchLayout":
+        """Mark the dimensions that change from batch to batch (the slot count S, and with packing
+        the packed slots and the SDPA grid length) as dynamic for torch.compile, so that the first
+        compiled forward is already the shape-generic graph (no throw-away graph specialised to
+        the first batch). Returns self."""
+        from torch._dynamo import maybe_mark_dynamic
+
+        maybe_mark_dynamic(self.slot_geometry, 1)
+        if self.documents is not None:
+            for t in (self.documents.doc_ids, self.documents.slot_index):
+                maybe_mark_dynamic(t, 0)
+            maybe_mark_dynamic(self.documents.grid_index, 1)
+        return self
+
     def _map(self, fn) -> "PatchLayout":
         names = [f.name for f in fields(self) if getattr(self, f.name) is not None]
         return replace(self, **{name: fn(getattr(self, name)) for name in names})
@@ -265,7 +279,9 @@ def build_patch_layout(
         slot_geometry = torch.zeros(n_slots, 4, dtype=torch.long, device=dev)
         slot_geometry[:n_real] = torch.cat([index[:, None], held], dim=-1)
         slot_geometry = slot_geometry[None]  # (1, N, 4)
-        documents = build_documents(counts, n_slots, max_seqlen=T, grid_multiple=DOCUMENT_GRID_MULTIPLE)
+        # the bound covers the padding document too (up to pack_multiple slots, more than T for small grids)
+        bound = max(T, config.pack_multiple)
+        documents = build_documents(counts, n_slots, max_seqlen=bound, grid_multiple=DOCUMENT_GRID_MULTIPLE)
     else:
         n_slots = B * M
         base = torch.arange(B, device=dev) * M
