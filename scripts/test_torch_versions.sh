@@ -18,9 +18,14 @@ old_env() {
     echo "creating virtual environment in $OLD_VENV (torch $OLD_TORCH)" >&2
     "$PYTHON" -m venv "$OLD_VENV" || return 1
   fi
-  "$OLD_VENV/bin/python" -m pip install -q --disable-pip-version-check -r requirements.txt \
-    "torch==$OLD_TORCH" "torchvision==$OLD_TORCHVISION" >&2 || {
-    echo "installing torch $OLD_TORCH into $OLD_VENV failed (see pip's message above)" >&2; return 1; }
+  # install once per requirements.txt and version pair (the stamp names what was installed)
+  stamp="$(sha256sum requirements.txt | cut -d' ' -f1) torch==$OLD_TORCH torchvision==$OLD_TORCHVISION"
+  if [ "$(cat "$OLD_VENV/.installed" 2>/dev/null)" != "$stamp" ]; then
+    "$OLD_VENV/bin/python" -m pip install -q --disable-pip-version-check -r requirements.txt \
+      "torch==$OLD_TORCH" "torchvision==$OLD_TORCHVISION" >&2 || {
+      echo "installing torch $OLD_TORCH into $OLD_VENV failed (see pip's message above)" >&2; return 1; }
+    echo "$stamp" > "$OLD_VENV/.installed"
+  fi
   echo "$OLD_VENV/bin/python"
 }
 
