@@ -24,7 +24,9 @@ and torch imports count) to a line it prints:
 - entropy_model.calibrate --target-compression: the whole run (it prints only at the end);
 - the training DataLoader (autoregressive.train.data.BatchStream, batches of 32 with DPAR's
   patch layout built in the workers): to the first batch, then images/s over --read-batches
-  more, with the default workers, with 0 workers (one core), and for codes and labels only.
+  more, with the default workers, with 0 workers (one core), and for codes and labels only,
+  each over other images (a store larger than the page cache is read from disk), and the
+  first read once more (the same pages, now cached: what the CPU alone allows).
 `python -c "import torch"` is timed too: the floor every start-up includes.
 
 The store lives in a temporary folder (under --dir, default the system's temporary folder) and
@@ -241,8 +243,12 @@ def measure(store: Path, work: Path, model_path: Path, args: argparse.Namespace)
     results.append(timed_run("entropy_model.calibrate --target-compression 2.06", [
         py, "-m", "entropy_model.calibrate", "--code-path", str(store), "--target-compression", "2.06"],
         {"report": r"compression .* tokens/patch"}, args.timeout))
-    for label, extra in (("default workers", []), ("0 workers (one core)", ["--read-workers", "0"]),
-                         ("default workers, codes and labels only", ["--read-plain"])):
+    # each read draws other images (its own seed), so none finds pages an earlier one cached, but
+    # the last, which repeats the first: the same reads from the page cache
+    for label, extra in (("default workers", ["--read-seed", "1"]),
+                         ("0 workers (one core)", ["--read-workers", "0", "--read-seed", "2"]),
+                         ("default workers, codes and labels only", ["--read-plain", "--read-seed", "3"]),
+                         ("default workers, the first read again (page cache)", ["--read-seed", "1"])):
         result = timed_run(f"DataLoader batches of 32, {label}", [
             py, "-m", "benchmarks.imagenet_store_rehearsal", "--read-store", str(store),
             "--read-batches", str(args.read_batches), *extra],
@@ -273,23 +279,23 @@ def _read_rates(result: dict, work: Path) -> dict:
 # ---------------------------------------------------------------------------------------
 # The DataLoader read (run in its own process by measure())
 # ---------------------------------------------------------------------------------------
-def read_store(path: Path, batches: int, workers: int | None, plain: bool, out: Path) -> None:
+def read_store(path: Path, batches: int, workers: int | None, plain: bool, seed: int, out: Path) -> None:
     """Batches of 32 through the training stream; prints "first batch" and writes images/s."""
     store = open_code_store(path)
     entropies, _ = load_entropies(str(path), code_store_hash(path))
     info = DistInfo(0, 1, 0, torch.device("cpu"))
-    run = SimpleNamespace(global_batch_size=32, grad_accum_steps=1, seed=0, num_workers=workers)
+    run = SimpleNamespace(global_batch_size=32, grad_accum_steps=1, seed=seed, num_workers=workers)
     if plain:
-        builder, dataset = GPTBatches(store.codebook_size, 1000, 0.1), CodeDataset(store, seed=0)
+        builder, dataset = GPTBatches(store.codebook_size, 1000, 0.1), CodeDataset(store, seed=seed)
     else:
         with torch.device("meta"):
             config = DPAR_models["DPAR-T"](vocab_size=store.codebook_size, block_size=store.seq_len,
                                            num_classes=1000).config
         patching = paper_patching(store.image_size)
         builder = DPARBatches(store.codebook_size, 1000, 0.1, patching, store.grid_width, config)
-        dataset = CodeDataset(store, seed=0, entropies=entropies)
+        dataset = CodeDataset(store, seed=seed, entropies=entropies)
     stream = BatchStream(dataset, builder, info, run)
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(seed)
     stream.next_step(generator)
     print("first batch", flush=True)
     started = time.monotonic()
@@ -324,6 +330,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--read-store", default=None, help=argparse.SUPPRESS)  # the DataLoader read, in its own process
     p.add_argument("--read-workers", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--read-plain", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--read-seed", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.images < 2 or args.views < 1 or args.grid < 1 or args.read_batches < 1:
         p.error("--images must be >= 2, --views, --grid and --read-batches >= 1")
@@ -340,7 +347,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     if args.read_store:
         store = Path(args.read_store)
-        read_store(store, args.read_batches, args.read_workers, args.read_plain, store.parent / "rates.json")
+        read_store(store, args.read_batches, args.read_workers, args.read_plain, args.read_seed,
+                   store.parent / "rates.json")
         return
     work = Path(tempfile.mkdtemp(prefix="store-rehearsal-", dir=args.dir))
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
