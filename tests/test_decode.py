@@ -349,3 +349,24 @@ def test_step_functions_see_a_bounded_set_of_shapes():
     assert calls["close_patches"] > 2 * len(signatures["close_patches"])
     assert len(signatures["close_patches"]) <= lengths, signatures["close_patches"]
     assert len({key[:-1] for key in signatures["close_patches"]}) == 1, signatures["close_patches"]
+
+
+def test_a_read_of_the_whole_cache_compiles_no_second_graph():
+    """The caches hold a spare slot that no read reaches, so the longest read is a strided view
+    like every other (a contiguous whole-buffer read made AOT tracing compile a second graph)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    gpt = GPT_models["GPT-T"](vocab_size=VOCAB, block_size=T, num_classes=CLASSES).eval()
+    R = 4
+    gpt.setup_caches(R, 1 + T)
+    step = torch.compile(gpt.decode, backend="aot_eager", fullgraph=True, dynamic=True)
+    tokens = torch.randint(0, VOCAB, (R,), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for length in (16, gpt.cache_length):
+            out = step(tokens, torch.full((R, 1), length - 1), length)
+            assert torch.allclose(out, gpt.decode(tokens, torch.full((R, 1), length - 1), length), atol=1e-5)
+    assert gpt.cache_length == 1 + T  # precondition: the last read covers every slot a row holds
+    assert counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()
