@@ -249,7 +249,8 @@ def test_incremental_matches_reference_in_every_mode(mode, cap, row_reset):
     cond = torch.tensor([0, 1, 2])
     sampling = Sampling(cfg_scale=2.0, top_k=1)
     uniforms = draw_uniforms(3, T, torch.Generator().manual_seed(0))
-    fast = generate_dpar(model, cond, T, sampling, uniforms, ent, patching, decoding=Decoding(read_block=8))
+    # blocks of 2 slots: read lengths 4, 6, 8, 12, ... so that steps cross many read-length boundaries
+    fast = generate_dpar(model, cond, T, sampling, uniforms, ent, patching, decoding=Decoding(read_block=2))
     slow = reference_generate_dpar(model, cond, T, sampling, uniforms, ent, patching)
     assert torch.equal(fast.tokens, slow.tokens)
     assert torch.equal(fast.num_patches, slow.num_patches)
