@@ -14,8 +14,9 @@ after the start-up, and DPAR-L's first CPU generation, 233 s). A second process 
 cache holds the step functions pays WARM_SHARE of it (measured 0.44 DPAR-T, 0.44-0.62 GPT: Dynamo
 and AOTAutograd still trace, inductor loads its compiled graphs).
 The saving per generation is tokens x layers run per token step x the saving per layer-step. CPU:
-compiled GPT-T / DPAR-T steps save 0.1-1 ms per layer-step over eager ones (1 ms is taken), so
-compiling pays only over hundreds of tiny generations. CUDA: the eager GPT-L decode measured on an
+compiled steps save 0.1-1 ms per layer-step over eager ones at GPT-T / DPAR-T size and 2-11 ms at
+GPT-XS / DPAR-XS size (256 tokens, batch 8; 3 ms is taken), so compiling pays after 11 (GPT-XS)
+to 270 (DPAR-XS) generations and only over hundreds of tiny ones. CUDA: the eager GPT-L decode measured on an
 H200 (README: 20 ms per step, 24 layers) against the 5 ms/step the CUDA graphs aim at, 0.6 ms per
 layer-step. Compiling on CUDA (Triton kernels, one CUDA-graph capture per shape) has not been
 timed, so the CPU's compile cost stands in for it: an 8-image GPT-L grid (one generation, ~9 s
@@ -39,7 +40,7 @@ GRAPH_S = 12.0  # per compiled graph, its first transformer layer included
 EXTRA_LAYER_S = 6.0  # per further transformer layer in a graph
 GRAPHS_PER_FUNCTION = 1  # measured: GPT 1 graph, DPAR 4 graphs for its 4 step functions
 WARM_SHARE = 0.5  # second process / first process, same compile cache
-SAVED_S_PER_LAYER_STEP = {"cpu": 1e-3, "cuda": (20e-3 - 5e-3) / 24}
+SAVED_S_PER_LAYER_STEP = {"cpu": 3e-3, "cuda": (20e-3 - 5e-3) / 24}
 
 
 def compile_cache_dir() -> Path:
