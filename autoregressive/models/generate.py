@@ -115,7 +115,7 @@ class Decoding:
     backend, mode: torch.compile's ("inductor" with mode "reduce-overhead" captures CUDA graphs;
         a backend may also be a callable, as torch.compile takes it).
     read_block: caches are read in blocks of this many slots, so a whole generation sees at most
-        T / read_block + 1 key lengths per step function.
+        about 2 log2(T / read_block) key lengths per step function (read_length).
     keep_caches: leave the KV caches attached after a generation: the next batch of the same size
         reuses their buffers (captured CUDA graphs keep their addresses). Free them with the
         model's remove_caches().
