@@ -239,7 +239,7 @@ def generate_dpar(
 ) -> Generated:
     """Fully incremental DPAR sampling (DESIGN.md section 4). At step i the entropy model and
     the encoder read x_{i-1}; rows whose token i opens a patch pool their finished patch and
-    advance the patch transformer by one slot (only those rows, each at its own slot); one
+    advance the patch transformer by one slot (those rows keep the result, each at its own slot); one
     decoder step then gives the logits of x_i.
 
     A patch step runs over every row, the rows that do not open a patch masked
