@@ -213,19 +213,22 @@ def collect_batches(batches: Sequence[SampleBatch], sampler: Sampler, labels: Se
     for b in batches:
         meter.add(b)
     patches = [b.num_patches.cpu().numpy() for b in batches if b.num_patches is not None]
+    starts = [b.patch_starts.cpu().numpy() for b in batches if b.patch_starts is not None]
     return {"images": np.concatenate([to_uint8(b.images, sampler.image_size) for b in batches]),
             "labels": np.asarray(labels, dtype=np.int64),
             "tokens": np.concatenate([b.tokens.cpu().numpy() for b in batches]),
             "num_patches": np.concatenate(patches) if patches else None,
+            "patch_starts": np.concatenate(starts) if starts else None,
             "throughput": meter.summary(sampler.patched)}
 
 
 def save_samples(path: Path, samples: dict) -> None:
     """npz with arr_0 (N, S, S, 3) uint8 and labels (N,) (the domain metric's input), tokens
-    (N, T) and, for DPAR, num_patches (N,)."""
+    (N, T) and, for DPAR, num_patches (N,) and patch_starts (N, T) bool (the sampler's decisions)."""
     arrays = {"arr_0": samples["images"], "labels": samples["labels"], "tokens": samples["tokens"]}
-    if samples["num_patches"] is not None:
-        arrays["num_patches"] = samples["num_patches"]
+    for key in ("num_patches", "patch_starts"):
+        if samples.get(key) is not None:
+            arrays[key] = samples[key]
     tmp = path.with_name(path.stem + ".tmp.npz")
     np.savez(tmp, **arrays)
     tmp.replace(path)

@@ -13,6 +13,7 @@ import os
 import platform
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -107,8 +108,8 @@ class Demo:
         self.log = log
 
     # -----------------------------------------------------------------------------------
-    def tool(self, name: str, *cmd, progress: Optional[str] = None) -> None:
-        run_tool([str(c) for c in cmd], self.paths.logs / f"{name}.log", ROOT, progress=progress)
+    def tool(self, name: str, *cmd, progress: Optional[str] = None, env: Optional[dict] = None) -> None:
+        run_tool([str(c) for c in cmd], self.paths.logs / f"{name}.log", ROOT, env=env, progress=progress)
 
     @property
     def device_flag(self) -> str:
@@ -316,20 +317,34 @@ class Demo:
         return {"gpt": (c.gpt_model, self.paths.models / "gpt", []),
                 "dpar": (c.dpar_model, self.paths.models / "dpar", dpar_flags)}
 
+    def side_by_side(self, count: int) -> int:
+        """How many of `count` trainings run at once: on a CPU with a core for each, all of them
+        (one process per core trains faster than one process on every core); else one."""
+        cpus = os.cpu_count() or 1
+        return count if self.device.type == "cpu" and 1 < count <= cpus else 1
+
     def train_alternating(self, runs: dict[str, tuple[str, Path, list]], rounds: int) -> None:
         """Train the runs in `rounds` alternating chunks (train_c2i.py resumes each from its
-        checkpoint), so machine load affects every model alike."""
+        checkpoint), so machine load affects every model alike. Within a round the runs train
+        side by side (side_by_side), each with its share of the CPU's threads."""
         c = self.config
         for r in range(1, rounds + 1):
             target = math.ceil(c.train_steps * r / rounds)
-            for name, (model, run_dir, flags) in runs.items():
-                if analysis.checkpoint_step(run_dir) >= target:
-                    continue
+            todo = {n: run for n, run in runs.items() if analysis.checkpoint_step(run[1]) < target}
+            jobs = self.side_by_side(len(todo))
+            env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))} if jobs > 1 else None
+
+            def train(name: str) -> None:
+                model, run_dir, flags = todo[name]
                 cmd = self.train_cmd(name, model, c.train_steps, c.batch_size, c.lr, c.warmup_steps, c.min_lr,
                                      self.paths.codes(c.image_size), self.paths.models)
                 cmd[cmd.index("--max-steps") + 1] = target
                 cmd[cmd.index("--ckpt-every") + 1] = target
-                self.tool(f"train_{name}", *cmd, *flags, progress=f"{model} (round {r}/{rounds})")
+                self.tool(f"train_{name}", *cmd, *flags, progress=f"{model} (round {r}/{rounds})", env=env)
+
+            with ThreadPoolExecutor(jobs) as pool:
+                list(pool.map(train, todo))
+            for name, (_, run_dir, _) in runs.items():
                 if analysis.checkpoint_step(run_dir) != target:
                     raise RuntimeError(f"{name} stopped before step {target}; rerun the demo to continue")
 
@@ -358,10 +373,13 @@ class Demo:
         c = self.config
         return Sampling(cfg_scale=c.cfg_scale, temperature=c.temperature, top_k=c.top_k)
 
-    def sample_sets(self, sets: dict[str, tuple[Path, Optional[PatchingOverrides]]], desc: str) -> dict:
+    def sample_sets(self, sets: dict[str, tuple[Path, Optional[PatchingOverrides]]], desc: str,
+                    seed: Optional[int] = None) -> dict:
         """Sample every set batch by batch in turn (so load affects them alike), save the .npz
-        files and score them with the domain metric. Returns name -> summary."""
+        files and score them with the domain metric. Images are drawn from `seed` (default the
+        run's). Returns name -> summary."""
         c = self.config
+        seed = c.seed if seed is None else seed
         size = c.image_size
         vq, ent = self.paths.vq_ckpt(size), self.paths.entropy_ckpt(size)
         samplers = {n: analysis.load_sampler(ck, vq, ent, self.device, self.sampling(), ov)
@@ -374,7 +392,7 @@ class Demo:
             for i in range(0, total, c.sample_batch):
                 for n, (sampler, _) in samplers.items():
                     batch = sampler.sample(labels[i:i + c.sample_batch],
-                                           [image_seed(c.seed, j) for j in range(i, min(i + c.sample_batch, total))])
+                                           [image_seed(seed, j) for j in range(i, min(i + c.sample_batch, total))])
                     parts[n].append(batch)
                     bar.update(len(batch.tokens))
         results = {}

@@ -363,7 +363,8 @@ def write_markdown(demo: Demo, d: dict, cl: dict, figs: dict, path: Path) -> Non
     add(f"- **Models**: {c.gpt_model} (LlamaGen layout, {depth_g} layers, width {gcfg['dim']}) and {c.dpar_model} "
         f"({layers(dcfg)} layers, width {dcfg['dim']}; {same}), each "
         f"{c.train_steps} steps of batch {c.batch_size}, lr {c.lr} (warmup {c.warmup_steps}), same seed, same code "
-        f"store and the same batch order; trained in {c.train_rounds} alternating rounds.")
+        f"store and the same batch order; trained in {c.train_rounds} alternating rounds"
+        f"{', both models side by side (one process per core)' if demo.side_by_side(2) > 1 else ''}.")
     add(f"- **Sampling**: {c.samples_per_class} images per class per setting, classifier-free guidance {c.cfg_scale}, "
         f"temperature {c.temperature}, top-k {c.top_k or 'off'}; image i uses the same seed in every setting.")
     clf = d["classifier"]

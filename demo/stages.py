@@ -88,6 +88,7 @@ class StageRunner:
     results: dict = field(default_factory=dict)  # name -> marker of the stages done or skipped
     total: int = 0
     count: int = 0
+    concurrent: bool = False  # stages run side by side (threads): their CPU seconds are not told apart
 
     @property
     def marker_dir(self) -> Path:
@@ -149,7 +150,7 @@ class StageRunner:
             raise RuntimeError(f"stage {stage.name} finished but its outputs are not valid: {reason}")
         marker = {
             "stage": stage.name, "identity": identity, "result": result, "run_id": uuid.uuid4().hex,
-            "seconds": time.time() - wall, "cpu_seconds": children_cpu_seconds() - cpu,
+            "seconds": time.time() - wall, "cpu_seconds": None if self.concurrent else children_cpu_seconds() - cpu,
             "load_average": [load_before, load_average()], "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
             "resumed": resume,
         }

@@ -1,6 +1,7 @@
 """Static-shape decoding: the per-step patching rule against the whole-sequence rule, compiled
 steps (fullgraph, no recompiles, same tokens as eager), host syncs per step, incremental DPAR
 against the reference path in every patching mode, and batch-composition invariance."""
+import inspect
 from collections import Counter
 
 import pytest
@@ -196,6 +197,32 @@ def test_host_syncs_per_step():
             assert (out.num_patches > GRID).all()  # gates really opened patches
 
 
+def test_every_decode_attention_runs_with_the_pinned_kernels(monkeypatch):
+    """The generation loops pin SDPA to DECODE_ATTENTION around every cached attention (prefill
+    and steps), from outside the step functions, so compiled steps hold no context manager."""
+    from autoregressive.models import modules
+
+    seen = []
+    attend = modules.Attention._attend
+
+    def recording(self, q, k, v, mask, documents=None):
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled() or not torch.backends.cuda.mem_efficient_sdp_enabled())
+        return attend(self, q, k, v, mask, documents)
+
+    ent, model = random_entropy_model(), random_dpar()
+    gpt = GPT_models["GPT-T"](vocab_size=VOCAB, block_size=T, num_classes=CLASSES).eval()
+    cond = torch.tensor([0, 1])
+    uniforms = draw_uniforms(2, T, torch.Generator().manual_seed(0))
+    patching = quantile_patching(ent)
+    monkeypatch.setattr(modules.Attention, "_attend", recording)
+    generate_gpt(gpt, cond, T, Sampling(cfg_scale=2.0), uniforms)
+    generate_dpar(model, cond, T, Sampling(cfg_scale=2.0), uniforms, ent, patching)
+    assert len(seen) > 2 * T  # every layer of every step was seen
+    assert not any(seen)  # cuDNN attention was off and the efficient kernel on, every time
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # and the pin ends with the generation
+    assert "sdpa_kernel" not in inspect.getsource(modules.Attention)
+
+
 # --------------------------------------------------------------------------------------
 # Compiled steps: fullgraph, no recompiles after warm-up, same tokens as eager
 # --------------------------------------------------------------------------------------
@@ -254,9 +281,12 @@ def test_incremental_matches_reference_in_every_mode(mode, cap, row_reset):
     slow = reference_generate_dpar(model, cond, T, sampling, uniforms, ent, patching)
     assert torch.equal(fast.tokens, slow.tokens)
     assert torch.equal(fast.num_patches, slow.num_patches)
+    assert torch.equal(fast.patch_starts, slow.patch_starts)
     if mode in ("entropy", "relative"):
         starts = patching.starts(teacher_forced_entropy(ent, fast.tokens), GRID)
         assert not (starts == starts[0]).all()  # rows opened patches at different steps
+        # the decisions made while sampling are those the whole-sequence rule gives on the finished tokens
+        assert torch.equal(fast.patch_starts, starts)
         assert int(patching.lengths(teacher_forced_entropy(ent, fast.tokens), GRID).max()) > 3 or cap is not None
 
 

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -200,3 +201,35 @@ def test_presets_are_valid_and_smoke_presets_say_so():
     assert quick.train_steps < default.train_steps and quick.vq_steps < default.vq_steps
     assert (quick.classes, quick.image_size, quick.codebook_size) == (default.classes, default.image_size,
                                                                      default.codebook_size)
+
+
+def test_quality_study_reuses_the_demo_stages_and_measures_every_run(demo_run, tmp_path):
+    """demo.quality_study on a copy of the tiny demo: the shared stages are skipped, the two seed-0
+    runs train side by side and are sampled, the held-out loss split covers every token, and the
+    sampler's patch decisions equal the entropy model's on the finished images."""
+    out = tmp_path / "study"
+    shutil.copytree(demo_run["out"], out)
+    cmd = [sys.executable, "-m", "demo.quality_study", "--tiny", "--out", str(out), "--device", "cpu", "--seeds", "1",
+           "--rows", "seeds", "boundaries", "--samples-per-class", "2", "--jobs", "2"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    states = {m.group(1): m.group(2) for m in re.finditer(r"^\[(\S+)\]\s+(skipped|running)", proc.stdout, re.M)}
+    for shared in ("data_64", "vq_64", "codes_64", "entropy_model_64", "entropy_64", "analysis_64", "classifier"):
+        assert states[shared] == "skipped", proc.stdout
+    d = json.loads((out / "quality_study.json").read_text())
+    assert set(d["runs"]) == {"gpt_seed0", "dpar_seed0"}
+    for name, run in d["runs"].items():
+        assert run["steps"] == 8 and math.isfinite(run["fd"]) and 0 <= run["class_consistency"] <= 1
+        held = run["held_out"]
+        shares = held["row_start_share"] + held["patch_start_share"] + held["inside_patch_share"]
+        assert shares == pytest.approx(1.0)
+        assert held["patch_start_share"] > 0 and held["inside_patch_share"] > 0  # the split has all three kinds
+        weighted = sum(held[k] * held[f"{k}_share"] for k in ("row_start", "patch_start", "inside_patch"))
+        assert weighted == pytest.approx(held["all"], rel=1e-6)
+    decisions = d["runs"]["dpar_seed0"]["patch_decisions"]
+    assert decisions["tokens"] == 6 * 16 * 16 and decisions["differing"] == 0
+    with np.load(out / "samples" / "dpar_seed0.npz") as data:
+        starts = data["patch_starts"]
+    # real patching: some tokens joined a patch, and the rows opened patches at different steps
+    assert (~starts).any() and len(set(starts.sum(1).tolist())) > 1
+    assert "## Seed spread" in (out / "quality_study.md").read_text()

@@ -566,6 +566,7 @@ def _factory(n_encoder_layer: int, n_patch_layer: int, n_decoder_layer: int, n_h
 DPAR_models = {
     "DPAR-T": _factory(1, 1, 1, 4, 64),  # tests
     "DPAR-XS": _factory(1, 2, 1, 6, 192),  # CPU runs
+    "DPAR-XS8": _factory(1, 5, 2, 6, 192),  # CPU runs with most layers over patches, like DPAR-B
     "DPAR-S": _factory(1, 5, 2, 6, 384),
     "DPAR-B": _factory(1, 8, 3, 12, 768),
     "DPAR-L": _factory(1, 19, 4, 16, 1024),

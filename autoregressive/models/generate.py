@@ -21,9 +21,9 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from autoregressive.models import model_family
-from autoregressive.models.modules import read_length
+from autoregressive.models.modules import decode_attention, read_length
 from entropy_model.entropy import IncrementalEntropy, entropy_from_logits
-from entropy_model.patching import PatchingConfig, StepRule
+from entropy_model.patching import PatchingConfig, StepRule, starts_from_lengths
 
 
 def top_k_top_p_filtering(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -166,9 +166,11 @@ class Generated:
     tokens: torch.Tensor  # (B, T) codes
     num_patches: Optional[torch.Tensor] = None  # (B,) patch-transformer steps per image (DPAR)
     logits: Optional[torch.Tensor] = None  # (R, T, V) raw model logits per step, when kept
+    patch_starts: Optional[torch.Tensor] = None  # (B, T) bool: token i opened a patch (DPAR)
 
 
 @torch.no_grad()
+@decode_attention()
 def generate_gpt(
     model, cond: torch.Tensor, max_new_tokens: int, sampling: Sampling, uniforms: torch.Tensor,
     decoding: Optional[Decoding] = None,
@@ -226,6 +228,7 @@ def generate(
 # DPAR
 # --------------------------------------------------------------------------------------
 @torch.no_grad()
+@decode_attention()
 def generate_dpar(
     model,
     cond: torch.Tensor,
@@ -272,6 +275,8 @@ def generate_dpar(
         tokens = torch.empty(B, T, dtype=torch.long, device=dev)
         patch_start = torch.zeros(B, dtype=torch.long, device=dev)
         num_patches = torch.ones(B, dtype=torch.long, device=dev)
+        patch_starts = torch.zeros(B, T, dtype=torch.bool, device=dev)
+        patch_starts[:, 0] = True
         model.start_patches(cond_all, read_length(1, capacity, block))
         prev_entropy = scorer.start() if scorer else None
         start_vector = model.decoder_start.to(model.tok_embeddings.weight.dtype).expand(R, -1).contiguous()
@@ -283,6 +288,7 @@ def generate_dpar(
             entropy = scorer.step(previous, i) if scorer else None
             opens = rule.opens(i, entropy, prev_entropy, i - patch_start)  # (B,)
             prev_entropy = entropy.clone() if entropy is not None else None  # outputs live until the next call
+            patch_starts[:, i] = opens
             h = encode(previous, torch.full((B, 1), i - 1, device=dev), read_length(i, capacity, block))  # (B, dim)
             u = h.repeat(copies, 1)  # (R, dim) decoder input u_i = h_{i-1}
             n, top = torch.stack([opens.sum(), num_patches.max()]).to("cpu", copy=True).tolist()  # the host read
@@ -300,7 +306,7 @@ def generate_dpar(
             model.remove_caches()
         if scorer:
             scorer.close()
-    return Generated(tokens, num_patches, torch.stack(kept, dim=1) if keep_logits else None)
+    return Generated(tokens, num_patches, torch.stack(kept, dim=1) if keep_logits else None, patch_starts)
 
 
 @torch.no_grad()
@@ -325,4 +331,4 @@ def reference_generate_dpar(
         logits, _ = model(tokens.repeat(copies, 1), cond_all, lengths.repeat(copies, 1))
         nxt = sampling.pick(logits[:, -1], i, uniforms[:, i])
         tokens = torch.cat([tokens, nxt[:, None]], dim=1)
-    return Generated(tokens, (lengths > 0).sum(-1))
+    return Generated(tokens, (lengths > 0).sum(-1), patch_starts=starts_from_lengths(lengths))

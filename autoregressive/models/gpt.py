@@ -177,6 +177,7 @@ def _factory(n_layer: int, n_head: int, dim: int):
 GPT_models = {
     "GPT-T": _factory(2, 4, 64),  # tests
     "GPT-XS": _factory(4, 6, 192),  # CPU runs
+    "GPT-XS8": _factory(8, 6, 192),  # CPU runs at DPAR-B-like proportions (demo.quality_study)
     "GPT-S": _factory(8, 6, 384),  # default entropy model
     "GPT-B": _factory(12, 12, 768),  # 111M
     "GPT-L": _factory(24, 16, 1024),  # 343M

@@ -244,8 +244,15 @@ def read_length(needed: int, capacity: int, block: int) -> int:
 
 
 # Attention kernels for KV-cached decoding, pinned so that no step depends on a per-shape
-# choice (cuDNN attention builds a new plan for every key length).
+# choice (cuDNN attention builds a new plan for every key length). The generation loops run in
+# decode_attention(), entered outside every compiled step function: a context manager inside a
+# compiled function keeps its graph out of the AOTAutograd cache.
 DECODE_ATTENTION = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
+
+
+def decode_attention():
+    """The context the decode steps run in: SDPA restricted to DECODE_ATTENTION."""
+    return sdpa_kernel(list(DECODE_ATTENTION))
 
 
 class Attention(nn.Module):
@@ -288,8 +295,7 @@ class Attention(nn.Module):
     def decode(self, x, freqs_cis, input_pos: torch.Tensor, length: Optional[int] = None) -> torch.Tensor:
         q, k, v = self._qkv(x, freqs_cis)
         k, v, mask = self.kv_cache.update(input_pos, k, v, length)
-        with sdpa_kernel(list(DECODE_ATTENTION)):
-            return self._attend(q, k, v, mask=mask)
+        return self._attend(q, k, v, mask=mask)
 
 
 class DropPath(nn.Module):

@@ -47,6 +47,7 @@ class SampleBatch:
     tokens: torch.Tensor  # (B, T) codes
     num_patches: Optional[torch.Tensor]  # (B,) patch-transformer steps per image (DPAR)
     seconds: float  # token generation time (excludes VQ decoding)
+    patch_starts: Optional[torch.Tensor] = None  # (B, T) bool: the tokens that opened a patch (DPAR)
 
 
 class Sampler:
@@ -114,7 +115,7 @@ class Sampler:
         B, h = cond.shape[0], self.grid_size
         shape = (B, self.vq.config.codebook_embed_dim, h, h)
         images = self.vq.decode_code(out.tokens, shape).float()  # (B, 3, H, W)
-        return SampleBatch(images, out.tokens, out.num_patches, seconds)
+        return SampleBatch(images, out.tokens, out.num_patches, seconds, out.patch_starts)
 
 
 @dataclass
