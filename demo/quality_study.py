@@ -12,7 +12,7 @@ consistency):
   seeds         GPT-XS and DPAR-XS with training seeds 0, 1 and 2 (the data stays seed 0)
   architecture  DPAR-XS with every token its own patch (patching mode "token")
   patching      DPAR-XS with static patches of the calibrated mean length
-  proportions   GPT-S (8 layers) against DPAR-S (E1 G5 D2), and DPAR-XS as E1 G1 D2
+  proportions   GPT-XS8 (8 layers) against DPAR-XS8 (E1 G5 D2), and DPAR-XS as E1 G1 D2
   convergence   GPT-XS and DPAR-XS at twice the steps, sampled at every quarter
   boundaries    (no training) teacher-forced loss on held-out codes, split into the first tokens
                 of patches and the rest, for every finished run; the share of sampled tokens whose
