@@ -26,13 +26,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import os
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -45,8 +43,8 @@ from autoregressive.sample.loading import PatchingOverrides, sampling_patching
 from demo import analysis
 from demo.config import DemoConfig, preset, stage_params
 from demo.figures import line_plot
-from demo.pipeline import ROOT, Demo, clear_stale, machine_description
-from demo.stages import Stage, print_now, read_json, write_json_atomic
+from demo.pipeline import Demo, clear_stale, machine_description
+from demo.stages import Stage, read_json, write_json_atomic
 from entropy_model.entropy import teacher_forced_entropy
 from entropy_model.patching import PatchingConfig, quantize_entropy
 from entropy_tools.score import load_entropy_model
@@ -140,8 +138,7 @@ class QualityStudy:
             self.demo.tool(f"train_{run.name}", *cmd, *flags, progress=f"{run.name}",
                            env={"OMP_NUM_THREADS": str(threads)})
             summary = analysis.training_summary(run_dir, c.batch_size)
-            return {"threads": threads, **{k: v for k, v in summary.items() if k != "loss_curve"},
-                    "loss_curve": summary["loss_curve"]}
+            return {"threads": threads, **summary}
 
         def validate() -> None:
             if analysis.checkpoint_step(run_dir) != steps:
@@ -152,10 +149,12 @@ class QualityStudy:
 
     def patching_flags(self, run: Run) -> list:
         """Entropy patching at the calibrated tau, unless the run's own flags pick another mode."""
-        if "--patching-mode" in run.flags:  # token patches have no cap; static ones keep the demo's
-            return [] if "token" in run.flags else ["--max-patch-length", self.config.max_patch_length]
-        flags = ["--max-patch-length", self.config.max_patch_length]
-        return flags + ["--entropy-model", self.paths.entropy_ckpt(self.size),
+        if "token" in run.flags:  # one token per patch: no cap
+            return []
+        cap = ["--max-patch-length", self.config.max_patch_length]
+        if "--patching-mode" in run.flags:  # static patches keep the demo's cap
+            return cap
+        return cap + ["--entropy-model", self.paths.entropy_ckpt(self.size),
                         "--threshold", repr(self.demo.main_analysis()["patching"]["threshold"])]
 
     def checkpoints(self, run: Run) -> list[tuple[int, Path]]:
@@ -213,7 +212,7 @@ class QualityStudy:
     def held_out_codes(self) -> Path:
         return self.paths.res(self.size) / "codes_held_out"
 
-    def held_out_stages(self) -> list[Stage]:
+    def held_out_stage(self) -> Stage:
         size, codes = self.size, self.held_out_codes
 
         def extract() -> dict:
@@ -227,9 +226,9 @@ class QualityStudy:
         def validate() -> None:
             analysis.stored_entropies(codes, self.paths.entropy_ckpt(size))
 
-        return [Stage("codes_held_out", "VQ codes and entropies of the held-out images (no model trains on them)",
-                      {"size": size}, extract, validate, outputs=[codes],
-                      deps=[f"vq_{size}", f"entropy_model_{size}", f"data_{size}"])]
+        return Stage("codes_held_out", "VQ codes and entropies of the held-out images (no model trains on them)",
+                     {"size": size}, extract, validate, outputs=[codes],
+                     deps=[f"vq_{size}", f"entropy_model_{size}", f"data_{size}"])
 
     def boundary_stage(self, runs: Sequence[Run]) -> Stage:
         finished = {r.name: self.training_id(r) for r in runs if self.training_id(r)}
@@ -312,8 +311,7 @@ class QualityStudy:
             list(pool.map(self.train_and_sample, selected))  # in order; the first failure is raised
         self.runner.concurrent = False
         if "boundaries" in rows:
-            for stage in self.held_out_stages():
-                self.runner.run(stage)
+            self.runner.run(self.held_out_stage())
             self.runner.run(self.boundary_stage(self.runs))
 
 
