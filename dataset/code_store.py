@@ -394,6 +394,29 @@ def advise_random_access(array: Any) -> None:
         mapping.madvise(mmap.MADV_RANDOM)
 
 
+def item_pages(array: np.memmap, items: np.ndarray) -> list[tuple[int, int]]:
+    """(start, length) in the array's mapping of the pages that hold each item; items (K, d)
+    index the first d axes of the memory-mapped array (e.g. (image, view) of codes (N, views, T)).
+    Starts are page-aligned and distinct."""
+    d = items.shape[1]
+    item_bytes = array.strides[d - 1]
+    # np.memmap maps the file from the allocation-granular start below the data offset
+    first = array.offset % mmap.ALLOCATIONGRANULARITY + items.astype(np.int64) @ np.asarray(array.strides[:d])
+    page = mmap.PAGESIZE
+    size = len(array.base)
+    return [(start, min(item_bytes + page, size - start)) for start in np.unique(first // page * page).tolist()]
+
+
+def prefetch_items(array: Any, items: np.ndarray) -> None:
+    """Ask the kernel to start reading items (K, d) of a memory-mapped array now (MADV_WILLNEED
+    queues the reads and returns), so that a batch's reads wait on the disk once instead of once
+    per item. Arrays that are not a whole memory-mapped file (np.load(mmap_mode="r")) are left alone."""
+    if not isinstance(getattr(array, "base", None), mmap.mmap) or not hasattr(mmap, "MADV_WILLNEED") or not len(items):
+        return
+    for start, length in item_pages(array, items):
+        array.base.madvise(mmap.MADV_WILLNEED, start, length)
+
+
 class CodeDataset(Dataset):
     """Item i: (codes (T,) int64 of one augmented view, label () int64[, entropy (T,) float32
     of the same view]). The view is drawn from (seed, epoch, i) alone, so a run is
@@ -424,8 +447,20 @@ class CodeDataset(Dataset):
             return 0
         return int(np.random.default_rng([self.seed, self.epoch, index]).integers(self.store.num_views))
 
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, ...]]:
+        """The items of one batch (the DataLoader's batched fetch): their reads from the
+        memory-mapped store are started together (prefetch_items), then read as __getitem__ does."""
+        rows = np.asarray(indices, dtype=np.int64)
+        views = np.array([self.view_index(i) for i in indices], dtype=np.int64)
+        items = np.stack([rows, views], axis=1)  # (K, 2)
+        for array in (self.store.codes, self.entropies):
+            prefetch_items(array, items)
+        return [self.item(int(i), int(v)) for i, v in zip(rows, views)]
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
-        view = self.view_index(index)
+        return self.item(index, self.view_index(index))
+
+    def item(self, index: int, view: int) -> tuple[torch.Tensor, ...]:
         codes = torch.from_numpy(np.array(self.store.codes[index][view], dtype=np.int64))  # (T,)
         label = torch.tensor(int(self.store.labels[index]), dtype=torch.int64)
         if self.entropies is None:

@@ -13,6 +13,8 @@ consistency):
   architecture  DPAR-XS with every token its own patch (patching mode "token")
   patching      DPAR-XS with static patches of the calibrated mean length
   proportions   GPT-XS8 (8 layers) against DPAR-XS8 (E1 G5 D2), and DPAR-XS as E1 G1 D2
+  positions     DPAR-XS with LlamaGen's 2D RoPE (row, first column) on the patch transformer
+                instead of dynamic RoPE, with every token its own patch and with entropy patches
   convergence   GPT-XS and DPAR-XS at twice the steps, sampled at every quarter
   boundaries    (no training) teacher-forced loss on held-out codes, split into the first tokens
                 of patches and the rest, for every finished run; the share of sampled tokens whose
@@ -52,7 +54,7 @@ from dataset.code_store import open_code_store
 from utils.checkpoint import checkpoint_dir
 from utils.cli import HelpFormatter
 
-ROWS = ("seeds", "architecture", "patching", "proportions", "convergence", "boundaries")
+ROWS = ("seeds", "architecture", "patching", "proportions", "positions", "convergence", "boundaries")
 SEEDS = 3  # training seeds 0, 1, 2 of GPT-XS and DPAR-XS
 CONVERGENCE_POINTS = 4  # the long runs are sampled at every quarter of their steps
 STUDY_SAMPLES_PER_CLASS = 50
@@ -89,6 +91,9 @@ def study_runs(config: DemoConfig, seeds: int = SEEDS) -> list[Run]:
                  flags=("--patching-mode", "static", "--static-length", str(config.static_mean_length))),
              Run("gpt_8layer", "GPT-XS8", "proportions", "GPT, 8 layers"),
              Run("dpar_e1g5d2", "DPAR-XS8", "proportions", "DPAR as E1 G5 D2 (8 layers)"),
+             Run("dpar_token_rope2d", xs_dpar, "positions", "DPAR, every token its own patch, 2D RoPE on patches",
+                 flags=("--patching-mode", "token", "--patch-rope", "2d")),
+             Run("dpar_rope2d", xs_dpar, "positions", "DPAR, 2D RoPE on patches", flags=("--patch-rope", "2d")),
              Run("gpt_long", xs_gpt, "convergence", "GPT, twice the steps", steps_factor=2),
              Run("dpar_long", xs_dpar, "convergence", "DPAR, twice the steps", steps_factor=2)]
     return runs

@@ -1,5 +1,6 @@
 """Synthetic ImageFolder, augmentations, ImageFolder loading, code store and CodeDataset."""
 import hashlib
+import mmap
 import json
 import os
 import random
@@ -13,7 +14,7 @@ from PIL import Image
 import dataset.code_store as code_store_module
 import utils.file_identity as file_identity
 from dataset.augmentation import center_crop_arr, random_crop_arr, ten_crops
-from dataset.code_store import (CodeDataset, CodeStoreWriter, check_code_store, code_store_hash,
+from dataset.code_store import (CodeDataset, CodeStoreWriter, check_code_store, code_store_hash, item_pages,
                                 open_code_store)
 from dataset.imagefolder import CheckedImageFolderDataset, ImageFolderDataset, list_image_folder, to_tensor
 from dataset.synthetic import FAMILIES, class_names, generate_dataset, mask_dir
@@ -106,13 +107,6 @@ def test_synthetic_palette_and_flat_share(tmp_path):
                 {"radius": (0.3, 0.2)}, {"radius": (0.0, 0.2)}, {"radius": (0.3, 0.6)}):
         with pytest.raises(ValueError):
             generate_dataset(tmp_path / "bad", classes=2, per_class=1, size=16, **bad)
-
-
-def test_synthetic_generation_speed(tmp_path):
-    import time
-    t = time.perf_counter()
-    generate_dataset(tmp_path / "speed", classes=10, per_class=20, size=64)
-    assert time.perf_counter() - t < 5.0  # 200 images; 1000 take a few seconds
 
 
 # ---------------------------------------------------------------- augmentations
@@ -432,6 +426,10 @@ def test_code_dataset_views(tmp_path):
     with pytest.raises(ValueError, match="entropies"):
         CodeDataset(store, entropies=entropies[:, :1])
 
+    batched = a.__getitems__([5, 0, 39, 5])  # the DataLoader's batched fetch (prefetched reads)
+    for i, item in zip([5, 0, 39, 5], batched):
+        assert all(torch.equal(x, y) for x, y in zip(item, a[i]))
+
     _write_store(tmp_path / "one", codes[:, :1], labels)
     one = CodeDataset(open_code_store(tmp_path / "one"), seed=3)
     one.set_epoch(5)
@@ -479,3 +477,25 @@ def test_code_dataset_advises_random_reads(tmp_path):
     dataset = CodeDataset(store, seed=0, entropies=entropies)
     assert all(" rr" in f for f in _vm_flags(codes_file) + _vm_flags(entropy_file)) and _vm_flags(entropy_file)
     np.testing.assert_array_equal(dataset[4][0], codes[4, dataset.view_index(4)])
+
+
+def test_item_pages_cover_the_items(tmp_path):
+    """The pages a batch's prefetch asks for hold exactly the bytes its items are read from."""
+    rng = np.random.default_rng(11)
+    n, views, t = 300, 3, 576  # items of 1152 bytes: many straddle a page boundary
+    codes = rng.integers(0, 16384, size=(n, views, t))
+    _write_store(tmp_path / "s", codes, rng.integers(0, 10, size=n))
+    array = open_code_store(tmp_path / "s").codes
+    items = np.stack([rng.integers(0, n, 64), rng.integers(0, views, 64)], axis=1)
+    pages = item_pages(array, items)
+    assert len({start for start, _ in pages}) == len(pages) and all(s % mmap.PAGESIZE == 0 for s, _ in pages)
+    straddling = 0
+    for i, v in items:
+        data = codes[i, v].astype(np.uint16).tobytes()
+        holding = [(s, l) for s, l in pages if data in array.base[s:s + l]]
+        assert holding, f"item ({i}, {v}) is in none of the prefetched pages"
+        first = array.offset % mmap.ALLOCATIONGRANULARITY + array.strides[0] * i + array.strides[1] * v
+        straddling += first // mmap.PAGESIZE != (first + len(data) - 1) // mmap.PAGESIZE
+    assert straddling > 0  # the precondition: some items cross a page boundary
+    assert item_pages(array, items[:0]) == []
+

@@ -11,6 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from autoregressive.models.dpar import DPAR_models, PatchLayout, build_patch_layout
 from autoregressive.models.gpt import GPT_models
 from autoregressive.models.modules import chunked_cross_entropy
+from autoregressive.train.data import TrainBatch
 from autoregressive.train.model import compile_model
 from entropy_model.patching import patch_lengths_from_starts, patch_starts
 
@@ -87,32 +88,33 @@ def test_gpt_training_forward_is_one_graph():
 # Bounded graphs and compiled == eager
 # --------------------------------------------------------------------------------------
 def test_dpar_whole_model_compile_matches_eager_without_recompiles():
-    """Two packed lengths warm the buckets (a static graph, then one with the length dynamic);
-    ten more batches with new layouts compile nothing, and every step's loss and gradients
-    equal the eager model's."""
+    """Layouts reach the model as the trainer moves them (TrainBatch.to marks their sizes
+    dynamic): the first batch compiles the one graph that serves every packed length; ten more
+    batches with new layouts compile nothing, and every step's loss and gradients equal the
+    eager model's."""
     eager, compiled = dpar(**NO_DROPOUT), dpar(**NO_DROPOUT)
     torch._dynamo.reset()
     counters.clear()
     compile_model(compiled, "model", backend="aot_eager")
-    seeds = iter(range(100))
-    warm = set()
-    while len(warm) < 2:  # warm-up: the first two distinct packed lengths
-        codes, cond, lengths = batch(next(seeds))
+
+    def trainer_layout(lengths):
         layout = build_patch_layout(lengths, compiled.config, packed=True)
-        warm.add(layout.n_slots)
-        assert_close(loss_and_grads(compiled, codes, cond, layout), loss_and_grads(eager, codes, cond, layout))
-    graphs = counters["stats"]["unique_graphs"]
-    assert graphs == 2
+        return TrainBatch({"patch_lengths": layout}, 0, 0).to(torch.device("cpu")).inputs["patch_lengths"]
+
+    codes, cond, lengths = batch(0)
+    first = trainer_layout(lengths)
+    assert_close(loss_and_grads(compiled, codes, cond, first), loss_and_grads(eager, codes, cond, first))
+    assert counters["stats"]["unique_graphs"] == 1
     slots, counts = set(), set()
     with torch._dynamo.config.patch(error_on_recompile=True):
-        for _ in range(10):
-            codes, cond, lengths = batch(next(seeds))
-            layout = build_patch_layout(lengths, compiled.config, packed=True)
+        for seed in range(1, 11):
+            codes, cond, lengths = batch(seed)
+            layout = trainer_layout(lengths)
             slots.add(layout.n_slots)
             counts.add(tuple((lengths > 0).sum(-1).tolist()))
             assert_close(loss_and_grads(compiled, codes, cond, layout), loss_and_grads(eager, codes, cond, layout))
-    assert len(counts) == 10 and len(slots - warm) >= 1  # new layouts, and packed lengths not seen in warm-up
-    assert counters["stats"]["unique_graphs"] == graphs
+    assert len(counts) == 10 and len(slots - {first.n_slots}) >= 2  # new layouts and packed lengths
+    assert counters["stats"]["unique_graphs"] == 1
     torch._dynamo.reset()
 
 
@@ -258,3 +260,33 @@ def test_log_speed_leaves_out_the_warmup(tmp_path):
         assert r["images_per_s"] == pytest.approx(4 * r["steps_per_s"]) and r["tokens_per_s"] == pytest.approx(
             64 * r["steps_per_s"])
     assert log[1]["loss"] == 3.5 and log[2]["loss"] == 5.5  # losses still cover every step
+
+
+def test_training_graph_is_cacheable_across_processes():
+    """The AOTAutograd cache (a second process loads the compiled forward and backward) accepts
+    the training graph only with custom autograd Functions allowed, which compile_model does:
+    without it the chunked loss alone makes every training compile bypass the cache."""
+    from torch._functorch._aot_autograd.autograd_cache import BypassAOTAutogradCache, check_cacheable
+
+    captured = []
+
+    def capture(gm, example_inputs):
+        captured.append(gm)
+        return gm.forward
+
+    model = dpar(**NO_DROPOUT)
+    codes, cond, lengths = batch(0)
+    layout = build_patch_layout(lengths, model.config, packed=True)
+    torch._dynamo.reset()
+    torch.compile(model, backend=capture, fullgraph=True)(codes[:, :-1], cond, layout, targets=codes,
+                                                          return_logits=False)
+    torch._dynamo.reset()
+    (graph,) = captured
+    config = torch._functorch.config
+    with config.patch(autograd_cache_allow_custom_autograd_functions=False):
+        with pytest.raises(BypassAOTAutogradCache, match="FunctionCtx|autograd"):
+            check_cacheable(graph)  # the precondition: the chunked loss is what the cache refuses
+    with config.patch(autograd_cache_allow_custom_autograd_functions=False):
+        compile_model(torch.nn.Linear(2, 2), "model", backend="eager")
+        assert config.autograd_cache_allow_custom_autograd_functions
+        check_cacheable(graph)

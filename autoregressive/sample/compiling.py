@@ -11,8 +11,8 @@ The compiler's start-up costs 14 s once; a one-layer step function 12 s; each fu
 less than the first because identical layers generate identical kernels, which are compiled once
 (fit: a one-layer GPT step 10-12 s, GPT-T's 2 x 2-layer graphs 41 s, DPAR-T's 9 graphs 114 s, each
 after the start-up, and DPAR-L's first CPU generation, 233 s). A second process whose compile
-cache holds the step functions pays WARM_SHARE of it (measured 0.44 DPAR-T, 0.44-0.62 GPT: Dynamo
-and AOTAutograd still trace, inductor loads its compiled graphs).
+cache holds the step functions pays WARM_SHARE of it (measured 0.29 GPT-T, 0.33 DPAR-T: Dynamo
+still traces, AOTAutograd and inductor load their compiled graphs).
 The saving per generation is tokens x layers run per token step x the saving per layer-step. CPU:
 compiled steps save 0.1-1 ms per layer-step over eager ones at GPT-T / DPAR-T size and 2-11 ms at
 GPT-XS / DPAR-XS size (256 tokens, batch 8; 3 ms is taken), so compiling pays after 11 (GPT-XS)
@@ -39,7 +39,7 @@ PROCESS_S = 14.0  # the compiler's start-up, once per process
 GRAPH_S = 12.0  # per compiled graph, its first transformer layer included
 EXTRA_LAYER_S = 6.0  # per further transformer layer in a graph
 GRAPHS_PER_FUNCTION = 1  # measured: GPT 1 graph, DPAR 4 graphs for its 4 step functions
-WARM_SHARE = 0.5  # second process / first process, same compile cache
+WARM_SHARE = 0.3  # second process / first process, same compile cache
 SAVED_S_PER_LAYER_STEP = {"cpu": 3e-3, "cuda": (20e-3 - 5e-3) / 24}
 
 

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torch.utils.data.dataloader import default_collate
 
 from autoregressive.models import model_family
-from autoregressive.models.dpar import DPARConfig, build_patch_layout
+from autoregressive.models.dpar import DPARConfig, PatchLayout, build_patch_layout
 from autoregressive.models.modules import drop_labels
 from autoregressive.train.guards import TrainingError
 from dataset.code_store import CodeDataset, CodeStore, check_code_store, code_store_hash, open_code_store
@@ -172,8 +172,11 @@ class TrainBatch:
     patches: Optional[int] = None
 
     def to(self, device: torch.device) -> "TrainBatch":
-        """Copies queued with non_blocking=True (from pinned memory when the loader pins it)."""
+        """Copies queued with non_blocking=True (from pinned memory when the loader pins it).
+        A DPAR layout's batch-dependent sizes are marked dynamic, so that a compiled training
+        step compiles its shape-generic graph on the first batch (PatchLayout.mark_dynamic)."""
         inputs = {k: v.to(device, non_blocking=True) if v is not None else None for k, v in self.inputs.items()}
+        inputs = {k: v.mark_dynamic() if isinstance(v, PatchLayout) else v for k, v in inputs.items()}
         return TrainBatch(inputs, self.tokens, self.images, self.patches)
 
 
