@@ -191,6 +191,50 @@ def test_dpar_batches_carry_patch_lengths(tmp_path):
                         max_steps=1))
 
 
+def test_dpar_batches_from_workers_equal_the_in_process_ones(tmp_path):
+    """A DPAR batch (codes, labels and a packed layout of a dozen tensors) travels from a worker
+    as two buffers (pack_tensors) and arrives equal to the batch built in the main process."""
+    from autoregressive.models.dpar import DPAR_models
+    from autoregressive.train.data import DPARBatches, pack_tensors
+    from entropy_model.patching import PatchingConfig
+
+    store = open_code_store(make_store(tmp_path / "codes", count=24))
+    rng = np.random.default_rng(5)
+    entropies = (rng.random((24, 2, GRID * GRID)) * 4).astype(np.float16)
+    config = DPAR_models["DPAR-T"](vocab_size=VOCAB, block_size=GRID * GRID, num_classes=CLASSES,
+                                   pack_multiple=8).config
+    builder = DPARBatches(VOCAB, CLASSES, 0.1, PatchingConfig("entropy", 2.0, 4, True), GRID, config)
+    dataset = CodeDataset(store, seed=1, entropies=entropies)
+    order = [int(i) for i in rng.permutation(24)]
+    raw = builder.collate(dataset.__getitems__(order[:8]))
+    buffers, _ = pack_tensors(raw)
+    assert len(buffers) == 2 and set(buffers) == {torch.int64, torch.int32}  # every tensor in two buffers
+
+    def batches(workers):
+        loader = torch.utils.data.DataLoader(dataset, batch_size=8, sampler=order, num_workers=workers,
+                                             collate_fn=builder.collate)
+        generator = torch.Generator().manual_seed(0)
+        return [builder(r, generator) for r in loader]
+
+    def flat(batch):
+        layout = batch.inputs["patch_lengths"]
+        docs = layout.documents
+        assert docs is not None  # precondition: packed layouts, with their documents
+        tensors = [batch.inputs["idx"], batch.inputs["cond_idx"], batch.inputs["targets"], layout.token_slot,
+                   layout.decoder_slot, layout.class_slot, layout.slot_geometry, docs.cu_seqlens, docs.doc_ids,
+                   docs.grid_index, docs.slot_index]
+        return tensors, (docs.max_seqlen, batch.patches)
+
+    here, there = batches(0), batches(2)
+    assert len(here) == len(there) == 3
+    counts = set()
+    for a, b in zip(here, there):
+        (ta, ma), (tb, mb) = flat(a), flat(b)
+        assert ma == mb and all(x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(ta, tb))
+        counts.add(a.patches)
+    assert len(counts) > 1  # precondition: the batches' patchings differ
+
+
 def test_nonfinite_loss_stops_naming_the_step(store, tmp_path):
     """lr 1e30 makes step 2's loss non-finite; the step-2 checkpoint is never written."""
     with pytest.raises(SystemExit, match=r"^error: non-finite loss or gradient at step 2;"):
