@@ -9,7 +9,8 @@ demo's stages, done markers included) and trains these runs, each then sampled a
 and scored with the domain metric (Frechet distance on the classifier's features, class
 consistency):
 
-  seeds         GPT-XS and DPAR-XS with training seeds 0, 1 and 2 (the data stays seed 0)
+  seeds         GPT-XS and DPAR-XS with training seeds 0, 1 and 2 (the data stays seed 0); the
+                8-layer pair of the proportions row gets seeds 1 and 2 too
   architecture  DPAR-XS with every token its own patch (patching mode "token")
   patching      DPAR-XS with static patches of the calibrated mean length
   proportions   GPT-XS8 (8 layers) against DPAR-XS8 (E1 G5 D2), and DPAR-XS as E1 G1 D2
@@ -58,6 +59,9 @@ ROWS = ("seeds", "architecture", "patching", "proportions", "positions", "conver
 SEEDS = 3  # training seeds 0, 1, 2 of GPT-XS and DPAR-XS
 CONVERGENCE_POINTS = 4  # the long runs are sampled at every quarter of their steps
 STUDY_SAMPLES_PER_CLASS = 50
+# the seed-spread groups: (label, run-name prefix before "_seed<k>", the seed-0 run)
+SEED_FAMILIES = (("GPT-XS", "gpt", "gpt_seed0"), ("DPAR-XS", "dpar", "dpar_seed0"),
+                 ("GPT-XS8", "gpt_8layer", "gpt_8layer"), ("DPAR-XS8", "dpar_e1g5d2", "dpar_e1g5d2"))
 
 
 @dataclass(frozen=True)
@@ -78,8 +82,10 @@ class Run:
 
 
 def study_runs(config: DemoConfig, seeds: int = SEEDS) -> list[Run]:
-    """Every run, in training order: pairs that belong together come one after the other."""
-    xs_gpt, xs_dpar = config.gpt_model, config.dpar_model
+    """Every run, in training order: pairs that belong together come one after the other. The
+    4-layer pair is GPT-XS / DPAR-XS whatever the preset's model size; the tiny preset (tests)
+    keeps its own."""
+    xs_gpt, xs_dpar = ("GPT-XS", "DPAR-XS") if config.preset != "tiny" else (config.gpt_model, config.dpar_model)
     runs = [Run("gpt_seed0", xs_gpt, "seeds", "GPT, seed 0"), Run("dpar_seed0", xs_dpar, "seeds", "DPAR, seed 0"),
             Run("dpar_token", xs_dpar, "architecture", "DPAR, every token its own patch",
                 flags=("--patching-mode", "token")),
@@ -90,12 +96,16 @@ def study_runs(config: DemoConfig, seeds: int = SEEDS) -> list[Run]:
     runs += [Run("dpar_static", xs_dpar, "patching", f"DPAR, static patches of mean length {config.static_mean_length:g}",
                  flags=("--patching-mode", "static", "--static-length", str(config.static_mean_length))),
              Run("gpt_8layer", "GPT-XS8", "proportions", "GPT, 8 layers"),
-             Run("dpar_e1g5d2", "DPAR-XS8", "proportions", "DPAR as E1 G5 D2 (8 layers)"),
-             Run("dpar_token_rope2d", xs_dpar, "positions", "DPAR, every token its own patch, 2D RoPE on patches",
+             Run("dpar_e1g5d2", "DPAR-XS8", "proportions", "DPAR as E1 G5 D2 (8 layers)")]
+    runs += [Run("dpar_token_rope2d", xs_dpar, "positions", "DPAR, every token its own patch, 2D RoPE on patches",
                  flags=("--patching-mode", "token", "--patch-rope", "2d")),
              Run("dpar_rope2d", xs_dpar, "positions", "DPAR, 2D RoPE on patches", flags=("--patch-rope", "2d")),
              Run("gpt_long", xs_gpt, "convergence", "GPT, twice the steps", steps_factor=2),
              Run("dpar_long", xs_dpar, "convergence", "DPAR, twice the steps", steps_factor=2)]
+    for seed in range(1, seeds):
+        runs += [Run(f"gpt_8layer_seed{seed}", "GPT-XS8", "proportions", f"GPT, 8 layers, seed {seed}", seed=seed),
+                 Run(f"dpar_e1g5d2_seed{seed}", "DPAR-XS8", "proportions", f"DPAR as E1 G5 D2, seed {seed}",
+                     seed=seed)]
     return runs
 
 
@@ -354,15 +364,15 @@ def collect(study: QualityStudy) -> dict:
             if name in out["runs"]:
                 out["runs"][name]["held_out"] = b
     seeds = {}
-    for family in ("gpt", "dpar"):
-        runs = [out["runs"][n] for n in out["runs"] if n.startswith(f"{family}_seed")]
+    for label, family, first in SEED_FAMILIES:
+        runs = [out["runs"][n] for n in out["runs"] if n == first or n.startswith(f"{family}_seed")]
         if runs:
-            seeds[family] = {"fd": spread([r["fd"] for r in runs]),
-                             "class_consistency": spread([r["class_consistency"] for r in runs]),
-                             "final_loss": spread([r["final_loss"] for r in runs])}
+            seeds[label] = {"fd": spread([r["fd"] for r in runs]),
+                            "class_consistency": spread([r["class_consistency"] for r in runs]),
+                            "final_loss": spread([r["final_loss"] for r in runs])}
     out["seeds"] = seeds
-    if "gpt" in seeds and "dpar" in seeds:
-        out["fd_ratio_of_means"] = seeds["dpar"]["fd"]["mean"] / seeds["gpt"]["fd"]["mean"]
+    out["fd_ratios_of_means"] = {depth: seeds[f"DPAR-{depth}"]["fd"]["mean"] / seeds[f"GPT-{depth}"]["fd"]["mean"]
+                                 for depth in ("XS", "XS8") if f"GPT-{depth}" in seeds and f"DPAR-{depth}" in seeds}
     return out
 
 
@@ -381,12 +391,12 @@ def write_markdown(d: dict, path: Path, figure: Optional[str]) -> None:
         lines += ["## Seed spread (training seeds 0-2, same data)", "",
                   "| model | runs | FD mean (min-max) | CC mean (min-max) | final loss mean |", "|---|---|---|---|---|"]
         for family, s in d["seeds"].items():
-            lines.append(f"| {family.upper()}-XS | {s['fd']['n']} | {fmt(s['fd']['mean'], 1)} "
+            lines.append(f"| {family} | {s['fd']['n']} | {fmt(s['fd']['mean'], 1)} "
                          f"({fmt(s['fd']['min'], 1)}-{fmt(s['fd']['max'], 1)}) | {fmt(s['class_consistency']['mean'])} "
                          f"({fmt(s['class_consistency']['min'])}-{fmt(s['class_consistency']['max'])}) | "
                          f"{fmt(s['final_loss']['mean'])} |")
-        if "fd_ratio_of_means" in d:
-            lines.append(f"\nDPAR / GPT domain FD, ratio of the seed means: **{d['fd_ratio_of_means']:.2f}**.")
+        for depth, ratio in d["fd_ratios_of_means"].items():
+            lines.append(f"\nDPAR-{depth} / GPT-{depth} domain FD, ratio of the seed means: **{ratio:.2f}**.")
         lines.append("")
     lines += ["## Every run", "",
               "| run | what | steps | FD | floor | CC | train loss (last log) | loss in eval: train images / held-out | held-out loss: row starts / other patch starts / inside patches | sampled patch decisions off |",

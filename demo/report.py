@@ -479,7 +479,9 @@ def write_markdown(demo: Demo, d: dict, cl: dict, figs: dict, path: Path) -> Non
         f"{fmt(q['fd_dpar'])} (DPAR) vs {fmt(q['fd_gpt'])} (baseline), lower is better; class consistency "
         f"{fmt(q['consistency_dpar'])} vs {fmt(q['consistency_gpt'])}. A difference smaller than the real-vs-real "
         f"distance at this sample size ({fmt(q['noise_floor'])}) counts as noise. Verdict: {verdict(q['held'])}. "
-        f"{classifier_note(q['classifier_accuracy'])}\n")
+        f"{classifier_note(q['classifier_accuracy'])} Why DPAR samples as it does at this depth and length of "
+        f"training (seed spread, single-token patches, depth splits, twice the steps, boundary losses): "
+        f"`python -m demo.quality_study`, results in docs/quality_study.md.\n")
     ad = cl["adaptive"]
     add("### 4. Adaptive patching at inference (Table 6 analogue)\n")
     add(f"*Claim*: changing tau at inference barely moves DPAR's FID (3.31-3.39), while a model trained with static "

@@ -1,7 +1,7 @@
 """The resolution-scaling study (the paper's Fig. 5 on synthetic data): patches per image against
 tokens per image at one fixed tau, on log-log axes, with the fitted exponent.
 
-    python -m demo.resolution_study                          # 32, 48, 64, 96 px; about 20 minutes on 2 CPU cores
+    python -m demo.resolution_study                          # 32, 48, 64, 96 px; about 6 minutes on 2 idle CPU cores
     python -m demo.resolution_study --out DIR --sizes 32 64 128 256 --device cuda
 
 The same scenes at every size: dataset.synthetic draws image (class k, index i) from (seed, k, i)
