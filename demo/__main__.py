@@ -1,6 +1,6 @@
 """Run the whole DPAR pipeline offline on synthetic data and write a replication report.
 
-    python -m demo                 # about 40 minutes on a 2-core CPU -> demo_out/report.md
+    python -m demo                 # about 30 minutes on a 2-core CPU -> demo_out/report.md
     python -m demo --quick         # under 10 minutes, smaller everything
     python -m demo --full          # adds the static-patch model and the multi-resolution study
     python -m demo --out DIR --train-steps 1000 --model-size S --device cuda

@@ -2,7 +2,7 @@
 
 Presets (times on a 2-core CPU): "tiny" (tests, a minute or two; the numbers mean nothing),
 "quick" (a smoke run in under 10 minutes; its pictures prove nothing about quality), "default"
-(about 40 minutes: 6 shape classes at 32px, an 8x8 token grid, models trained long enough to draw
+(about 30 minutes: 6 shape classes at 32px, an 8x8 token grid, models trained long enough to draw
 their class) and "full" (default plus the static-patch model and the multi-resolution study; hours).
 """
 from __future__ import annotations
@@ -181,7 +181,7 @@ OVERRIDES = {
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("preset (default: about 40 minutes on a 2-core CPU)")
+    g = p.add_argument_group("preset (default: about 30 minutes on a 2-core CPU)")
     size = g.add_mutually_exclusive_group()
     size.add_argument("--tiny", dest="preset", action="store_const", const="tiny",
                       help="smoke-test scale (tests): 3 classes, a few steps; numbers mean nothing")

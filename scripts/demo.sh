@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The first command of the README: sets up the environment (once), then runs the whole DPAR
 # pipeline offline on synthetic data and writes the replication report (demo_out/report.md).
-#   bash scripts/demo.sh               # about 40 minutes on a 2-core CPU
+#   bash scripts/demo.sh               # about 30 minutes on a 2-core CPU
 #   bash scripts/demo.sh --quick       # under 10 minutes, smaller everything
 #   bash scripts/demo.sh --full        # adds the static-patch model and the multi-resolution study
 #   bash scripts/demo.sh --help        # every flag (sizes, seeds, paths, --device, --force)
