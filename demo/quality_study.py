@@ -82,10 +82,8 @@ class Run:
 
 
 def study_runs(config: DemoConfig, seeds: int = SEEDS) -> list[Run]:
-    """Every run, in training order: pairs that belong together come one after the other. The
-    4-layer pair is GPT-XS / DPAR-XS whatever the preset's model size; the tiny preset (tests)
-    keeps its own."""
-    xs_gpt, xs_dpar = ("GPT-XS", "DPAR-XS") if config.preset != "tiny" else (config.gpt_model, config.dpar_model)
+    """Every run, in training order: pairs that belong together come one after the other."""
+    xs_gpt, xs_dpar = config.gpt_model, config.dpar_model
     runs = [Run("gpt_seed0", xs_gpt, "seeds", "GPT, seed 0"), Run("dpar_seed0", xs_dpar, "seeds", "DPAR, seed 0"),
             Run("dpar_token", xs_dpar, "architecture", "DPAR, every token its own patch",
                 flags=("--patching-mode", "token")),
