@@ -11,6 +11,7 @@ for the model size (GETTING_STARTED.md: B and L 2.0, XL and XXL 1.75, 3B 1.65; o
 1.5, sample_c2i_ddp.py's default). A DPAR model takes the scale of the GPT of its size.
 """
 import argparse
+import math
 import os
 import sys
 from typing import Optional, Sequence, Tuple
@@ -32,13 +33,14 @@ from autoregressive.sample.compiling import (
 from autoregressive.sample.loading import (
     PatchingOverrides,
     cast_parameters,
+    entropy_ckpt_path,
     entropy_model_for_dpar,
     load_generator,
     load_vq,
     precision_dtype,
     sampling_patching,
 )
-from autoregressive.sample.fid import run_fid
+from autoregressive.sample.fid import Interrupted, run_fid
 from autoregressive.sample.grid import grid_classes, run_grid
 from autoregressive.sample.sampler import Sampler
 from autoregressive.sample.settings import SampleRun
@@ -50,6 +52,7 @@ from utils.distributed import DistInfo, init_distributed, launched_by_torchrun, 
 FID_CFG_SCALE = {"B": 2.0, "L": 2.0, "XL": 1.75, "XXL": 1.75, "3B": 1.65}  # LlamaGen, by model size
 DEFAULT_FID_CFG_SCALE = 1.5
 GRID_CFG_SCALE, GRID_TOP_K = 4.0, 2000  # LlamaGen's demo
+INTERRUPTED_EXIT = 130  # 128 + SIGINT, the shell's code for a process ended by Ctrl-C
 
 
 def fid_cfg_scale(model_name: str) -> float:
@@ -133,20 +136,51 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+POSITIVE_INT_FLAGS = ("per_proc_batch_size", "nrow", "num_fid_samples", "image_size", "image_size_eval",
+                      "downsample_size", "codebook_size", "codebook_embed_dim", "num_classes", "cls_token_num")
+FINITE_FLOATS = ("cfg_scale", "temperature", "top_p", "threshold", "static_length")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def out_of_range(args: argparse.Namespace) -> Optional[str]:
+    """The first flag whose value lies outside its domain, as one line; None when all fit.
+    Guidance and filtering follow LlamaGen: --cfg-scale 1 is no guidance and a scale below 1
+    would sample unguided as well (generate guides only when scale > 1), so it is refused
+    rather than run as 1; --top-k 0 is off; --cfg-interval -1 guides every step, k >= 0 the
+    first k + 1 decoding steps. The interval's upper end depends on the model (build_sampler)."""
+    for name in FINITE_FLOATS:
+        value = getattr(args, name)
+        if value is not None and not math.isfinite(value):
+            return f"{_flag(name)} must be a finite number, got {value}"
+    for name in POSITIVE_INT_FLAGS:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            return f"{_flag(name)} must be >= 1, got {value}"
+    if args.seed < 0:
+        return f"--seed must be >= 0, got {args.seed}"
+    if args.temperature <= 0 or not 0 < args.top_p <= 1:
+        return "--temperature must be > 0 and --top-p in (0, 1]"
+    if args.cfg_scale is not None and args.cfg_scale < 1:
+        return (f"--cfg-scale must be >= 1 (1: no guidance; below 1 LlamaGen's sampler does not guide at all), "
+                f"got {args.cfg_scale}")
+    if args.top_k is not None and args.top_k < 0:
+        return f"--top-k must be >= 0 (0: off), got {args.top_k}"
+    if args.cfg_interval < -1:
+        return f"--cfg-interval must be -1 (guide every step) or a decoding step >= 0, got {args.cfg_interval}"
+    return None
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = build_parser()
     args = p.parse_args(argv)
     if args.gpt_type == "t2i":
         p.error("--gpt-type t2i: text-to-image is not supported (class-conditional c2i only)")
-    for name in ("per_proc_batch_size", "nrow"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.num_fid_samples is not None and args.num_fid_samples < 1:
-        p.error("--num-fid-samples must be >= 1")
-    if args.seed < 0:
-        p.error("--seed must be >= 0")
-    if args.temperature <= 0 or not 0 < args.top_p <= 1:
-        p.error("--temperature must be > 0 and --top-p in (0, 1]")
+    problem = out_of_range(args)
+    if problem:
+        p.error(problem)
     fid = args.num_fid_samples is not None
     if fid and (args.class_labels is not None or args.out is not None):
         p.error("--class-labels and --out belong to grid mode, not --num-fid-samples")
@@ -170,6 +204,9 @@ def build_sampler(args: argparse.Namespace, device: torch.device, world_size: in
     model, ckpt_args = load_generator(args.gpt_ckpt, args.gpt_model, vq.config.codebook_size, block_size,
                                       args.num_classes, args.cls_token_num, prefer_ema=not args.raw_weights)
     name = ckpt_args.get("gpt_model", args.gpt_model)
+    if getattr(model.config, "model_type", "c2i") != "c2i":
+        raise ValueError(f"--gpt-ckpt {args.gpt_ckpt} holds an unconditional {name} (an entropy model, trained with "
+                         f"--unconditional), not a class-conditional generator")
     if model.config.vocab_size != vq.config.codebook_size:
         raise ValueError(f"{name} predicts {model.config.vocab_size} codes but the VQ codebook has "
                          f"{vq.config.codebook_size}")
@@ -181,13 +218,15 @@ def build_sampler(args: argparse.Namespace, device: torch.device, world_size: in
     fid = args.num_fid_samples is not None
     cfg_scale = args.cfg_scale if args.cfg_scale is not None else fid_cfg_scale(name) if fid else GRID_CFG_SCALE
     top_k = args.top_k if args.top_k is not None else 0 if fid else GRID_TOP_K
-    entropy_model, patching = None, None
+    check_guidance_interval(args.cfg_interval, cfg_scale, model.config.block_size)
+    entropy_model, entropy_ckpt, patching = None, None, None
     overrides = PatchingOverrides(args.patching_mode, args.threshold, args.max_patch_length, args.row_reset,
                                   args.static_length)
     if model_family(model).patched:
         patching = sampling_patching(ckpt_args, overrides)
         if patching.needs_entropy:
-            entropy_model = entropy_model_for_dpar(args.entropy_ckpt, model, ckpt_args)
+            entropy_ckpt = entropy_ckpt_path(args.entropy_ckpt, ckpt_args)
+            entropy_model = entropy_model_for_dpar(entropy_ckpt, model, ckpt_args)
     elif args.entropy_ckpt is not None or any(v is not None for v in vars(overrides).values()):
         raise ValueError(f"--entropy-ckpt and the patching flags apply to DPAR models, not {name}")
 
@@ -200,7 +239,7 @@ def build_sampler(args: argparse.Namespace, device: torch.device, world_size: in
         image_size_eval=args.image_size_eval or image_size, cfg_scale=cfg_scale, cfg_interval=args.cfg_interval,
         temperature=args.temperature, top_k=top_k, top_p=args.top_p, seed=args.seed,
         precision={torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype],
-        patching=patching.to_dict() if patching else None, weights=ckpt_args["weights"],
+        patching=patching.to_dict() if patching else None, entropy_ckpt=entropy_ckpt, weights=ckpt_args["weights"],
         per_proc_batch_size=args.per_proc_batch_size, num_fid_samples=args.num_fid_samples,
         sample_dir=args.sample_dir, class_labels=args.class_labels, out=args.out, nrow=args.nrow)
     sampling = Sampling(run.cfg_scale, run.cfg_interval, run.temperature, run.top_k, run.top_p)
@@ -208,6 +247,20 @@ def build_sampler(args: argparse.Namespace, device: torch.device, world_size: in
     sampler = Sampler(model, vq.to(device), sampling, device, entropy_model, patching,
                       decoding_for(plan.fast, device))
     return sampler, run, plan
+
+
+def check_guidance_interval(cfg_interval: int, cfg_scale: float, num_tokens: int) -> None:
+    """ValueError (one line) for a --cfg-interval that would run as something else: one given
+    without guidance (scale <= 1 guides nothing), or one past the last decoding step (steps
+    0..num_tokens - 2; beyond it every step is guided, which is -1)."""
+    if cfg_interval == -1:
+        return
+    if cfg_scale <= 1.0:
+        raise ValueError(f"--cfg-interval {cfg_interval} has no effect without guidance (--cfg-scale {cfg_scale}; "
+                         f"guidance needs a scale > 1)")
+    if cfg_interval > num_tokens - 2:
+        raise ValueError(f"--cfg-interval {cfg_interval} is past the last decoding step ({num_tokens - 2} for "
+                         f"{num_tokens} tokens); use -1 to guide every step")
 
 
 def compile_plan(args: argparse.Namespace, run: SampleRun, model, entropy_model, device: torch.device,
@@ -272,5 +325,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         rank = f"[rank {info.rank}] " if info is not None and info.distributed else ""
         print(f"error: {rank}{e}", file=sys.stderr)
         raise SystemExit(1)
+    except (Interrupted, KeyboardInterrupt) as e:
+        if info is None or info.is_main:
+            print(str(e) if isinstance(e, Interrupted) else "interrupted", file=sys.stderr)
+        raise SystemExit(INTERRUPTED_EXIT)
     finally:
         teardown_distributed()

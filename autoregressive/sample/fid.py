@@ -7,7 +7,12 @@ processes (the same bytes on the same hardware). Each image is written as
 DIR/{i:06d}.png through a temporary file and an atomic rename, with its class, seed and patch
 count (DPAR) in PNG text chunks. A rerun generates only the missing indices, so an
 interrupted run finishes without generating any image twice; DIR/sampling.json records the
-settings and a rerun with other settings stops (a larger N may extend a folder).
+settings that decide the images, the generator, VQ and entropy model by content (SHA-256 of the
+checkpoint file, or of every file of an FSDP directory), and a rerun with another checkpoint or
+other settings stops in one line (a larger N may extend a folder).
+
+An interrupt (Ctrl-C) or a full disk ends the run with one line saying how many images are
+finished; rerunning the same command continues from there.
 
 At the end rank 0 checks that all N images exist and writes
   DIR.npz   arr_0 uint8 (N, H, W, 3) at --image-size-eval (the ADM format), and
@@ -15,14 +20,16 @@ At the end rank 0 checks that all N images exist and writes
   DIR.json  images/s and tokens/s of this run's generation (all ranks together: images over
             the slowest rank's generation time), mean patches per image over all N (DPAR).
 """
+import errno
 import json
 import os
 import re
 import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -32,7 +39,7 @@ from tqdm import tqdm
 
 from autoregressive.sample.sampler import Sampler, Throughput, format_throughput, image_seed, to_uint8
 from autoregressive.sample.settings import SampleRun
-from utils.checkpoint import file_sha256, load_train_state
+from utils.checkpoint import checkpoint_sha256
 from utils.distributed import DistInfo, all_reduce, barrier, broadcast_object
 
 SETTINGS_FILE = "sampling.json"
@@ -47,18 +54,41 @@ def default_sample_dir(cfg: SampleRun) -> str:
             f"topk-{cfg.top_k}-topp-{cfg.top_p}-temperature-{cfg.temperature}-cfg-{cfg.cfg_scale}-seed-{cfg.seed}")
 
 
-def checkpoint_identity(path: str) -> str:
-    """SHA-256 of a checkpoint file; a checkpoint directory is named by its path and step."""
-    if Path(path).is_dir():
-        return f"{Path(path).resolve()}@step{load_train_state(path).get('step')}"
-    return file_sha256(path)
+class Interrupted(Exception):
+    """Ctrl-C during FID sampling, as one line: how many images are finished and that a rerun
+    continues."""
+
+
+class DiskFull(Exception):
+    """A write that failed for lack of space (ENOSPC); `path` is the file being written."""
+
+    def __init__(self, path: Path):
+        super().__init__(f"no space left on device while writing {path}")
+        self.path = path
+
+
+@contextmanager
+def writing(final: Path, tmp: Optional[Path] = None) -> Iterator[None]:
+    """Around the writing of `final` (through `tmp`): a failed or interrupted write removes
+    `tmp`, and a full disk raises DiskFull naming `final`."""
+    try:
+        yield
+    except BaseException as e:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise DiskFull(final) from e
+        raise
 
 
 def run_settings(cfg: SampleRun) -> dict:
-    """Everything that decides the images of a folder (not N, the batch size or the ranks)."""
+    """Everything that decides the images of a folder (not N, the batch size or the ranks); the
+    checkpoints by content (utils.checkpoint.checkpoint_sha256), so a checkpoint retrained or
+    replaced at the same path is another one."""
     return {
-        "gpt_model": cfg.gpt_model, "gpt_ckpt_sha256": checkpoint_identity(cfg.gpt_ckpt),
-        "vq_model": cfg.vq_model, "vq_ckpt_sha256": file_sha256(cfg.vq_ckpt),
+        "gpt_model": cfg.gpt_model, "gpt_ckpt_sha256": checkpoint_sha256(cfg.gpt_ckpt),
+        "vq_model": cfg.vq_model, "vq_ckpt_sha256": checkpoint_sha256(cfg.vq_ckpt),
+        "entropy_ckpt_sha256": checkpoint_sha256(cfg.entropy_ckpt) if cfg.entropy_ckpt else None,
         "image_size": cfg.image_size, "image_size_eval": cfg.image_size_eval,
         "cfg_scale": cfg.cfg_scale, "cfg_interval": cfg.cfg_interval, "temperature": cfg.temperature,
         "top_k": cfg.top_k, "top_p": cfg.top_p, "seed": cfg.seed, "precision": cfg.precision,
@@ -66,20 +96,34 @@ def run_settings(cfg: SampleRun) -> dict:
     }
 
 
+def _shown(key: str, value: object) -> str:
+    """A recorded value for a one-line message (hashes shortened to 12 hex digits)."""
+    if key.endswith("sha256") and isinstance(value, str):
+        return f"sha256 {value[:12]}"
+    return repr(value)
+
+
+FOLDER_REMEDY = "use a new --sample-dir or remove the folder"
+
+
 def check_settings(sample_dir: Path, settings: dict) -> None:
-    """Record the settings in a new folder; refuse a folder made with other settings."""
+    """Record the settings in a new folder; refuse a folder made with other settings, or one
+    that holds images without a record of what made them."""
     path = sample_dir / SETTINGS_FILE
     if path.is_file():
         stored = json.loads(path.read_text())
         differ = sorted(k for k in set(stored) | set(settings) if stored.get(k) != settings.get(k))
         if differ:
             k = differ[0]
-            raise ValueError(f"{sample_dir} holds samples made with {k}={stored.get(k)!r}, not {settings.get(k)!r}; "
-                             f"use another --sample-dir")
+            raise ValueError(f"{sample_dir} holds images made with {k} {_shown(k, stored.get(k))}, not "
+                             f"{_shown(k, settings.get(k))} as in this run; {FOLDER_REMEDY}")
         return
+    if any(PNG_NAME.fullmatch(entry.name) for entry in os.scandir(sample_dir)):
+        raise ValueError(f"{sample_dir} holds images but no {SETTINGS_FILE} saying what made them; {FOLDER_REMEDY}")
     tmp = path.with_name(f".{SETTINGS_FILE}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(settings, indent=2))
-    os.replace(tmp, path)
+    with writing(path, tmp):
+        tmp.write_text(json.dumps(settings, indent=2))
+        os.replace(tmp, path)
 
 
 def existing_indices(sample_dir: Path, n: int) -> set:
@@ -93,6 +137,13 @@ def existing_indices(sample_dir: Path, n: int) -> set:
     return done
 
 
+def finished_images(sample_dir: Path, n: int) -> int:
+    """How many of images 0..n-1 have a finished PNG (read only: no temporary file is removed)."""
+    if not sample_dir.is_dir():
+        return 0
+    return sum(1 for entry in os.scandir(sample_dir) if (m := PNG_NAME.fullmatch(entry.name)) and int(m.group(1)) < n)
+
+
 def png_path(sample_dir: Path, index: int) -> Path:
     return sample_dir / f"{index:06d}.png"
 
@@ -104,8 +155,9 @@ def write_png(sample_dir: Path, index: int, pixels: np.ndarray, meta: Dict[str, 
         info.add_text(key, str(value))
     final = png_path(sample_dir, index)
     tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
-    Image.fromarray(pixels).save(tmp, format="PNG", pnginfo=info)
-    os.replace(tmp, final)
+    with writing(final, tmp):
+        Image.fromarray(pixels).save(tmp, format="PNG", pnginfo=info)
+        os.replace(tmp, final)
 
 
 def plan_chunks(missing: Sequence[int], chunk_size: int, rank: int, world: int) -> List[List[int]]:
@@ -164,7 +216,7 @@ def pack_npz(sample_dir: Path, n: int, num_classes: int, size: int, workers: int
     header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
               "shape": (n, size, size, 3)}
     patches: List[int] = []
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf, \
+    with writing(npz, tmp), zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf, \
             ThreadPoolExecutor(workers) as pool:
         with zf.open("arr_0.npy", "w", force_zip64=True) as f:
             np.lib.format.write_array_header_1_0(f, header)
@@ -180,7 +232,8 @@ def pack_npz(sample_dir: Path, n: int, num_classes: int, size: int, workers: int
                     f.write(np.ascontiguousarray(pixels).tobytes())
         with zf.open("arr_1.npy", "w", force_zip64=True) as f:
             np.lib.format.write_array(f, labels)
-    os.replace(tmp, npz)
+    with writing(npz, tmp):
+        os.replace(tmp, npz)
     summary = {"mean_patches_per_image": float(np.mean(patches))} if len(patches) == n else {}
     return npz, summary
 
@@ -195,6 +248,8 @@ def _prepare(cfg: SampleRun, sample_dir: Path, info: DistInfo) -> List[int]:
             check_settings(sample_dir, run_settings(cfg))
             done = existing_indices(sample_dir, cfg.num_fid_samples)
             plan = ("ok", [i for i in range(cfg.num_fid_samples) if i not in done])
+        except DiskFull as e:
+            plan = ("error", disk_full_message(e, sample_dir, cfg.num_fid_samples))
         except (ValueError, OSError) as e:
             plan = ("error", str(e))
     status, value = broadcast_object(plan)
@@ -203,10 +258,26 @@ def _prepare(cfg: SampleRun, sample_dir: Path, info: DistInfo) -> List[int]:
     return value
 
 
+def disk_full_message(error: DiskFull, sample_dir: Path, n: int) -> str:
+    return (f"{error}: free space and rerun; the run continues from {finished_images(sample_dir, n)} images")
+
+
 def run_fid(cfg: SampleRun, sampler: Sampler, info: DistInfo) -> Optional[dict]:
     """Generate the missing images on every rank, then (rank 0) pack DIR.npz and write DIR.json.
-    Returns the statistics on rank 0, None elsewhere."""
+    Returns the statistics on rank 0, None elsewhere. Ctrl-C raises Interrupted and a full disk
+    ValueError, each one line with the number of finished images."""
     sample_dir = Path(cfg.sample_dir or default_sample_dir(cfg))
+    n = cfg.num_fid_samples
+    try:
+        return _sample_and_pack(cfg, sampler, info, sample_dir)
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted after {finished_images(sample_dir, n)} of {n} images; rerun the same "
+                          f"command to continue") from None
+    except DiskFull as e:
+        raise ValueError(disk_full_message(e, sample_dir, n)) from e
+
+
+def _sample_and_pack(cfg: SampleRun, sampler: Sampler, info: DistInfo, sample_dir: Path) -> Optional[dict]:
     n = cfg.num_fid_samples
     missing = _prepare(cfg, sample_dir, info)
     if info.is_main:
@@ -240,7 +311,10 @@ def run_fid(cfg: SampleRun, sampler: Sampler, info: DistInfo) -> Optional[dict]:
     if "mean_patches_per_image" in stored:
         stats["compression"] = sampler.num_tokens / stored["mean_patches_per_image"]
     json_path = npz.with_suffix(".json")
-    json_path.write_text(json.dumps(stats, indent=2))
+    tmp = json_path.with_name(f".{json_path.name}.tmp{os.getpid()}")
+    with writing(json_path, tmp):
+        tmp.write_text(json.dumps(stats, indent=2))
+        os.replace(tmp, json_path)
     print(f"this run: {format_waiting(run)}")
     size = cfg.image_size_eval
     print(f"wrote {npz} ({n} x {size} x {size} x 3 uint8, labels arr_1) and {json_path}")

@@ -115,16 +115,22 @@ def sampling_patching(ckpt_args: dict, overrides: PatchingOverrides) -> Patching
     return replace(base, **changes)
 
 
+def entropy_ckpt_path(path: Optional[str], ckpt_args: dict) -> str:
+    """`path` (--entropy-ckpt), else the file the DPAR checkpoint's training run named."""
+    if path is not None:
+        return path
+    recorded = ckpt_args.get("entropy_model")
+    if not recorded or not os.path.isfile(recorded):
+        raise ValueError("this DPAR model patches by entropy: give the entropy model with --entropy-ckpt")
+    print(f"entropy model: {recorded} (recorded in the DPAR checkpoint)")
+    return recorded
+
+
 def entropy_model_for_dpar(path: Optional[str], dpar: nn.Module, ckpt_args: dict) -> nn.Module:
-    """The frozen entropy model in eval mode on CPU. `path` (--entropy-ckpt) defaults to the
-    file the DPAR checkpoint's training run named; its SHA-256 must equal the recorded
-    args["entropy_model_hash"] when the checkpoint has one."""
-    if path is None:
-        recorded = ckpt_args.get("entropy_model")
-        if not recorded or not os.path.isfile(recorded):
-            raise ValueError("this DPAR model patches by entropy: give the entropy model with --entropy-ckpt")
-        path = recorded
-        print(f"entropy model: {path} (recorded in the DPAR checkpoint)")
+    """The frozen entropy model in eval mode on CPU. `path` (--entropy-ckpt) defaults to
+    entropy_ckpt_path's; its SHA-256 must equal the recorded args["entropy_model_hash"] when the
+    checkpoint has one."""
+    path = entropy_ckpt_path(path, ckpt_args)
     if not Path(path).exists():
         raise ValueError(f"--entropy-ckpt {path} does not exist")
     expected = ckpt_args.get("entropy_model_hash")

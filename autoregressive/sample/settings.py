@@ -9,7 +9,8 @@ class SampleRun:
     """Flags as given, except the resolved ones: gpt_model (the checkpoint's), image_size (the
     model's grid times the VQ's downsampling), image_size_eval (default image_size), cfg_scale and
     top_k (the mode's defaults when unset), precision ("fp32" / "bf16" / "fp16", as run), patching
-    (the DPAR rule as a dict, None for a GPT) and weights ("ema" or "raw")."""
+    (the DPAR rule as a dict, None for a GPT), entropy_ckpt (the entropy model file a DPAR run
+    patches with: --entropy-ckpt or the checkpoint's recorded one; None otherwise) and weights ("ema" or "raw")."""
 
     gpt_model: str
     gpt_ckpt: str
@@ -18,13 +19,14 @@ class SampleRun:
     image_size: int
     image_size_eval: int
     cfg_scale: float
-    cfg_interval: float
+    cfg_interval: int
     temperature: float
     top_k: int
     top_p: float
     seed: int
     precision: str
     patching: Optional[dict]
+    entropy_ckpt: Optional[str]
     weights: str
     per_proc_batch_size: int
     num_fid_samples: Optional[int]
