@@ -1,6 +1,7 @@
 """sample_c2i.py: grids from tiny random GPT / DPAR models, the resumable, rank-independent
 FID mode (torchrun, gloo) and its .npz, and one-line errors."""
 import dataclasses
+import errno
 import os
 import subprocess
 import sys
@@ -271,3 +272,232 @@ def test_failed_compile_stops_with_one_line_naming_no_compile(ckpts, tmp_path, c
     assert "the compiled decode path failed" in err and shown in err and "--no-compile" in err, err
     assert not out.exists() and not (compile_cache / "dpar-compiled").exists()
     torch._dynamo.reset()
+
+
+# --------------------------------------------------------------------------------------
+# Refusals, the FID folder's identity, interrupts and a full disk
+# --------------------------------------------------------------------------------------
+def parse_error(capsys, extra: list) -> str:
+    """The error line of a refused command line (argparse: usage lines, then one error line)."""
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--gpt-ckpt", "g", "--vq-ckpt", "v", *extra])
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in lines if "error:" in line]
+    assert errors == [lines[-1]], lines
+    return lines[-1]
+
+
+@pytest.mark.parametrize("extra,shown", [
+    (["--cfg-scale", "-1"], "--cfg-scale must be >= 1"),
+    (["--cfg-scale", "0.5"], "--cfg-scale must be >= 1"),
+    (["--top-k", "-5"], "--top-k must be >= 0"),
+    (["--cfg-interval", "-7"], "--cfg-interval must be -1"),
+    (["--temperature", "nan"], "--temperature must be a finite number"),
+    (["--cfg-scale", "inf"], "--cfg-scale must be a finite number"),
+    (["--threshold", "nan"], "--threshold must be a finite number"),
+    (["--image-size-eval", "0"], "--image-size-eval must be >= 1"),
+    (["--image-size", "-256"], "--image-size must be >= 1"),
+    (["--num-classes", "0"], "--num-classes must be >= 1"),
+    (["--num-fid-samples", "0"], "--num-fid-samples must be >= 1"),
+    (["--num-fid-samples", "8", "--per-proc-batch-size", "0"], "--per-proc-batch-size must be >= 1"),
+])
+def test_out_of_range_flags_are_refused_in_one_line(capsys, extra, shown):
+    assert shown in parse_error(capsys, extra)
+
+
+def test_flags_at_the_edge_of_their_range_are_accepted():
+    args = parse_args(["--gpt-ckpt", "g", "--vq-ckpt", "v", "--cfg-scale", "1", "--top-k", "0", "--cfg-interval", "0"])
+    assert (args.cfg_scale, args.top_k, args.cfg_interval) == (1.0, 0, 0)
+
+
+def test_guidance_interval_must_fit_the_model():
+    from autoregressive.sample.cli import check_guidance_interval
+
+    for ok in ((-1, 1.0), (-1, 4.0), (0, 4.0), (T - 2, 4.0)):
+        check_guidance_interval(*ok, T)  # T - 2: the last decoding step
+    with pytest.raises(ValueError, match="past the last decoding step"):
+        check_guidance_interval(T - 1, 4.0, T)
+    with pytest.raises(ValueError, match="no effect without guidance"):
+        check_guidance_interval(3, 1.0, T)
+
+
+def test_guidance_interval_past_the_model_is_refused_before_sampling(ckpts, tmp_path, capsys):
+    out = tmp_path / "g.png"
+    gpt = common(ckpts, "gpt") + ["--class-labels", "0", "--out", str(out)]
+    assert "--cfg-interval 40 is past the last decoding step (34" in one_line_error(capsys, gpt + ["--cfg-interval",
+                                                                                                   "40"])
+    assert "no effect without guidance" in one_line_error(capsys, gpt + ["--cfg-scale", "1", "--cfg-interval", "3"])
+    assert not out.exists()
+
+
+def test_unconditional_model_is_not_a_class_conditional_generator(ckpts, tmp_path, capsys):
+    sample_dir = tmp_path / "uncond"
+    argv = ["--gpt-ckpt", ckpts["entropy"], "--vq-ckpt", ckpts["vq"], "--device", "cpu", "--num-fid-samples", "2",
+            "--sample-dir", str(sample_dir)]
+    err = one_line_error(capsys, argv)
+    assert "holds an unconditional GPT-T" in err and "not a class-conditional generator" in err, err
+    assert not Path(f"{sample_dir}.npz").exists() and not sample_dir.exists()
+
+
+def small_fid(ckpts, sample_dir: Path, n: int, gpt_ckpt: str = None, entropy: str = "entropy") -> list:
+    args = fid_args(ckpts, sample_dir, n)
+    args[args.index("--per-proc-batch-size") + 1] = "2"
+    args[args.index("--entropy-ckpt") + 1] = ckpts[entropy]
+    if gpt_ckpt is not None:
+        args[args.index("--gpt-ckpt") + 1] = gpt_ckpt
+    return args
+
+
+def save_dcp_dpar(folder: Path, seed: int, patching: PatchingConfig) -> str:
+    """A DPAR checkpoint as a torch.distributed.checkpoint directory (an FSDP run's format),
+    written without a process group; it records no entropy model hash."""
+    import shutil
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    dpar = random_dpar(seed=seed)
+    shutil.rmtree(folder, ignore_errors=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save({"model": dpar.state_dict()}, checkpoint_id=str(folder))
+    torch.save({"args": {"gpt_model": "DPAR-T", "model_config": dataclasses.asdict(dpar.config),
+                         "patching": patching.to_dict(), "image_size": IMAGE}, "step": 100}, folder / "train_state.pt")
+    return str(folder)
+
+
+def test_fid_folder_refuses_an_fsdp_checkpoint_retrained_at_the_same_path(ckpts, tmp_path, capsys):
+    """The folder records the generator and the entropy model by content: a DCP directory
+    rewritten at the same path with the same step, or another entropy model file, is refused in
+    one line; the same checkpoint continues the folder."""
+    import shutil
+
+    patching = quantile_patching(random_entropy_model())
+    ckpt = save_dcp_dpar(tmp_path / "ckpt", 1, patching)
+    kept = tmp_path / "ckpt-first"
+    shutil.copytree(ckpt, kept)
+    sample_dir = tmp_path / "samples"
+    main(small_fid(ckpts, sample_dir, 4, ckpt))
+    capsys.readouterr()
+    first = {p.name: p.read_bytes() for p in sample_dir.iterdir()}
+    assert len([name for name in first if name.endswith(".png")]) == 4
+
+    save_dcp_dpar(tmp_path / "ckpt", 2, patching)  # retrained: same path, same step, other weights
+    err = one_line_error(capsys, small_fid(ckpts, sample_dir, 6, ckpt))
+    assert "gpt_ckpt_sha256" in err and "use a new --sample-dir or remove the folder" in err, err
+    err = one_line_error(capsys, small_fid(ckpts, sample_dir, 6, str(kept), entropy="entropy_other"))
+    assert "entropy_ckpt_sha256" in err, err
+    assert {p.name: p.read_bytes() for p in sample_dir.iterdir()} == first  # nothing added or changed
+
+    shutil.rmtree(ckpt)
+    shutil.copytree(kept, ckpt)  # the first checkpoint again: the folder continues
+    main(small_fid(ckpts, sample_dir, 6, ckpt))
+    assert "4 of 6 images present, generating 2" in capsys.readouterr().out
+    assert all((sample_dir / name).read_bytes() == data for name, data in first.items())
+
+
+def test_fid_folder_with_images_but_no_record_is_refused(ckpts, tmp_path, capsys):
+    sample_dir = tmp_path / "samples"
+    sample_dir.mkdir()
+    Image.fromarray(np.full((64, 64, 3), 7, np.uint8)).save(sample_dir / "000000.png")
+    err = one_line_error(capsys, small_fid(ckpts, sample_dir, 2))
+    assert "holds images but no sampling.json" in err, err
+    assert sorted(p.name for p in sample_dir.iterdir()) == ["000000.png"]
+
+
+def test_interrupted_fid_run_says_how_far_it_got_and_a_rerun_continues(ckpts, tmp_path, capsys, monkeypatch):
+    from autoregressive.sample.sampler import Sampler
+
+    whole, interrupted = tmp_path / "whole", tmp_path / "interrupted"
+    main(small_fid(ckpts, whole, 8))
+    sample = Sampler.sample
+    calls = []
+
+    def sample_then_interrupt(self, classes, seeds):
+        calls.append(len(classes))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return sample(self, classes, seeds)
+
+    monkeypatch.setattr(Sampler, "sample", sample_then_interrupt)
+    capsys.readouterr()
+    try:
+        main(small_fid(ckpts, interrupted, 8))
+    except KeyboardInterrupt:  # escaping, it would also stop pytest
+        pytest.fail("the interrupt escaped sample_c2i.py as a traceback")
+    except SystemExit as e:
+        assert e.code == 130
+    else:
+        pytest.fail("an interrupted run finished")
+    err = final_line(capsys.readouterr().err)
+    assert err == "interrupted after 4 of 8 images; rerun the same command to continue", err
+    assert not Path(f"{interrupted}.npz").exists()
+
+    monkeypatch.setattr(Sampler, "sample", sample)
+    main(small_fid(ckpts, interrupted, 8))
+    assert "4 of 8 images present, generating 4" in capsys.readouterr().out
+    with np.load(f"{whole}.npz") as a, np.load(f"{interrupted}.npz") as b:  # same batches: the same bytes
+        assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
+
+
+def final_line(err: str) -> str:
+    """The last line of stderr, the only one besides the progress bar's."""
+    lines = err.strip().replace("\r", "\n").splitlines()
+    assert all(line.startswith("sampling (") for line in lines[:-1]), lines
+    return lines[-1]
+
+
+def no_space(path) -> OSError:
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+
+def test_full_disk_while_writing_images_says_so_and_a_rerun_continues(ckpts, tmp_path, capsys, monkeypatch):
+    """ENOSPC in the middle of image 2's PNG: one line naming the image and the images kept,
+    no temporary file left; after space is freed the same command finishes the folder."""
+    save = Image.Image.save
+
+    def save_until_full(self, fp, *args, **kwargs):
+        if ".000002.png" in str(fp):
+            Path(fp).write_bytes(b"\x89PNG partial")
+            raise no_space(fp)
+        return save(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", save_until_full)
+    sample_dir = tmp_path / "samples"
+    with pytest.raises(SystemExit) as exit_info:
+        main(small_fid(ckpts, sample_dir, 6))
+    assert exit_info.value.code == 1
+    err = final_line(capsys.readouterr().err)
+    assert err == (f"error: no space left on device while writing {sample_dir / '000002.png'}: free space and rerun; "
+                   f"the run continues from 2 images"), err
+    assert sorted(p.name for p in sample_dir.iterdir()) == ["000000.png", "000001.png", "sampling.json"]
+
+    monkeypatch.setattr(Image.Image, "save", save)
+    main(small_fid(ckpts, sample_dir, 6))
+    assert "2 of 6 images present, generating 4" in capsys.readouterr().out
+    with np.load(f"{sample_dir}.npz") as f:
+        assert f["arr_0"].shape == (6, 64, 64, 3)
+
+
+def test_full_disk_while_packing_the_npz_says_so(ckpts, tmp_path, capsys, monkeypatch):
+    write_array = np.lib.format.write_array
+
+    def full(*args, **kwargs):
+        raise no_space("")
+
+    monkeypatch.setattr(np.lib.format, "write_array", full)
+    sample_dir = tmp_path / "samples"
+    with pytest.raises(SystemExit) as exit_info:
+        main(small_fid(ckpts, sample_dir, 4))
+    assert exit_info.value.code == 1
+    err = final_line(capsys.readouterr().err)
+    assert err == (f"error: no space left on device while writing {sample_dir}.npz: free space and rerun; "
+                   f"the run continues from 4 images"), err
+    assert not any(p.name.startswith(".samples.npz") for p in tmp_path.iterdir())  # the partial file is removed
+    assert not Path(f"{sample_dir}.npz").exists()
+    monkeypatch.setattr(np.lib.format, "write_array", write_array)
+    main(small_fid(ckpts, sample_dir, 4))
+    assert "4 of 4 images present, generating 0" in capsys.readouterr().out
+    with np.load(f"{sample_dir}.npz") as f:
+        assert f["arr_0"].shape == (4, 64, 64, 3)
