@@ -14,7 +14,8 @@
 # (GPT-B/L 2.0, XL/XXL 1.75, 3B 1.65, other sizes 1.5); a DPAR model uses the scale of the GPT
 # of its size. DPAR models take their patching rule from the checkpoint (override with
 # --threshold / --max-patch-length). Flags after the script name go to sample_c2i.py last.
-# An interrupted run resumes: rerun the same command and only missing images are generated.
+# An interrupted run resumes: rerun the same command and only missing images are generated; the
+# sample folder records the checkpoints (by content) and settings that made it and refuses others.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
