@@ -27,9 +27,8 @@ import re
 import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -67,15 +66,16 @@ class DiskFull(Exception):
         self.path = path
 
 
-@contextmanager
-def writing(final: Path, tmp: Optional[Path] = None) -> Iterator[None]:
-    """Around the writing of `final` (through `tmp`): a failed or interrupted write removes
-    `tmp`, and a full disk raises DiskFull naming `final`."""
+def write_atomically(final: Path, write: Callable[[Path], None]) -> None:
+    """write(tmp) to a temporary file beside `final` (.NAME.tmpPID), then rename it to `final`:
+    readers never see half a file. A failed or interrupted write removes the temporary file;
+    a full disk (ENOSPC) raises DiskFull naming `final`."""
+    tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
     try:
-        yield
+        write(tmp)
+        os.replace(tmp, final)
     except BaseException as e:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
             raise DiskFull(final) from e
         raise
@@ -120,10 +120,7 @@ def check_settings(sample_dir: Path, settings: dict) -> None:
         return
     if any(PNG_NAME.fullmatch(entry.name) for entry in os.scandir(sample_dir)):
         raise ValueError(f"{sample_dir} holds images but no {SETTINGS_FILE} saying what made them; {FOLDER_REMEDY}")
-    tmp = path.with_name(f".{SETTINGS_FILE}.tmp{os.getpid()}")
-    with writing(path, tmp):
-        tmp.write_text(json.dumps(settings, indent=2))
-        os.replace(tmp, path)
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(settings, indent=2)))
 
 
 def existing_indices(sample_dir: Path, n: int) -> set:
@@ -153,11 +150,8 @@ def write_png(sample_dir: Path, index: int, pixels: np.ndarray, meta: Dict[str, 
     info = PngInfo()
     for key, value in meta.items():
         info.add_text(key, str(value))
-    final = png_path(sample_dir, index)
-    tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
-    with writing(final, tmp):
-        Image.fromarray(pixels).save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, final)
+    image = Image.fromarray(pixels)
+    write_atomically(png_path(sample_dir, index), lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
 
 
 def plan_chunks(missing: Sequence[int], chunk_size: int, rank: int, world: int) -> List[List[int]]:
@@ -211,29 +205,31 @@ def pack_npz(sample_dir: Path, n: int, num_classes: int, size: int, workers: int
     labels) without holding all images in memory; returns the path and the PNGs' metadata
     summary (mean patches per image when recorded)."""
     npz = Path(str(sample_dir).rstrip("/") + ".npz")
-    tmp = npz.with_name(f".{npz.name}.tmp{os.getpid()}")
     labels = np.arange(n, dtype=np.int64) % num_classes
     header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
               "shape": (n, size, size, 3)}
     patches: List[int] = []
-    with writing(npz, tmp), zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf, \
-            ThreadPoolExecutor(workers) as pool:
-        with zf.open("arr_0.npy", "w", force_zip64=True) as f:
-            np.lib.format.write_array_header_1_0(f, header)
-            for start in range(0, n, READ_CHUNK):
-                indices = range(start, min(start + READ_CHUNK, n))
-                for i, (pixels, meta) in zip(indices, pool.map(_read_png, [png_path(sample_dir, i) for i in indices])):
-                    if pixels.shape != (size, size, 3):
-                        raise ValueError(f"{png_path(sample_dir, i)} is {pixels.shape}, expected ({size}, {size}, 3)")
-                    if "class" in meta and int(meta["class"]) != labels[i]:
-                        raise ValueError(f"{png_path(sample_dir, i)} holds class {meta['class']}, expected {labels[i]}")
-                    if "patches" in meta:
-                        patches.append(int(meta["patches"]))
-                    f.write(np.ascontiguousarray(pixels).tobytes())
-        with zf.open("arr_1.npy", "w", force_zip64=True) as f:
-            np.lib.format.write_array(f, labels)
-    with writing(npz, tmp):
-        os.replace(tmp, npz)
+
+    def write(tmp: Path) -> None:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf, \
+                ThreadPoolExecutor(workers) as pool:
+            with zf.open("arr_0.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array_header_1_0(f, header)
+                for start in range(0, n, READ_CHUNK):
+                    indices = range(start, min(start + READ_CHUNK, n))
+                    paths = [png_path(sample_dir, i) for i in indices]
+                    for i, path, (pixels, meta) in zip(indices, paths, pool.map(_read_png, paths)):
+                        if pixels.shape != (size, size, 3):
+                            raise ValueError(f"{path} is {pixels.shape}, expected ({size}, {size}, 3)")
+                        if "class" in meta and int(meta["class"]) != labels[i]:
+                            raise ValueError(f"{path} holds class {meta['class']}, expected {labels[i]}")
+                        if "patches" in meta:
+                            patches.append(int(meta["patches"]))
+                        f.write(np.ascontiguousarray(pixels).tobytes())
+            with zf.open("arr_1.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, labels)
+
+    write_atomically(npz, write)
     summary = {"mean_patches_per_image": float(np.mean(patches))} if len(patches) == n else {}
     return npz, summary
 
@@ -311,10 +307,7 @@ def _sample_and_pack(cfg: SampleRun, sampler: Sampler, info: DistInfo, sample_di
     if "mean_patches_per_image" in stored:
         stats["compression"] = sampler.num_tokens / stored["mean_patches_per_image"]
     json_path = npz.with_suffix(".json")
-    tmp = json_path.with_name(f".{json_path.name}.tmp{os.getpid()}")
-    with writing(json_path, tmp):
-        tmp.write_text(json.dumps(stats, indent=2))
-        os.replace(tmp, json_path)
+    write_atomically(json_path, lambda tmp: tmp.write_text(json.dumps(stats, indent=2)))
     print(f"this run: {format_waiting(run)}")
     size = cfg.image_size_eval
     print(f"wrote {npz} ({n} x {size} x {size} x 3 uint8, labels arr_1) and {json_path}")
