@@ -32,6 +32,7 @@ from autoregressive.sample.compiling import (
 from autoregressive.sample.loading import (
     PatchingOverrides,
     cast_parameters,
+    check_vq_identity,
     entropy_model_for_dpar,
     load_generator,
     load_vq,
@@ -71,10 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
                                             "a PNG grid, or N images packed for FID (--num-fid-samples).",
                                 formatter_class=HelpFormatter)
     g = p.add_argument_group("models")
-    g.add_argument("--gpt-ckpt", required=True, help="GPT or DPAR checkpoint (file or FSDP directory)")
+    g.add_argument("--gpt-ckpt", required=True,
+                   help="GPT or DPAR checkpoint: file, FSDP directory, release folder (ours or LlamaGen's Hugging "
+                        "Face format) or hub repo id")
     g.add_argument("--gpt-model", choices=sorted(all_models()), default=None,
                    help="registry name; default: the checkpoint's (required for LlamaGen's released files)")
-    g.add_argument("--vq-ckpt", required=True, help="VQ tokenizer checkpoint")
+    g.add_argument("--vq-ckpt", required=True, help="VQ tokenizer checkpoint or release folder")
     g.add_argument("--vq-model", choices=sorted(VQ_models), default="VQ-16", help="tokenizer registry name")
     g.add_argument("--codebook-size", type=int, default=None, help="default: the VQ checkpoint's (LlamaGen: 16384)")
     g.add_argument("--codebook-embed-dim", type=int, default=None, help="default: the VQ checkpoint's (LlamaGen: 8)")
@@ -90,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LlamaGen compatibility flag, no effect: FSDP directories and bare state dicts are detected")
     g = p.add_argument_group("DPAR (defaults: the checkpoint's patching rule)")
     g.add_argument("--entropy-ckpt", default=None,
-                   help="entropy model checkpoint (default: the one recorded by training); its sha256 must match")
+                   help="entropy model checkpoint or release folder (default: the one recorded by training, or "
+                        "bundled with a release); its sha256 must match")
     g.add_argument("--patching-mode", choices=PATCH_MODES, default=None,
                    help="patch boundary rule (default: the checkpoint's)")
     g.add_argument("--threshold", type=float, default=None, help="entropy threshold tau in nats")
@@ -170,6 +174,7 @@ def build_sampler(args: argparse.Namespace, device: torch.device, world_size: in
     model, ckpt_args = load_generator(args.gpt_ckpt, args.gpt_model, vq.config.codebook_size, block_size,
                                       args.num_classes, args.cls_token_num, prefer_ema=not args.raw_weights)
     name = ckpt_args.get("gpt_model", args.gpt_model)
+    check_vq_identity(args.vq_ckpt, ckpt_args)
     if model.config.vocab_size != vq.config.codebook_size:
         raise ValueError(f"{name} predicts {model.config.vocab_size} codes but the VQ codebook has "
                          f"{vq.config.codebook_size}")

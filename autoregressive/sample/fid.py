@@ -30,10 +30,12 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from tqdm import tqdm
 
+from autoregressive.sample.loading import is_release
 from autoregressive.sample.sampler import Sampler, Throughput, format_throughput, image_seed, to_uint8
 from autoregressive.sample.settings import SampleRun
 from utils.checkpoint import file_sha256, load_train_state
 from utils.distributed import DistInfo, all_reduce, barrier, broadcast_object
+from utils.release import WEIGHTS_NAME, local_folder
 
 SETTINGS_FILE = "sampling.json"
 PNG_NAME = re.compile(r"(\d{6,})\.png")
@@ -48,7 +50,10 @@ def default_sample_dir(cfg: SampleRun) -> str:
 
 
 def checkpoint_identity(path: str) -> str:
-    """SHA-256 of a checkpoint file; a checkpoint directory is named by its path and step."""
+    """SHA-256 of a checkpoint file, or of a release folder's (or hub repo's) model.safetensors; a
+    checkpoint directory is named by its path and step."""
+    if is_release(path):
+        return file_sha256(local_folder(path) / WEIGHTS_NAME)
     if Path(path).is_dir():
         return f"{Path(path).resolve()}@step{load_train_state(path).get('step')}"
     return file_sha256(path)
@@ -58,7 +63,7 @@ def run_settings(cfg: SampleRun) -> dict:
     """Everything that decides the images of a folder (not N, the batch size or the ranks)."""
     return {
         "gpt_model": cfg.gpt_model, "gpt_ckpt_sha256": checkpoint_identity(cfg.gpt_ckpt),
-        "vq_model": cfg.vq_model, "vq_ckpt_sha256": file_sha256(cfg.vq_ckpt),
+        "vq_model": cfg.vq_model, "vq_ckpt_sha256": checkpoint_identity(cfg.vq_ckpt),
         "image_size": cfg.image_size, "image_size_eval": cfg.image_size_eval,
         "cfg_scale": cfg.cfg_scale, "cfg_interval": cfg.cfg_interval, "temperature": cfg.temperature,
         "top_k": cfg.top_k, "top_p": cfg.top_p, "seed": cfg.seed, "precision": cfg.precision,
