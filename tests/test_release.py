@@ -281,6 +281,8 @@ def test_sampling_refuses_another_entropy_model_or_vq(runs, releases, tmp_path):
                  "--entropy-ckpt", str(runs["other_entropy"])])
     with pytest.raises(ValueError, match="is not the tokenizer this model's codes come from"):
         sampled(["--gpt-ckpt", str(releases["dpar"]), "--vq-ckpt", str(runs["other_vq"])])
+    with pytest.raises(ValueError, match="holds only its EMA weights"):
+        sampled(["--gpt-ckpt", str(releases["dpar"]), "--vq-ckpt", str(runs["vq"]), "--raw-weights"])
     # the hash alone (--no-entropy-model): sampling asks for the entropy model, and takes the right one
     bare = tmp_path / "bare"
     export_main([str(runs["dpar"]), str(bare), "--no-entropy-model", "--vq-ckpt", str(runs["vq"])])
@@ -433,3 +435,33 @@ def test_save_pretrained_writes_untied_contiguous_tensors(tmp_path):
     loaded, _ = from_pretrained(tmp_path / "tied")
     assert torch.equal(loaded.output.weight, loaded.tok_embeddings.weight)
     assert loaded.output.weight.data_ptr() != loaded.tok_embeddings.weight.data_ptr()
+
+
+def test_hub_ids_go_through_huggingface_hub(runs, releases, tmp_path, monkeypatch, capsys):
+    """The hub calls themselves need a network; what is ours is routing a repo id to
+    snapshot_download and a pushed folder to upload_folder, and one-line errors around them."""
+    import huggingface_hub
+
+    calls = []
+
+    def snapshot_download(repo_id, **kwargs):
+        calls.append(("download", repo_id))
+        if repo_id == "someone/missing":
+            raise OSError("404 Client Error: Repository Not Found")
+        return str(releases["gpt"])
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, **kw: calls.append(("create", repo_id)))
+    monkeypatch.setattr(huggingface_hub, "upload_folder",
+                        lambda repo_id, folder_path, **kw: calls.append(("upload", repo_id, folder_path)) or "url")
+    model, config = from_pretrained("someone/gpt-t")
+    assert calls == [("download", "someone/gpt-t")] and config["model_name"] == "GPT-T"
+    assert_same_state(model.state_dict(), load_file(releases["gpt"] / WEIGHTS_NAME))
+    message = one_line_error(lambda: from_pretrained("someone/missing"))
+    assert "someone/missing: no such local folder" in message and "Repository Not Found" in message
+    one_line_error(lambda: from_pretrained(str(tmp_path / "missing.pt")))  # a file name is never a repo id
+    assert len(calls) == 2
+    out = tmp_path / "pushed"
+    export_main([str(runs["gpt"]), str(out), "--push-to-hub", "someone/gpt-t"])
+    assert calls[2:] == [("create", "someone/gpt-t"), ("upload", "someone/gpt-t", str(out))]
+    assert "pushed to url" in capsys.readouterr().out

@@ -32,9 +32,13 @@ def is_weights_folder(path: Union[str, Path]) -> bool:
     return path.is_dir() and (path / CONFIG_NAME).is_file() and (path / WEIGHTS_NAME).is_file()
 
 
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
+
+
 def looks_like_repo_id(name: str) -> bool:
-    """'owner/name' that is not a local path: a hub repo id."""
-    return bool(REPO_ID.match(str(name))) and not Path(name).exists()
+    """'owner/name' that is not a local path nor a checkpoint file name: a hub repo id."""
+    name = str(name)
+    return bool(REPO_ID.match(name)) and not name.endswith(CHECKPOINT_SUFFIXES) and not Path(name).exists()
 
 
 def local_folder(folder_or_repo_id: Union[str, Path]) -> Path:
@@ -49,7 +53,16 @@ def local_folder(folder_or_repo_id: Union[str, Path]) -> Path:
         raise ValueError(f"{path}: no such weights folder (nor a hub repo id owner/name)")
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(str(folder_or_repo_id)))
+    try:
+        folder = Path(snapshot_download(str(folder_or_repo_id)))
+    except Exception as e:  # the hub's errors (not found, offline, credentials) vary by version
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{folder_or_repo_id}: no such local folder, and the hub gives no repo of that id "
+                         f"({type(e).__name__}: {first})") from None
+    if not is_weights_folder(folder):
+        raise ValueError(f"hub repo {folder_or_repo_id} is not a weights folder ({CONFIG_NAME} and {WEIGHTS_NAME} "
+                         f"expected)")
+    return folder
 
 
 def push_folder(folder: Union[str, Path], repo_id: str, private: bool = False) -> str:

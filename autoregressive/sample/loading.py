@@ -138,7 +138,7 @@ def check_vq_identity(vq_ckpt: str, ckpt_args: dict) -> None:
     expected = (ckpt_args.get("vq") or {}).get("sha256")
     if not expected:
         return
-    actual = weights_identity(vq_ckpt)
+    actual = weights_identity(local_folder(vq_ckpt) if is_release(vq_ckpt) else vq_ckpt)
     if actual != expected:
         raise ValueError(f"--vq-ckpt {vq_ckpt} (sha256 {actual[:12]}) is not the tokenizer this model's codes come "
                          f"from (sha256 {expected[:12]})")
