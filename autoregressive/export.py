@@ -5,6 +5,7 @@ pushed to the Hugging Face hub.
     python export_release.py results/dpar/checkpoints/0400000.pt releases/DPAR-L --vq-ckpt vq_ds16_c2i.pt
     python export_release.py results/dpar releases/DPAR-L --evaluated-on "FID-50k 2.93 (ImageNet 256, cfg 2.0)"
     python export_release.py results/dpar releases/DPAR-L --push-to-hub user/dpar-l-256
+    python export_release.py c2i_L_384.pt releases/GPT-L-384 --gpt-model GPT-L --image-size 384   # LlamaGen's
 
 A DPAR release records its patching rule and entropy model hash and bundles the entropy model
 (--entropy-ckpt, default the file the training run named) in entropy_model/, so that
@@ -21,10 +22,13 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from autoregressive.models import model_family, model_from_checkpoint
+import torch
+
+from autoregressive.models import all_models, model_family, model_from_checkpoint
 from autoregressive.models.release import ENTROPY_FOLDER, from_pretrained, model_kind, save_pretrained
+from autoregressive.sample.loading import load_generator
 from entropy_model.patching import GATED_MODES
-from tokenizer.vq_model import VQ_models, VQConfig, VQModel
+from tokenizer.vq_model import VQ_models, VQConfig, VQModel, check_state_dict, vq_config
 from utils.checkpoint import (checkpoint_sha256, checkpoint_weights, is_dcp_checkpoint, load_checkpoint,
                               newest_readable, weights_identity)
 from utils.cli import HelpFormatter
@@ -36,6 +40,7 @@ TRAINING_FIELDS = ("gpt_model", "vq_model", "unconditional", "image_size", "glob
                    "max_grad_norm", "dropout_p", "token_dropout_p", "class_dropout_prob", "drop_path_rate", "ema",
                    "ema_decay", "mixed_precision", "data_parallel", "world_size", "seed", "achieved_compression")
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
+VQ_CODEBOOK = "quantize.embedding.weight"  # the key that tells a tokenizer's state dict from a generator's
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an evaluation of these weights for the model card, e.g. 'FID-50k 2.93 (ImageNet 256, cfg "
                         "2.0)' (repeatable; default: the card says not evaluated)")
     p.add_argument("--license", default=None, help="license named in the model card's metadata")
+    g = p.add_argument_group("LlamaGen's released checkpoints (they record no config)")
+    g.add_argument("--gpt-model", choices=sorted(all_models()), default=None,
+                   help="registry name of a GPT checkpoint without args (LlamaGen's c2i files)")
+    g.add_argument("--image-size", type=int, default=None, help="image size that checkpoint was trained at")
+    g.add_argument("--vocab-size", type=int, default=16384, help="its vocabulary (LlamaGen's VQ-16 codebook)")
+    g.add_argument("--num-classes", type=int, default=1000, help="its classes (ImageNet)")
     p.add_argument("--push-to-hub", default=None, metavar="REPO_ID",
                    help="upload the folder to this hub repo (created if missing; needs huggingface-cli login or "
                         "HF_TOKEN)")
@@ -92,19 +103,37 @@ def choose_weights(ckpt: dict, choice: str, path: Path) -> bool:
     return has_ema and choice != "raw"
 
 
-def load_exported_model(ckpt: dict, use_ema: bool, path: Path) -> tuple:
-    """(model, registry name) of the checkpoint's weights."""
+def load_exported_model(ckpt: dict, use_ema: bool, path: Path, cli: argparse.Namespace) -> tuple:
+    """(model, registry name) of the checkpoint's weights: rebuilt from its args, or for
+    LlamaGen's released files (no config inside) from --vq-model, or --gpt-model with
+    --image-size, --vocab-size and --num-classes."""
     args = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
-    if "vq_model" in args and isinstance(args.get("model_config"), dict):
-        model = VQModel(VQConfig(**args["model_config"]))
-        weights, _ = checkpoint_weights(ckpt, use_ema)
+    if "gpt_model" in args and isinstance(args.get("model_config"), dict):
+        if cli.gpt_model is not None and cli.gpt_model != args["gpt_model"]:
+            raise ValueError(f"{path} holds a {args['gpt_model']} model, not {cli.gpt_model}")
+        model, info = model_from_checkpoint(ckpt, prefer_ema=use_ema)
+        return model, info["gpt_model"]
+    weights, _ = checkpoint_weights(ckpt, use_ema)
+    if VQ_CODEBOOK in weights:  # a VQ tokenizer, ours (args) or LlamaGen's
+        name = args.get("vq_model") or cli.vq_model or "VQ-16"
+        config = VQConfig(**args["model_config"]) if isinstance(args.get("model_config"), dict) else vq_config(name)
+        model = VQModel(config)
         try:
-            model.load_state_dict(weights, strict=True)
-        except RuntimeError as e:
-            raise ValueError(f"{path}: weights do not fit {args['vq_model']}: {str(e).splitlines()[0]}") from None
-        return model.eval(), args["vq_model"]
-    model, info = model_from_checkpoint(ckpt, prefer_ema=use_ema)
-    return model, info["gpt_model"]
+            check_state_dict(model, weights, name)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+        model.load_state_dict(weights, strict=True)
+        return model.eval(), name
+    if cli.gpt_model is None or cli.image_size is None:
+        raise ValueError(f"{path} does not record its model (LlamaGen's released files); name it with --gpt-model "
+                         f"and --image-size")
+    downsample = vq_config(cli.vq_model or "VQ-16").downsample_factor
+    if cli.image_size % downsample:
+        raise ValueError(f"--image-size {cli.image_size} is not a multiple of the tokenizer's downsampling "
+                         f"{downsample}")
+    model, _ = load_generator(str(path), cli.gpt_model, cli.vocab_size, (cli.image_size // downsample) ** 2,
+                              cli.num_classes, prefer_ema=use_ema)
+    return model, cli.gpt_model
 
 
 def tokenizer_record(args: argparse.Namespace, ckpt_args: dict) -> dict:
@@ -177,11 +206,13 @@ def export(args: argparse.Namespace) -> Path:
 def write_release(args: argparse.Namespace, out: Path) -> None:
     source = resolve_checkpoint(Path(args.checkpoint))
     ckpt = load_checkpoint(source)
+    if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        ckpt = {"model": ckpt}  # a bare state dict (LlamaGen's --from-fsdp files)
     ckpt_args = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
     use_ema = choose_weights(ckpt, args.weights, source)
-    model, name = load_exported_model(ckpt, use_ema, source)
+    model, name = load_exported_model(ckpt, use_ema, source, args)
     fields = {
-        "image_size": ckpt_args.get("image_size"), "weights": "ema" if use_ema else "raw",
+        "image_size": ckpt_args.get("image_size", args.image_size), "weights": "ema" if use_ema else "raw",
         "source": {"file": source.name, "sha256": checkpoint_sha256(source), "step": ckpt.get("step"),
                    "epoch": ckpt.get("epoch")},
         "training": training_settings(ckpt_args), "evaluation": list(args.evaluated_on or []),

@@ -2,6 +2,7 @@
 trained, exported with export_release.py and loaded with from_pretrained, which must give the
 logits and sampled tokens of the checkpoint they came from; a DPAR release samples with only the
 VQ given; LlamaGen's Hugging Face folders load unchanged; damaged folders stop with one line."""
+import argparse
 import dataclasses
 import json
 import os
@@ -350,6 +351,33 @@ def test_llamagen_hf_folder_as_gpt_ckpt_and_init_weights(llamagen_setting, tmp_p
     # a weights folder holds no training state: --gpt-ckpt (resume) says what to use instead
     with pytest.raises(SystemExit, match="start a new run from it with --init-weights"):
         train_main(train_argv(s["store"], tmp_path, "resumed", "--gpt-ckpt", str(HF_FIXTURE), max_steps=1))
+
+
+def test_llamagen_released_checkpoints_export_with_their_model_named(llamagen_setting, tmp_path, capsys):
+    """LlamaGen's c2i files hold weights without a config (push_gpt_to_hf.py's input): the flags
+    name the model; its tokenizer files are recognised by their codebook."""
+    stored = load_file(HF_FIXTURE / WEIGHTS_NAME)
+    theirs = tmp_path / "c2i_tiny.pt"
+    torch.save({"model": stored, "steps": 5, "args": argparse.Namespace(gpt_model="GPT-T")}, theirs)
+    export_main([str(theirs), str(tmp_path / "named"), "--gpt-model", "GPT-T", "--image-size", "64", "--vocab-size",
+                 "64", "--num-classes", "10", "--vq-ckpt", str(llamagen_setting["vq"])])
+    model, config = from_pretrained(tmp_path / "named")
+    assert config["image_size"] == 64 and config["vq"]["sha256"] == checkpoint_sha256(llamagen_setting["vq"])
+    assert_same_state(model.state_dict(), stored)
+    capsys.readouterr()
+    for argv, expected in (([], "name it with --gpt-model and --image-size"),
+                           (["--gpt-model", "GPT-XS", "--image-size", "64", "--vocab-size", "64", "--num-classes",
+                             "10"], "does not fit GPT-XS")):
+        with pytest.raises(SystemExit):
+            export_main([str(theirs), str(tmp_path / "unnamed")] + argv)
+        err = capsys.readouterr().err.strip()
+        assert expected in err and len(err.splitlines()) == 1, err
+    tokenizer = tmp_path / "vq_narrow.pt"
+    torch.save({"model": load_checkpoint(llamagen_setting["vq"])["model"]}, tokenizer)  # no args: the registry's
+    with pytest.raises(SystemExit):
+        export_main([str(tokenizer), str(tmp_path / "vq")])
+    err = capsys.readouterr().err.strip()
+    assert f"{tokenizer}: checkpoint codebook is 64x8 but VQ-16 config expects 16384x8" in err and len(err.splitlines()) == 1, err
 
 
 # ---------------------------------------------------------------------------------------
