@@ -359,6 +359,17 @@ FAULTS = [
           "return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - np.trace(covmean))",
           "the Fréchet distance subtracts Tr(sqrtm(sigma1 sigma2)) once instead of twice",
           ("tests/test_evaluations.py::test_frechet_distance_diagonal_closed_form",)),
+    # ---- release folders --------------------------------------------------------------
+    Fault("release-entropy-hash-dropped", "autoregressive/sample/loading.py",
+          "\"entropy_model_hash\": entropy.get(\"sha256\"),",
+          "\"entropy_model_hash\": None,",
+          "sampling from a DPAR release accepts any entropy model: the recorded hash is not checked",
+          ("tests/test_release.py::test_sampling_refuses_another_entropy_model_or_vq",)),
+    Fault("release-exports-raw-by-default", "autoregressive/export.py",
+          "return has_ema and choice != \"raw\"",
+          "return has_ema and choice == \"ema\"",
+          "export_release.py's default (auto) writes the raw weights of a run that has EMA weights",
+          ("tests/test_release.py::test_gpt_release_gives_the_checkpoints_logits_and_samples",)),
 ]
 
 STATUSES = ("CAUGHT", "SURVIVED", "STALE", "ERROR", "TIMEOUT")

@@ -15,6 +15,7 @@ COMMAND_LINES = [
     ("tokenizer.train_vq", "main"), ("evaluations.c2i.evaluator", "parse_args"), ("evaluations.flops", "parse_args"),
     ("benchmarks.benchmark", "parse_args"), ("benchmarks.gpu_check", "parse_args"),
     ("evaluations.domain_metric", "main"), ("dataset.synthetic", "main"), ("demo.__main__", "parse_args"),
+    ("autoregressive.export", "main"),
 ]
 
 

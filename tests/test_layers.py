@@ -16,7 +16,7 @@ LAYERS = [
     ("autoregressive.models",),
     ("autoregressive", "autoregressive.train", "autoregressive.sample"),
     ("evaluations", "benchmarks", "entropy_tools"),
-    ("demo", "scripts", "extract_codes", "train_c2i", "sample_c2i"),
+    ("demo", "scripts", "extract_codes", "train_c2i", "sample_c2i", "export_release"),
 ]
 PACKAGES = ("utils", "dataset", "tokenizer", "entropy_model", "autoregressive", "evaluations", "benchmarks",
             "entropy_tools", "demo", "scripts")

@@ -51,6 +51,7 @@ import torch.nn as nn
 from utils.cli import HelpFormatter
 from utils.distributed import DistInfo, barrier, gather_objects
 from utils.file_identity import file_sha256
+from utils.release import CONFIG_NAME, WEIGHTS_NAME, is_weights_folder, read_config, read_weights
 
 TRAIN_STATE = "train_state.pt"  # non-tensor fields of a distributed checkpoint directory
 WEIGHT_KEYS = ("model", "module", "state_dict")  # where checkpoints (ours, LlamaGen's) keep the weights
@@ -71,6 +72,20 @@ def checkpoint_sha256(path: Union[str, Path]) -> str:
     for f in sorted(p for p in path.rglob("*") if p.is_file()):
         digest.update(f.relative_to(path).as_posix().encode() + b"\0" + file_sha256(f).encode())
     return digest.hexdigest()
+
+
+def weights_identity(path: Union[str, Path]) -> str:
+    """The SHA-256 that names a model's weights: checkpoint_sha256 of a checkpoint; for a weights
+    folder (utils/release.py) the hash of the checkpoint it was exported from (config.json
+    "source"), else of its model.safetensors. An exported entropy model or VQ therefore keeps
+    the identity that training and code extraction recorded."""
+    path = Path(path)
+    if is_weights_folder(path):
+        source = read_config(path).get("source")
+        if isinstance(source, dict) and source.get("sha256"):
+            return str(source["sha256"])
+        return file_sha256(path / WEIGHTS_NAME)
+    return checkpoint_sha256(path)
 
 
 def save_checkpoint_atomic(obj: dict, path: Union[str, Path]) -> None:
@@ -138,6 +153,10 @@ def load_checkpoint(path: Union[str, Path], map_location="cpu", mmap: bool = Fal
         if problem:
             raise UnreadableCheckpoint(problem)
         return consolidate_checkpoint(path, with_optimizer=True)
+    if is_weights_folder(path):
+        raise UnreadableCheckpoint(f"{path} is a weights folder ({CONFIG_NAME} + {WEIGHTS_NAME}), not a training "
+                                   f"checkpoint: it has no optimizer or step (start a new run from it with "
+                                   f"--init-weights)")
     if path.is_dir():
         raise UnreadableCheckpoint(f"cannot read checkpoint {path}: a directory without .metadata (not a complete "
                                    f"distributed checkpoint)")
@@ -435,11 +454,15 @@ def named_optimizer_state(state: dict, model: nn.Module, optimizer) -> dict:
 
 
 def load_initial_weights(path: Path, model: nn.Module, sharded: bool) -> None:
-    """--init-weights: the weights of a checkpoint (ours, an export, or LlamaGen's) into the
-    (possibly sharded) model, strict; nothing else of that run is taken."""
+    """--init-weights: the weights of a checkpoint (ours, an export, or LlamaGen's) or of a weights
+    folder (a release, or LlamaGen's Hugging Face format) into the (possibly sharded) model,
+    strict; nothing else of that run is taken."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    weights, _ = checkpoint_weights(load_checkpoint(path, mmap=True))
+    if is_weights_folder(path):
+        weights = read_weights(Path(path) / WEIGHTS_NAME)
+    else:
+        weights, _ = checkpoint_weights(load_checkpoint(path, mmap=True))
     try:
         set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=sharded))
     except (RuntimeError, KeyError) as e:

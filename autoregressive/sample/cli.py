@@ -33,6 +33,7 @@ from autoregressive.sample.compiling import (
 from autoregressive.sample.loading import (
     PatchingOverrides,
     cast_parameters,
+    check_vq_identity,
     entropy_ckpt_path,
     entropy_model_for_dpar,
     load_generator,
@@ -74,10 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
                                             "a PNG grid, or N images packed for FID (--num-fid-samples).",
                                 formatter_class=HelpFormatter)
     g = p.add_argument_group("models")
-    g.add_argument("--gpt-ckpt", required=True, help="GPT or DPAR checkpoint (file or FSDP directory)")
+    g.add_argument("--gpt-ckpt", required=True,
+                   help="GPT or DPAR checkpoint: file, FSDP directory, release folder (ours or LlamaGen's Hugging "
+                        "Face format) or hub repo id")
     g.add_argument("--gpt-model", choices=sorted(all_models()), default=None,
                    help="registry name; default: the checkpoint's (required for LlamaGen's released files)")
-    g.add_argument("--vq-ckpt", required=True, help="VQ tokenizer checkpoint")
+    g.add_argument("--vq-ckpt", required=True, help="VQ tokenizer checkpoint or release folder")
     g.add_argument("--vq-model", choices=sorted(VQ_models), default="VQ-16", help="tokenizer registry name")
     g.add_argument("--codebook-size", type=int, default=None, help="default: the VQ checkpoint's (LlamaGen: 16384)")
     g.add_argument("--codebook-embed-dim", type=int, default=None, help="default: the VQ checkpoint's (LlamaGen: 8)")
@@ -93,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LlamaGen compatibility flag, no effect: FSDP directories and bare state dicts are detected")
     g = p.add_argument_group("DPAR (defaults: the checkpoint's patching rule)")
     g.add_argument("--entropy-ckpt", default=None,
-                   help="entropy model checkpoint (default: the one recorded by training); its sha256 must match")
+                   help="entropy model checkpoint or release folder (default: the one recorded by training, or "
+                        "bundled with a release); its sha256 must match")
     g.add_argument("--patching-mode", choices=PATCH_MODES, default=None,
                    help="patch boundary rule (default: the checkpoint's)")
     g.add_argument("--threshold", type=float, default=None, help="entropy threshold tau in nats")
@@ -207,6 +211,7 @@ def build_sampler(args: argparse.Namespace, device: torch.device, world_size: in
     if getattr(model.config, "model_type", "c2i") != "c2i":
         raise ValueError(f"--gpt-ckpt {args.gpt_ckpt} holds an unconditional {name} (an entropy model, trained with "
                          f"--unconditional), not a class-conditional generator")
+    check_vq_identity(args.vq_ckpt, ckpt_args)
     if model.config.vocab_size != vq.config.codebook_size:
         raise ValueError(f"{name} predicts {model.config.vocab_size} codes but the VQ codebook has "
                          f"{vq.config.codebook_size}")

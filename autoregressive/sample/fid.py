@@ -36,10 +36,12 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from tqdm import tqdm
 
+from autoregressive.sample.loading import is_release
 from autoregressive.sample.sampler import Sampler, Throughput, format_throughput, image_seed, to_uint8
 from autoregressive.sample.settings import SampleRun
-from utils.checkpoint import checkpoint_sha256
+from utils.checkpoint import checkpoint_sha256, file_sha256
 from utils.distributed import DistInfo, all_reduce, barrier, broadcast_object
+from utils.release import WEIGHTS_NAME, local_folder
 
 SETTINGS_FILE = "sampling.json"
 PNG_NAME = re.compile(r"(\d{6,})\.png")
@@ -81,14 +83,23 @@ def write_atomically(final: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
+def checkpoint_identity(path: str) -> str:
+    """SHA-256 naming a checkpoint by content: of a release folder's (or hub repo's)
+    model.safetensors, else utils.checkpoint.checkpoint_sha256 (a file, or every file of an FSDP
+    directory)."""
+    if is_release(path):
+        return file_sha256(local_folder(path) / WEIGHTS_NAME)
+    return checkpoint_sha256(path)
+
+
 def run_settings(cfg: SampleRun) -> dict:
     """Everything that decides the images of a folder (not N, the batch size or the ranks); the
-    checkpoints by content (utils.checkpoint.checkpoint_sha256), so a checkpoint retrained or
+    checkpoints by content (checkpoint_identity), so a checkpoint retrained or
     replaced at the same path is another one."""
     return {
-        "gpt_model": cfg.gpt_model, "gpt_ckpt_sha256": checkpoint_sha256(cfg.gpt_ckpt),
-        "vq_model": cfg.vq_model, "vq_ckpt_sha256": checkpoint_sha256(cfg.vq_ckpt),
-        "entropy_ckpt_sha256": checkpoint_sha256(cfg.entropy_ckpt) if cfg.entropy_ckpt else None,
+        "gpt_model": cfg.gpt_model, "gpt_ckpt_sha256": checkpoint_identity(cfg.gpt_ckpt),
+        "vq_model": cfg.vq_model, "vq_ckpt_sha256": checkpoint_identity(cfg.vq_ckpt),
+        "entropy_ckpt_sha256": checkpoint_identity(cfg.entropy_ckpt) if cfg.entropy_ckpt else None,
         "image_size": cfg.image_size, "image_size_eval": cfg.image_size_eval,
         "cfg_scale": cfg.cfg_scale, "cfg_interval": cfg.cfg_interval, "temperature": cfg.temperature,
         "top_k": cfg.top_k, "top_p": cfg.top_p, "seed": cfg.seed, "precision": cfg.precision,

@@ -1,7 +1,8 @@
 """Load what sampling needs: the VQ decoder, the GPT or DPAR generator (rebuilt from its
-checkpoint's args, or from --gpt-model for LlamaGen's released files), and for DPAR the
-entropy model (checked against the hash the DPAR checkpoint recorded) and the patching rule
-(the checkpoint's, with inference-time overrides)."""
+checkpoint's args, from a release folder's config.json, or from --gpt-model for LlamaGen's
+released files), and for DPAR the entropy model (checked against the hash the DPAR checkpoint
+recorded; a release may bundle it) and the patching rule (the checkpoint's, with inference-time
+overrides). Release folders and hub repo ids: autoregressive/models/release.py."""
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -11,9 +12,11 @@ import torch
 import torch.nn as nn
 
 from autoregressive.models import build_model, model_family, model_from_checkpoint
+from autoregressive.models.release import from_pretrained
 from entropy_model.patching import GATED_MODES, PatchingConfig, paper_patching, paper_setting
 from tokenizer.vq_model import VQModel, load_vq_checkpoint
-from utils.checkpoint import checkpoint_sha256, checkpoint_weights, load_checkpoint
+from utils.checkpoint import checkpoint_weights, load_checkpoint, weights_identity
+from utils.release import is_weights_folder, local_folder, looks_like_repo_id
 
 @dataclass
 class PatchingOverrides:
@@ -43,7 +46,17 @@ def cast_parameters(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 
 def load_vq(path: str, model_name: str, codebook_size: Optional[int], codebook_embed_dim: Optional[int]) -> VQModel:
-    """VQ model in eval mode on CPU; None overrides keep the checkpoint's (or the registry's) values."""
+    """VQ model in eval mode on CPU; None overrides keep the checkpoint's (or the registry's) values.
+    A release folder (or hub repo id) carries its config: overrides must agree with it."""
+    if is_release(path):
+        model, config = from_pretrained(path)
+        if config["kind"] != "vq" or config["model_name"] != model_name:
+            raise ValueError(f"--vq-ckpt {path} holds a {config['model_name']}, not a {model_name} tokenizer")
+        for flag, value in (("codebook_size", codebook_size), ("codebook_embed_dim", codebook_embed_dim)):
+            if value is not None and value != getattr(model.config, flag):
+                raise ValueError(f"--{flag.replace('_', '-')} {value} does not match --vq-ckpt {path} "
+                                 f"({getattr(model.config, flag)})")
+        return model
     overrides = {k: v for k, v in (("codebook_size", codebook_size), ("codebook_embed_dim", codebook_embed_dim))
                  if v is not None}
     return load_vq_checkpoint(path, model_name, **overrides)
@@ -65,7 +78,10 @@ def load_generator(
     A project checkpoint rebuilds itself from args["gpt_model"] / args["model_config"]
     (--gpt-model, when given, must agree). LlamaGen's released files carry weights only (under
     "model", "module" or "state_dict", or a bare state dict as its FSDP exports): the model is
-    --gpt-model with vocab_size, block_size (the token grid) and num_classes."""
+    --gpt-model with vocab_size, block_size (the token grid) and num_classes. A release folder
+    (ours or LlamaGen's Hugging Face format) or hub repo id rebuilds itself from its config.json."""
+    if is_release(path):
+        return release_generator(path, gpt_model, prefer_ema)
     ckpt = load_checkpoint(path)
     args = ckpt.get("args")
     if isinstance(args, dict) and "gpt_model" in args and "model_config" in args:
@@ -88,6 +104,44 @@ def load_generator(
     except RuntimeError as e:
         raise ValueError(f"{path} does not fit {gpt_model}: {str(e).splitlines()[0]}") from e
     return model.eval(), {"weights": "ema" if used_ema else "raw"}
+
+
+def is_release(path: str) -> bool:
+    """A weights folder (utils/release.py) or, when no such path exists, a hub repo id."""
+    return is_weights_folder(path) or looks_like_repo_id(path)
+
+
+def release_generator(path: str, gpt_model: Optional[str], prefer_ema: bool) -> Tuple[nn.Module, dict]:
+    """load_generator for a release: the model and its config.json as checkpoint args (the
+    bundled entropy model's folder as args["entropy_model"])."""
+    folder = local_folder(path)
+    model, config = from_pretrained(folder)
+    name = config["model_name"]
+    if config["kind"] == "vq":
+        raise ValueError(f"--gpt-ckpt {path} holds a VQ tokenizer, not a generator")
+    if gpt_model is not None and gpt_model != name:
+        raise ValueError(f"{path} holds a {name} model, not {gpt_model}")
+    weights = config.get("weights", "raw")
+    if not prefer_ema and weights == "ema":
+        raise ValueError(f"--raw-weights: {path} holds only its EMA weights (export the raw ones with --weights raw)")
+    entropy = config.get("entropy_model") or {}
+    args = {"gpt_model": name, "model_config": config["model_config"], "weights": weights,
+            "image_size": config.get("image_size"), "patching": config.get("patching"),
+            "entropy_model_hash": entropy.get("sha256"), "vq": config.get("vq"),
+            "entropy_model": str(folder / entropy["folder"]) if entropy.get("folder") else None}
+    return model, {k: v for k, v in args.items() if v is not None}
+
+
+def check_vq_identity(vq_ckpt: str, ckpt_args: dict) -> None:
+    """One-line ValueError when the generator records the tokenizer it was trained on (a
+    release's vq.sha256) and --vq-ckpt is another one."""
+    expected = (ckpt_args.get("vq") or {}).get("sha256")
+    if not expected:
+        return
+    actual = weights_identity(local_folder(vq_ckpt) if is_release(vq_ckpt) else vq_ckpt)
+    if actual != expected:
+        raise ValueError(f"--vq-ckpt {vq_ckpt} (sha256 {actual[:12]}) is not the tokenizer this model's codes come "
+                         f"from (sha256 {expected[:12]})")
 
 
 SAMPLING_REMEDY = "pass --threshold and --max-patch-length"
@@ -116,30 +170,33 @@ def sampling_patching(ckpt_args: dict, overrides: PatchingOverrides) -> Patching
 
 
 def entropy_ckpt_path(path: Optional[str], ckpt_args: dict) -> str:
-    """`path` (--entropy-ckpt), else the file the DPAR checkpoint's training run named."""
+    """`path` (--entropy-ckpt), else the checkpoint the DPAR checkpoint's training run named, or
+    the entropy model a release bundles."""
     if path is not None:
         return path
     recorded = ckpt_args.get("entropy_model")
-    if not recorded or not os.path.isfile(recorded):
+    if not recorded or not os.path.exists(recorded):
         raise ValueError("this DPAR model patches by entropy: give the entropy model with --entropy-ckpt")
     print(f"entropy model: {recorded} (recorded in the DPAR checkpoint)")
     return recorded
 
 
 def entropy_model_for_dpar(path: Optional[str], dpar: nn.Module, ckpt_args: dict) -> nn.Module:
-    """The frozen entropy model in eval mode on CPU. `path` (--entropy-ckpt) defaults to
-    entropy_ckpt_path's; its SHA-256 must equal the recorded args["entropy_model_hash"] when the
-    checkpoint has one."""
+    """The frozen entropy model in eval mode on CPU. `path` (--entropy-ckpt: a checkpoint or a
+    release folder) defaults to entropy_ckpt_path's; its identity (utils.checkpoint.weights_identity)
+    must equal the recorded args["entropy_model_hash"] when the checkpoint has one."""
     path = entropy_ckpt_path(path, ckpt_args)
     if not Path(path).exists():
         raise ValueError(f"--entropy-ckpt {path} does not exist")
     expected = ckpt_args.get("entropy_model_hash")
     if expected:
-        actual = checkpoint_sha256(path)
+        actual = weights_identity(path)
         if actual != expected:
             raise ValueError(f"--entropy-ckpt {path} (sha256 {actual[:12]}) is not the entropy model this DPAR "
                              f"model was trained with (sha256 {expected[:12]})")
-    model, args = model_from_checkpoint(path)
+    model = from_pretrained(path)[0] if is_weights_folder(path) else model_from_checkpoint(path)[0]
+    if isinstance(model, VQModel):
+        raise ValueError(f"--entropy-ckpt {path} is not an unconditional GPT (the entropy model)")
     config = model.config
     if model_family(model).patched or config.model_type != "uncond":
         raise ValueError(f"--entropy-ckpt {path} is not an unconditional GPT (the entropy model)")
