@@ -484,7 +484,7 @@ def test_item_pages_cover_the_items(tmp_path):
     rng = np.random.default_rng(11)
     n, views, t = 300, 3, 576  # items of 1152 bytes: many straddle a page boundary
     codes = rng.integers(0, 16384, size=(n, views, t))
-    _write_store(tmp_path / "s", codes, rng.integers(0, 10, size=n))
+    _write_store(tmp_path / "s", codes, rng.integers(0, 10, size=n), codebook_size=16384)
     array = open_code_store(tmp_path / "s").codes
     items = np.stack([rng.integers(0, n, 64), rng.integers(0, views, 64)], axis=1)
     pages = item_pages(array, items)
