@@ -22,8 +22,16 @@ class NoSpaceError(OSError):
     """The disk (or quota) is full; str() is the one-line message for the user."""
 
 
+def readable_size(nbytes: int) -> str:
+    """Bytes in the largest decimal unit that keeps a leading digit: 6.55 GB, 5.12 MB, 900 bytes."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.3g} {unit}"
+    return f"{nbytes} bytes"
+
+
 def no_space_message(path: Union[str, Path], nbytes: int) -> str:
-    return f"no space left on device for {path} (needs {nbytes / 1e9:.3g} GB): free space and rerun"
+    return f"no space left on device for {path} (needs {readable_size(nbytes)}): free space and rerun"
 
 
 def preallocate(path: Union[str, Path], nbytes: int | None = None) -> None:
