@@ -555,7 +555,8 @@ def test_interrupted_scoring_says_a_rerun_continues(setup, tmp_path, monkeypatch
         score.main(argv)
     assert err.value.code == 130
     message = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar's line
-    assert message.startswith("interrupted:") and "Traceback" not in message and "2 of 4 slices" in message and "rerun the same command to continue" in message
+    assert message.startswith("interrupted:") and "Traceback" not in message
+    assert "2 of 4 slices" in message and "rerun the same command to continue" in message
     monkeypatch.setattr(score, "score_batch", score_batch)
     score.main(argv)
     assert "written" in capsys.readouterr().out

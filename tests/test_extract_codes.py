@@ -221,7 +221,8 @@ def test_full_disk_is_one_line_at_store_creation(setup, tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "posix_fallocate", full)
     message = _one_line_exit(_argv(setup, tmp_path / "codes"))
-    assert message.startswith(f"extract_codes.py: error: no space left on device for {tmp_path / 'codes' / 'codes.npy'}")
+    codes = tmp_path / "codes" / "codes.npy"
+    assert message.startswith(f"extract_codes.py: error: no space left on device for {codes}")
     # 7 images x 1 view x 64 uint16 codes (896 bytes) after the .npy header (128 bytes)
     assert message.endswith("(needs 1.02 kB): free space and rerun")
     assert not (tmp_path / "codes" / "codes.npy").exists()
