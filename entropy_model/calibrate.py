@@ -13,7 +13,9 @@ made for other codes or by another entropy model, and an entropy.npy changed aft
 (its size and mtime against the record, or on request its content; utils.file_identity).
 Every reader (`read_entropy_file`, so calibration, statistics and training too) refuses an
 entropy.npy holding NaN or infinite values, in one line naming the file and their count
-(check_entropies_finite: a chunked scan of the float16 bits).
+(check_entropies_finite: a chunked scan of the float16 bits). The scan is skipped when the record
+vouches for the file: the scorer refuses non-finite entropies, and the file still has the size
+and mtime recorded when it was hashed.
 
     python -m entropy_model.calibrate --code-path STORE --target-compression 1.81
     python -m entropy_model.calibrate --code-path STORE --threshold 7.8 --json calib.json
@@ -38,7 +40,7 @@ from entropy_model.patching import (
     patch_starts,
 )
 from utils.cli import HelpFormatter
-from utils.file_identity import check_recorded_file, try_write_json_atomic
+from utils.file_identity import check_recorded_file, file_stat, try_write_json_atomic
 
 PAPER_THRESHOLD = PAPER_THRESHOLDS[256]  # the paper's tau at 256 px (its entropy model only)
 QUANTILE_LEVELS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
@@ -74,7 +76,8 @@ def check_entropies_finite(entropy: np.ndarray, path: str) -> None:
 def read_entropy_file(code_store_path: str, check_finite: bool = True) -> tuple[np.ndarray, dict[str, Any]]:
     """Memory-mapped entropies (N, views, T) float16 and their JSON record, without hash checks;
     ValueError (one line) for an unfinished record, a shape that does not fit it, or (unless
-    check_finite is False) NaN or infinite entropies."""
+    check_finite is False) NaN or infinite entropies (scanned for unless the record vouches for
+    the file: see the module docstring)."""
     npy_path = os.path.join(code_store_path, "entropy.npy")
     json_path = os.path.join(code_store_path, "entropy.json")
     for path in (npy_path, json_path):
@@ -92,9 +95,16 @@ def read_entropy_file(code_store_path: str, check_finite: bool = True) -> tuple[
     if "num_views" in info and "T" in info and (int(info["num_views"]), int(info["T"])) != entropy.shape[1:]:
         raise ValueError(f"{json_path} records {info['num_views']} views of {info['T']} tokens but {npy_path} "
                          f"holds {entropy.shape[1:]}")
-    if check_finite:
+    if check_finite and not _written_by_scorer(npy_path, info):
         check_entropies_finite(entropy, npy_path)
     return entropy, info
+
+
+def _written_by_scorer(npy_path: str, info: dict[str, Any]) -> bool:
+    """True when the record holds entropy.npy's stat from when the scorer hashed it, and the file
+    still has that size and mtime: then it holds what the scorer wrote, every value finite."""
+    recorded = info.get("entropy_file")
+    return isinstance(recorded, dict) and recorded.get("stat") == file_stat(npy_path)
 
 
 def load_entropies(

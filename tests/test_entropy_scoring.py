@@ -517,13 +517,16 @@ def test_scoring_refuses_non_finite_entropies_naming_the_checkpoint(setup, tmp_p
     assert not (out / "entropy.npy").exists() and not (out / "entropy.json").exists()
 
 
-def test_readers_and_calibration_refuse_non_finite_entropies(setup, tmp_path):
+def test_readers_and_calibration_refuse_non_finite_entropies(setup, tmp_path, monkeypatch):
     from entropy_model import calibrate
     store = tmp_path / "store"
     write_store(store, seed=4)
     run({**setup, "store": store}, None)
     npy = store / "entropy.npy"
+    count_non_finite, scans = calibrate.count_non_finite, []
+    monkeypatch.setattr(calibrate, "count_non_finite", lambda *a, **k: scans.append(1) or count_non_finite(*a, **k))
     calibrate.calibrate_store(str(store), 1.5, None, 4, True, "entropy", None)  # the precondition: it calibrates
+    assert scans == []  # the scorer's record vouches for the file: no scan
     values = np.load(npy)
     values[1, 0, 5] = np.nan
     values[3, 1, 0] = np.inf
@@ -535,7 +538,8 @@ def test_readers_and_calibration_refuse_non_finite_entropies(setup, tmp_path):
     assert str(npy) in message and "3 NaN or infinite" in message and "image 1, view 0, token 5" in message
     with pytest.raises(ValueError, match="3 NaN or infinite"):  # what training reads entropies with
         load_entropies(str(store), code_store_hash(store), file_sha256(setup["ckpt"]))
-    assert calibrate.count_non_finite(values, chunk=7) == (3, int(np.ravel_multi_index((1, 0, 5), values.shape)))
+    assert count_non_finite(values, chunk=7) == (3, int(np.ravel_multi_index((1, 0, 5), values.shape)))
+    assert len(scans) == 2
 
 
 def test_interrupted_scoring_says_a_rerun_continues(setup, tmp_path, monkeypatch, capsys):
