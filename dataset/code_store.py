@@ -35,7 +35,8 @@ finalize() scans codes.npy once and records its largest code (max_code; not part
 identity, which codes_sha256 already follows). Opening refuses a store whose max_code is not
 below its codebook size; it re-scans codes.npy (in chunks) when the manifest records no max_code
 or the file is small (up to SCAN_ON_OPEN_BYTES). LlamaGen's layout records nothing, so opening
-it scans every file. Each refusal is one line naming the store and the first offending image.
+it reads every file once (a note on stderr says so for large stores: extracting the images into
+this layout avoids it). Each refusal is one line naming the store and the first offending image.
 """
 import hashlib
 import json
@@ -65,7 +66,7 @@ CODES_HASH = "codes_sha256"  # SHA-256 of codes.npy, taken once when the store i
 CODES_STAT = "codes_stat"  # {"size", "mtime_ns"} of codes.npy when CODES_HASH was taken
 LEGACY_HASH = "legacy_store_hash"  # identity of a store finalized before CODES_HASH existed
 LLAMAGEN_SAMPLE = 64  # files hashed for the identity of LlamaGen's layout
-LLAMAGEN_SCAN_FILES = 4096  # files read per step of the scan of LlamaGen's layout
+LLAMAGEN_SCAN_NOTE = 100_000  # files above which the scan of LlamaGen's layout says that it runs
 MAX_CODE = "max_code"  # largest stored code, found when the store is finalized
 SCAN_ON_OPEN_BYTES = 1 << 30  # codes.npy up to this size is scanned on every open
 SCAN_CHUNK_BYTES = 1 << 26  # codes read per step of a scan
@@ -374,11 +375,31 @@ def _open_llamagen(path: Path, codebook_size: int | None) -> CodeStore:
     }
     codes = PerFileArray(codes_dir, count, (num_views, seq_len), first.dtype)
     labels = PerFileArray(labels_dir, count, (), np.dtype(np.int64))
-    item_bytes = num_views * seq_len * first.dtype.itemsize
-    outside = first_code_outside(codes, codebook_size, chunk_bytes=LLAMAGEN_SCAN_FILES * item_bytes)
+    if count > LLAMAGEN_SCAN_NOTE:
+        note(f"code store {path} has LlamaGen's layout: reading its {count} code files once for codes outside the "
+             f"codebook (a store extracted by extract_codes.py records its largest code instead)")
+    outside = _llamagen_first_code_outside(codes_dir, count, codebook_size)
     if outside is not None:
         raise ValueError(code_outside_message(path, *outside, codebook_size) + f" ({codes_dir.name}/{outside[0]}.npy)")
     return CodeStore(path, codes, labels, manifest, "llamagen")
+
+
+def _llamagen_first_code_outside(folder: Path, count: int, codebook_size: int) -> tuple[int, int] | None:
+    """(index, offending code) of the first file folder/<i>.npy holding a code outside
+    0..codebook_size-1, or None. Each file is read once; a file whose bytes start with file 0's
+    .npy header (same dtype, shape and order) is read as its data, any other through np.load."""
+    reference = np.load(folder / "0.npy")
+    raw = (folder / "0.npy").read_bytes()
+    header = raw[:len(raw) - reference.nbytes]
+    for i in range(count):
+        raw = (folder / f"{i}.npy").read_bytes()
+        if len(raw) == len(header) + reference.nbytes and raw.startswith(header):
+            codes = np.frombuffer(raw, dtype=reference.dtype, offset=len(header))  # (views * T,)
+        else:
+            codes = np.load(folder / f"{i}.npy").ravel()
+        if codes.size and (codes.max() >= codebook_size or codes.min() < 0):
+            return i, int(codes[(codes >= codebook_size) | (codes < 0)][0])
+    return None
 
 
 def open_code_store(path: str | Path, codebook_size: int | None = None) -> CodeStore:

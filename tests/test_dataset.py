@@ -545,6 +545,11 @@ def test_llamagen_layout_scans_every_file_for_codes_outside_the_codebook(tmp_pat
         open_code_store(tmp_path / "lg", codebook_size=64)
     assert "\n" not in str(e.value) and "image 5 holds code 64" in str(e.value) and "5.npy" in str(e.value)
     assert open_code_store(tmp_path / "lg", codebook_size=65).codes.shape == (7, 1, 16)
+    bad = codes[2:3].astype(np.int32)  # another header than file 0's: read through np.load
+    bad[0, 0, 15] = 65
+    np.save(tmp_path / "lg" / "imagenet256_codes" / "2.npy", bad)
+    with pytest.raises(ValueError, match="image 2 holds code 65"):
+        open_code_store(tmp_path / "lg", codebook_size=65)
 
 
 def test_code_store_files_are_preallocated_and_a_full_disk_is_one_line(tmp_path, monkeypatch):
