@@ -21,7 +21,8 @@ it is created, so a full disk stops the run there with one line), and only when 
 in it, fsynced and hashed, renames it over entropy.npy (a new file: a process that memory-mapped
 the old entropy.npy keeps reading the old values) and then writes entropy.json. Until then the
 old entropy.npy and entropy.json stay as they were. Between the two renames the pair does not
-match; readers refuse it (the record's size and mtime, then its hash, do not fit the file).
+match; readers refuse it (the record's size and mtime, then its hash, do not fit the file), and a
+run killed there scores again from the start when rerun.
 
 Resuming: the flattened sequences are scored in slices of --slice-size. At the start the
 run's identity (hashes, shape, precision) goes to entropy.progress.json and a one-byte-per-
@@ -355,8 +356,8 @@ def interrupted_progress(out: Path) -> str:
         done = np.load(out / DONE_MASK_FILE)
     except (OSError, ValueError):
         return f"no entropies of this run were kept in {out}; rerun the same command to score them"
-    return (f"{int(done.sum())} of {len(done)} slices are scored and kept in {out / PARTIAL_FILE} (entropy.npy is "
-            f"unchanged); rerun the same command to continue")
+    return (f"{int(done.sum())} of {len(done)} slices are scored and kept in {out / PARTIAL_FILE} (any earlier "
+            f"entropy.npy is untouched); rerun the same command to continue")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
