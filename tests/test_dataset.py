@@ -531,6 +531,14 @@ def test_code_store_refuses_codes_outside_the_codebook_at_write_and_open(tmp_pat
     with pytest.raises(ValueError, match="records code 64, outside the codebook 0..63"):
         open_code_store(tmp_path / "u")
 
+    # max_code is derived from the codes (which codes_sha256 covers): the identity ignores it, so a
+    # store has the identity that the manifest without it had (entropies scored before still fit)
+    with_max = code_store_hash(tmp_path / "u")
+    manifest_path.write_text(json.dumps({k: v for k, v in json.loads(manifest_path.read_text()).items()
+                                         if k != "max_code"}))
+    assert code_store_hash(tmp_path / "u") == with_max
+    open_code_store(tmp_path / "u")  # without a record, the codes are scanned: they fit
+
     writer = CodeStoreWriter.create(tmp_path / "w", 4, 1, 4, codebook_size=32)
     with pytest.raises(ValueError, match=r"image 2 holds code 32, outside the codebook 0..31"):
         writer.write(np.array([0, 2, 3]), np.array([[[1, 2, 3, 4]], [[5, 32, 0, 0]], [[0, 0, 0, 40]]]), np.zeros(3))
