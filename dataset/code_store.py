@@ -179,11 +179,12 @@ class CodeStoreWriter:
         check_codebook_fits(manifest["codebook_size"])
         if (manifest["num_views"], manifest["grid_height"] * manifest["grid_width"]) != self.codes.shape[1:]:
             raise ValueError(f"manifest views/grid do not match codes of shape {self.codes.shape}")
-        outside = first_code_outside(self.codes, manifest["codebook_size"])
-        if outside is not None:
+        max_code = max_stored_code(self.codes)
+        if max_code >= manifest["codebook_size"]:
+            outside = first_code_outside(self.codes, manifest["codebook_size"])
             raise ValueError(code_outside_message(self.path, *outside, manifest["codebook_size"]))
         codes = record_file(self.path / CODES)
-        manifest.update({CODES_HASH: codes["sha256"], CODES_STAT: codes["stat"], MAX_CODE: max_stored_code(self.codes)})
+        manifest.update({CODES_HASH: codes["sha256"], CODES_STAT: codes["stat"], MAX_CODE: max_code})
         with reporting_no_space(self.path / MANIFEST, 1 << 16):
             write_manifest_atomic(self.path, manifest)
         return manifest
