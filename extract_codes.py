@@ -145,7 +145,8 @@ def check_images(dataset: CheckedImageFolderDataset, indices: range, image_size:
     problems = [p for i in indices if (p := image_problem(dataset.samples[i][0], image_size)) is not None]
     problems = [p for part in gather_objects(problems) for p in part]
     if problems:
-        more = f" ({len(problems) - 1} more images refused)" if len(problems) > 1 else ""
+        more = len(problems) - 1
+        more = f" ({more} more image{'s' if more > 1 else ''} refused)" if more else ""
         raise ValueError(problems[0] + more)
 
 

@@ -188,7 +188,7 @@ def test_images_the_crop_cannot_represent_stop_extraction_before_it_starts(setup
     Image.fromarray(rng.integers(0, 256, size=(3, 9, 3), dtype=np.uint8)).save(data / "00_disc" / "small.png")
     message = _one_line_exit(_argv(setup, tmp_path / "codes", data))
     assert f"{data / '00_disc' / 'small.png'} is 9x3: too small for a {SIZE} px crop" in message
-    assert "(1 more images refused)" in message
+    assert "(1 more image refused)" in message
     assert not (tmp_path / "codes" / "codes.npy").exists()  # refused before the store was created
     (data / "00_disc" / "small.png").unlink()
     (data / "01_square" / "tiny.png").unlink()
