@@ -34,7 +34,8 @@ Codes inside the codebook: the writer refuses a code >= the codebook size it was
 finalize() scans codes.npy once and records its largest code (max_code; not part of the
 identity, which codes_sha256 already follows). Opening refuses a store whose max_code is not
 below its codebook size; it re-scans codes.npy (in chunks) when the manifest records no max_code
-or the file is small (up to SCAN_ON_OPEN_BYTES). LlamaGen's layout records nothing, so opening
+(a store extracted before max_code existed: the result is then recorded, when codes.npy still has
+the stat recorded with its hash) or the file is small (up to SCAN_ON_OPEN_BYTES). LlamaGen's layout records nothing, so opening
 it reads every file once (a note on stderr says so for large stores: extracting the images into
 this layout avoids it). Each refusal is one line naming the store and the first offending image.
 """
@@ -319,12 +320,18 @@ def _check_codes_in_codebook(path: Path, codes: np.ndarray, manifest: dict[str, 
     recorded = manifest.get(MAX_CODE)
     if recorded is not None and int(recorded) < codebook_size and codes.nbytes > SCAN_ON_OPEN_BYTES:
         return
-    outside = first_code_outside(codes, codebook_size)
-    if outside is not None:
-        raise ValueError(code_outside_message(path, *outside, codebook_size))
+    stat = file_stat(path / CODES)
+    max_code = max_stored_code(codes)
+    if max_code >= codebook_size:
+        raise ValueError(code_outside_message(path, *first_code_outside(codes, codebook_size), codebook_size))
     if recorded is not None and int(recorded) >= codebook_size:
         raise ValueError(f"code store {path}: manifest.json records code {recorded}, outside the codebook "
                          f"0..{codebook_size - 1}; re-extract the code store")
+    if recorded is None and manifest.get(CODES_STAT) == stat == file_stat(path / CODES):
+        try:  # the codes hashed at extraction, unchanged while scanned: later opens read the record
+            write_manifest_atomic(path, {**manifest, MAX_CODE: max_code})
+        except OSError:
+            pass  # a read-only store is scanned again on the next open
 
 
 def _numbered_files(folder: Path) -> int:

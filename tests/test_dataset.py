@@ -537,7 +537,9 @@ def test_code_store_refuses_codes_outside_the_codebook_at_write_and_open(tmp_pat
     manifest_path.write_text(json.dumps({k: v for k, v in json.loads(manifest_path.read_text()).items()
                                          if k != "max_code"}))
     assert code_store_hash(tmp_path / "u") == with_max
-    open_code_store(tmp_path / "u")  # without a record, the codes are scanned: they fit
+    open_code_store(tmp_path / "u")  # without a record (an older store), the codes are scanned: they fit
+    assert json.loads(manifest_path.read_text())["max_code"] == codes.max()  # and the scan is recorded
+    assert code_store_hash(tmp_path / "u") == with_max
 
     writer = CodeStoreWriter.create(tmp_path / "w", 4, 1, 4, codebook_size=32)
     with pytest.raises(ValueError, match=r"image 2 holds code 32, outside the codebook 0..31"):
