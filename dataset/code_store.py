@@ -35,9 +35,10 @@ finalize() scans codes.npy once and records its largest code (max_code; not part
 identity, which codes_sha256 already follows). Opening refuses a store whose max_code is not
 below its codebook size; it re-scans codes.npy (in chunks) when the manifest records no max_code
 (a store extracted before max_code existed: the result is then recorded, when codes.npy still has
-the stat recorded with its hash) or the file is small (up to SCAN_ON_OPEN_BYTES). LlamaGen's layout records nothing, so opening
-it reads every file once (a note on stderr says so for large stores: extracting the images into
-this layout avoids it). Each refusal is one line naming the store and the first offending image.
+the stat recorded with its hash) or the file is small (up to SCAN_ON_OPEN_BYTES). LlamaGen's
+layout records nothing, so opening it reads every file once (a note on stderr says so for large
+stores: extracting the images into this layout avoids it). Each refusal is one line naming the
+store and the first offending image.
 """
 import hashlib
 import json
