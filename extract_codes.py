@@ -11,7 +11,12 @@ Views per image, stored in this fixed order (names recorded in the manifest):
                  [top_left, top_right, bottom_left, bottom_right, center, flip_top_left, ...,
                  flip_center] (flips of the mirrored image, as LlamaGen)
 Unreadable images are skipped with a warning; the store holds only readable ones (in folder
-order) and the manifest lists the skipped files.
+order) and the manifest lists the skipped files. Images the pipeline cannot represent faithfully
+(float or 32-bit pixels, a shorter side below image_size / 8: dataset/imagefolder.py) stop the
+extraction before any encoding, with one line naming the first; so does an empty class folder.
+The output files' blocks are reserved when the store is created: a full disk stops there with
+one line ("no space left on device for ..."). An interrupted extraction leaves an incomplete
+store (no manifest); rerunning the same command extracts it again from the start.
 """
 import argparse
 import os
@@ -28,11 +33,12 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from dataset.augmentation import center_crop_arr, ten_crops
-from dataset.code_store import MANIFEST, CodeStoreWriter, check_codebook_fits
-from dataset.imagefolder import CheckedImageFolderDataset, list_image_folder, to_tensor
+from dataset.code_store import MANIFEST, CodeStoreWriter, check_codebook_fits, first_code_outside
+from dataset.imagefolder import CheckedImageFolderDataset, image_problem, list_image_folder, to_tensor
 from tokenizer.vq_model import VQ_models, VQModel, load_vq_checkpoint
 from utils.checkpoint import file_sha256
 from utils.cli import HelpFormatter, default_workers
+from utils.disk_space import NoSpaceError
 from utils.distributed import barrier, gather_objects, init_distributed, teardown_distributed
 
 TEN_CROP_NAMES = ["top_left", "top_right", "bottom_left", "bottom_right", "center"]
@@ -113,8 +119,13 @@ def _encode_block(loader: DataLoader, vq: VQModel, writer: CodeStoreWriter, data
         images = x.to(device, non_blocking=True)[ok.to(device)].flatten(0, 1)  # (b*views, 3, S, S)
         with torch.no_grad():
             codes = vq.encode_to_indices(images)  # (b*views, h, w)
-        codes = codes.reshape(-1, num_views, codes.shape[1] * codes.shape[2])  # (b, views, T)
-        writer.write(index[ok].numpy(), codes.cpu().numpy(), y[ok].numpy())
+        codes = codes.reshape(-1, num_views, codes.shape[1] * codes.shape[2]).cpu().numpy()  # (b, views, T)
+        outside = first_code_outside(codes, vq.config.codebook_size)
+        if outside is not None:
+            row, code = outside
+            raise ValueError(f"the tokenizer gave code {code} for image {dataset.relative_path(int(index[ok][row]))}, "
+                             f"outside its codebook 0..{vq.config.codebook_size - 1}")
+        writer.write(index[ok].numpy(), codes, y[ok].numpy())
     writer.flush()
     return skipped
 
@@ -126,6 +137,17 @@ def tokenizer_name(registry_name: str, downsample: int) -> str:
     if named.isdigit() and int(named) == downsample:
         return registry_name
     return f"{registry_name} layout, downsample {downsample}"
+
+
+def check_images(dataset: CheckedImageFolderDataset, indices: range, image_size: int) -> None:
+    """ValueError (one line, naming the first) when images of the dataset at these indices cannot
+    be represented faithfully by an image_size crop (headers only; every rank checks its block)."""
+    problems = [p for i in indices if (p := image_problem(dataset.samples[i][0], image_size)) is not None]
+    problems = [p for part in gather_objects(problems) for p in part]
+    if problems:
+        more = len(problems) - 1
+        more = f" ({more} more image{'s' if more > 1 else ''} refused)" if more else ""
+        raise ValueError(problems[0] + more)
 
 
 def extract_codes(cfg: ExtractConfig, vq: VQModel, tokenizer_hash: str, rank: int = 0, world_size: int = 1,
@@ -141,13 +163,14 @@ def extract_codes(cfg: ExtractConfig, vq: VQModel, tokenizer_hash: str, rank: in
                                                                       cfg.crop_range, cfg.flip))
     n = len(dataset)
     grid = cfg.image_size // vq.downsample_factor
+    block = range(rank * n // world_size, (rank + 1) * n // world_size)
+    check_images(dataset, block, int(cfg.image_size * cfg.crop_range) if cfg.ten_crop else cfg.image_size)
     if rank == 0:
-        writer = CodeStoreWriter.create(cfg.code_path, n, len(views), grid * grid)
+        writer = CodeStoreWriter.create(cfg.code_path, n, len(views), grid * grid, vq.config.codebook_size)
     barrier()
     if rank != 0:
-        writer = CodeStoreWriter.open(cfg.code_path)
+        writer = CodeStoreWriter.open(cfg.code_path, vq.config.codebook_size)
 
-    block = range(rank * n // world_size, (rank + 1) * n // world_size)
     loader = DataLoader(Subset(dataset, block), batch_size=cfg.batch_size, shuffle=False,
                         num_workers=default_workers() if cfg.num_workers is None else cfg.num_workers,
                         pin_memory=torch.device(device).type == "cuda")
@@ -208,8 +231,12 @@ def main(argv: list[str] | None = None) -> None:
     try:
         tokenizer_hash = file_sha256(cfg.vq_ckpt)
         manifest = extract_codes(cfg, vq, tokenizer_hash, info.rank, info.world_size, info.device)
-    except ValueError as e:
+    except (ValueError, NoSpaceError) as e:
         raise SystemExit(f"extract_codes.py: error: {e}")
+    except KeyboardInterrupt:
+        print(f"extract_codes.py: interrupted; {cfg.code_path} is incomplete (no {MANIFEST}): rerun the same "
+              f"command to extract it again from the start", file=sys.stderr)
+        raise SystemExit(130) from None
     finally:
         teardown_distributed()
     if info.is_main:

@@ -173,6 +173,7 @@ def interrupt_scoring(store: Path) -> dict:
     slice_size = last_slice_size(num_sequences)
     num_slices = math.ceil(num_sequences / slice_size)
     (store / score.RECORD_FILE).unlink()
+    os.replace(store / score.ENTROPY_FILE, store / score.PARTIAL_FILE)  # a run scores into the partial file
     done = np.lib.format.open_memmap(store / score.DONE_MASK_FILE, mode="w+", dtype=np.uint8, shape=(num_slices,))
     done[:-1] = 1
     done.flush()

@@ -2,8 +2,8 @@
 
 Layout (one directory per dataset, image size and augmentation):
     manifest.json  image_size, grid_height, grid_width, codebook_size, num_views, count,
-                   tokenizer_hash, codes_sha256, codes_stat, ... (written last and atomically:
-                   no manifest = incomplete)
+                   tokenizer_hash, codes_sha256, codes_stat, max_code, ... (written last and
+                   atomically: no manifest = incomplete)
     codes.npy      (N, views, T) uint16, T = grid_height * grid_width, raster order
     labels.npy     (N,) int64
 Readers also accept LlamaGen's layout, a directory holding `<name><size>_codes/<i>.npy`
@@ -29,6 +29,16 @@ for other codes are refused). It costs a stat, not a read of the codes:
   different image count or any change to a sampled file changes the identity; a change to an
   other file goes unseen. There is no recorded hash to verify against (verify=True says so in
   one line). For a full guarantee, extract the images into this layout.
+
+Codes inside the codebook: the writer refuses a code >= the codebook size it was given, and
+finalize() scans codes.npy once and records its largest code (max_code; not part of the
+identity, which codes_sha256 already follows). Opening refuses a store whose max_code is not
+below its codebook size; it re-scans codes.npy (in chunks) when the manifest records no max_code
+(a store extracted before max_code existed: the result is then recorded, when codes.npy still has
+the stat recorded with its hash) or the file is small (up to SCAN_ON_OPEN_BYTES). LlamaGen's
+layout records nothing, so opening it reads every file once (a note on stderr says so for large
+stores: extracting the images into this layout avoids it). Each refusal is one line naming the
+store and the first offending image.
 """
 import hashlib
 import json
@@ -43,6 +53,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from utils.disk_space import preallocate, reporting_no_space
 from utils.file_identity import (check_recorded_file, file_stat, note, record_file, try_write_json_atomic,
                                  update_sha256, write_json_atomic)
 
@@ -57,6 +68,10 @@ CODES_HASH = "codes_sha256"  # SHA-256 of codes.npy, taken once when the store i
 CODES_STAT = "codes_stat"  # {"size", "mtime_ns"} of codes.npy when CODES_HASH was taken
 LEGACY_HASH = "legacy_store_hash"  # identity of a store finalized before CODES_HASH existed
 LLAMAGEN_SAMPLE = 64  # files hashed for the identity of LlamaGen's layout
+LLAMAGEN_SCAN_NOTE = 100_000  # files above which the scan of LlamaGen's layout says that it runs
+MAX_CODE = "max_code"  # largest stored code, found when the store is finalized
+SCAN_ON_OPEN_BYTES = 1 << 30  # codes.npy up to this size is scanned on every open
+SCAN_CHUNK_BYTES = 1 << 26  # codes read per step of a scan
 
 
 def check_codebook_fits(codebook_size: int) -> None:
@@ -64,6 +79,38 @@ def check_codebook_fits(codebook_size: int) -> None:
     if not 1 <= codebook_size <= MAX_CODEBOOK_SIZE:
         raise ValueError(f"codebook size {codebook_size} does not fit the code store's uint16 codes "
                          f"(1..{MAX_CODEBOOK_SIZE})")
+
+
+def _images_per_step(codes: Any, chunk_bytes: int) -> int:
+    per_image = max(1, int(np.prod(codes.shape[1:])) * np.dtype(codes.dtype).itemsize)
+    return max(1, chunk_bytes // per_image)
+
+
+def first_code_outside(codes: Any, codebook_size: int, chunk_bytes: int = SCAN_CHUNK_BYTES) -> tuple[int, int] | None:
+    """(index, offending code) of the first image of codes (N, ...) holding a code outside
+    0..codebook_size-1, or None; reads codes in chunks of whole images."""
+    step = _images_per_step(codes, chunk_bytes)
+    for start in range(0, codes.shape[0], step):
+        block = np.asarray(codes[start:start + step])
+        block = block.reshape(len(block), -1)  # (b, views * T)
+        if not block.size or (block.max() < codebook_size and block.min() >= 0):
+            continue
+        bad = (block >= codebook_size) | (block < 0)  # (b, views * T)
+        row = int(np.flatnonzero(bad.any(1))[0])
+        return start + row, int(block[row][bad[row]][0])
+    return None
+
+
+def max_stored_code(codes: Any, chunk_bytes: int = SCAN_CHUNK_BYTES) -> int:
+    """Largest code in codes (N, ...), read in chunks; -1 when there is none."""
+    step = _images_per_step(codes, chunk_bytes)
+    maxima = (np.asarray(codes[s:s + step]) for s in range(0, codes.shape[0], step))
+    return max((int(block.max()) for block in maxima if block.size), default=-1)
+
+
+def code_outside_message(store: str | Path, image: int, code: int, codebook_size: int) -> str:
+    return (f"code store {store}: image {image} holds code {code}, outside the codebook 0..{codebook_size - 1}; "
+            f"re-extract it with a tokenizer of codebook size {codebook_size}")
 
 
 def write_manifest_atomic(path: str | Path, manifest: dict[str, Any]) -> None:
@@ -74,27 +121,32 @@ def write_manifest_atomic(path: str | Path, manifest: dict[str, Any]) -> None:
 class CodeStoreWriter:
     """Preallocated codes.npy / labels.npy that one or several processes fill in disjoint
     slices. Rank 0 calls create() (before a barrier), the others open() (after it); every
-    rank write()s its own indices and flush()es; rank 0 finally calls finalize()."""
+    rank write()s its own indices and flush()es; rank 0 finally calls finalize().
 
-    def __init__(self, path: str | Path, codes: np.ndarray, labels: np.ndarray):
+    The files' blocks are reserved when they are created (utils.disk_space): a full disk stops
+    create() with one line instead of a SIGBUS in the middle of the extraction. Given a
+    codebook_size, write() refuses codes outside it (naming the image)."""
+
+    def __init__(self, path: str | Path, codes: np.ndarray, labels: np.ndarray, codebook_size: int | None = None):
         self.path = Path(path)
         self.codes = codes  # (N, views, T) uint16 memmap
         self.labels = labels  # (N,) int64 memmap
+        self.codebook_size = codebook_size
 
     @classmethod
-    def create(cls, path: str | Path, count: int, num_views: int, seq_len: int) -> "CodeStoreWriter":
+    def create(cls, path: str | Path, count: int, num_views: int, seq_len: int,
+               codebook_size: int | None = None) -> "CodeStoreWriter":
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         (path / MANIFEST).unlink(missing_ok=True)  # the store is incomplete until finalize()
-        codes = np.lib.format.open_memmap(path / CODES, mode="w+", dtype=np.uint16,
-                                          shape=(count, num_views, seq_len))
-        labels = np.lib.format.open_memmap(path / LABELS, mode="w+", dtype=np.int64, shape=(count,))
-        return cls(path, codes, labels)
+        codes = _create_memmap(path / CODES, np.uint16, (count, num_views, seq_len))
+        labels = _create_memmap(path / LABELS, np.int64, (count,))
+        return cls(path, codes, labels, codebook_size)
 
     @classmethod
-    def open(cls, path: str | Path) -> "CodeStoreWriter":
+    def open(cls, path: str | Path, codebook_size: int | None = None) -> "CodeStoreWriter":
         path = Path(path)
-        return cls(path, np.load(path / CODES, mmap_mode="r+"), np.load(path / LABELS, mmap_mode="r+"))
+        return cls(path, np.load(path / CODES, mmap_mode="r+"), np.load(path / LABELS, mmap_mode="r+"), codebook_size)
 
     def write(self, indices: np.ndarray, codes: np.ndarray, labels: np.ndarray) -> None:
         """Store codes (B, views, T) and labels (B,) at rows `indices` (B,)."""
@@ -104,12 +156,17 @@ class CodeStoreWriter:
                              f"{self.codes.shape[1:]}")
         if codes.size and (codes.min() < 0 or codes.max() > MAX_CODEBOOK_SIZE - 1):
             raise ValueError(f"codes outside 0..{MAX_CODEBOOK_SIZE - 1} cannot be stored as uint16")
+        outside = None if self.codebook_size is None else first_code_outside(codes, self.codebook_size)
+        if outside is not None:
+            row, code = outside
+            raise ValueError(code_outside_message(self.path, int(np.asarray(indices)[row]), code, self.codebook_size))
         self.codes[indices] = codes.astype(np.uint16)
         self.labels[indices] = np.asarray(labels, dtype=np.int64)
 
     def flush(self) -> None:
-        self.codes.flush()
-        self.labels.flush()
+        with reporting_no_space(self.path / CODES, self.codes.nbytes + self.labels.nbytes):
+            self.codes.flush()
+            self.labels.flush()
 
     def finalize(self, manifest: dict[str, Any], keep: np.ndarray | None = None) -> dict[str, Any]:
         """Drop the rows where keep (N,) bool is False (unreadable images), hash codes.npy once,
@@ -124,17 +181,20 @@ class CodeStoreWriter:
         check_codebook_fits(manifest["codebook_size"])
         if (manifest["num_views"], manifest["grid_height"] * manifest["grid_width"]) != self.codes.shape[1:]:
             raise ValueError(f"manifest views/grid do not match codes of shape {self.codes.shape}")
+        max_code = max_stored_code(self.codes)
+        if max_code >= manifest["codebook_size"]:
+            outside = first_code_outside(self.codes, manifest["codebook_size"])
+            raise ValueError(code_outside_message(self.path, *outside, manifest["codebook_size"]))
         codes = record_file(self.path / CODES)
-        manifest.update({CODES_HASH: codes["sha256"], CODES_STAT: codes["stat"]})
-        write_manifest_atomic(self.path, manifest)
+        manifest.update({CODES_HASH: codes["sha256"], CODES_STAT: codes["stat"], MAX_CODE: max_code})
+        with reporting_no_space(self.path / MANIFEST, 1 << 16):
+            write_manifest_atomic(self.path, manifest)
         return manifest
 
     def _compact(self, rows: np.ndarray, chunk: int = 65536) -> None:
         """Rewrite codes.npy / labels.npy with only `rows` (ascending), via temporary files."""
-        codes = np.lib.format.open_memmap(self.path / (CODES + ".tmp"), mode="w+", dtype=np.uint16,
-                                          shape=(len(rows), *self.codes.shape[1:]))
-        labels = np.lib.format.open_memmap(self.path / (LABELS + ".tmp"), mode="w+", dtype=np.int64,
-                                           shape=(len(rows),))
+        codes = _create_memmap(self.path / (CODES + ".tmp"), np.uint16, (len(rows), *self.codes.shape[1:]))
+        labels = _create_memmap(self.path / (LABELS + ".tmp"), np.int64, (len(rows),))
         for start in range(0, len(rows), chunk):
             sel = rows[start:start + chunk]
             codes[start:start + len(sel)] = self.codes[sel]
@@ -145,6 +205,16 @@ class CodeStoreWriter:
         os.replace(self.path / (CODES + ".tmp"), self.path / CODES)
         os.replace(self.path / (LABELS + ".tmp"), self.path / LABELS)
         self.codes, self.labels = codes, labels
+
+
+def _create_memmap(path: Path, dtype: Any, shape: tuple[int, ...]) -> np.memmap:
+    """A new .npy file of this dtype and shape, memory-mapped for writing, with its blocks
+    reserved (NoSpaceError, one line, when the disk cannot hold it)."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    with reporting_no_space(path, nbytes):
+        array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+        preallocate(path)
+    return array
 
 
 class PerFileArray:
@@ -239,7 +309,30 @@ def _open_dpar(path: Path, codebook_size: int | None) -> CodeStore:
         raise ValueError(f"code store {path}: labels.npy has shape {labels.shape}, expected ({manifest['count']},)")
     if codebook_size is not None and codebook_size != manifest["codebook_size"]:
         raise ValueError(f"code store {path} has codebook size {manifest['codebook_size']}, not {codebook_size}")
+    _check_codes_in_codebook(path, codes, manifest)
     return CodeStore(path, codes, labels, manifest, "dpar")
+
+
+def _check_codes_in_codebook(path: Path, codes: np.ndarray, manifest: dict[str, Any]) -> None:
+    """ValueError (one line, naming the first offending image) when codes.npy holds a code outside
+    the manifest's codebook: from the recorded max_code, and by a chunked scan when none is
+    recorded or the file is small enough to scan on every open."""
+    codebook_size = int(manifest["codebook_size"])
+    recorded = manifest.get(MAX_CODE)
+    if recorded is not None and int(recorded) < codebook_size and codes.nbytes > SCAN_ON_OPEN_BYTES:
+        return
+    stat = file_stat(path / CODES)
+    max_code = max_stored_code(codes)
+    if max_code >= codebook_size:
+        raise ValueError(code_outside_message(path, *first_code_outside(codes, codebook_size), codebook_size))
+    if recorded is not None and int(recorded) >= codebook_size:
+        raise ValueError(f"code store {path}: manifest.json records code {recorded}, outside the codebook "
+                         f"0..{codebook_size - 1}; re-extract the code store")
+    if recorded is None and manifest.get(CODES_STAT) == stat == file_stat(path / CODES):
+        try:  # the codes hashed at extraction, unchanged while scanned: later opens read the record
+            write_manifest_atomic(path, {**manifest, MAX_CODE: max_code})
+        except OSError:
+            pass  # a read-only store is scanned again on the next open
 
 
 def _numbered_files(folder: Path) -> int:
@@ -282,8 +375,6 @@ def _open_llamagen(path: Path, codebook_size: int | None) -> CodeStore:
     side = int(round(seq_len ** 0.5))
     if side * side != seq_len:
         raise ValueError(f"{path}: {seq_len} tokens per view is not a square grid")
-    if first.min() < 0 or first.max() >= codebook_size:
-        raise ValueError(f"{codes_dir / '0.npy'} holds codes outside 0..{codebook_size - 1}")
     size_match = re.search(r"(\d+)$", name)
     manifest = {
         "layout": "llamagen", "name": name,
@@ -293,7 +384,31 @@ def _open_llamagen(path: Path, codebook_size: int | None) -> CodeStore:
     }
     codes = PerFileArray(codes_dir, count, (num_views, seq_len), first.dtype)
     labels = PerFileArray(labels_dir, count, (), np.dtype(np.int64))
+    if count > LLAMAGEN_SCAN_NOTE:
+        note(f"code store {path} has LlamaGen's layout: reading its {count} code files once for codes outside the "
+             f"codebook (a store extracted by extract_codes.py records its largest code instead)")
+    outside = _llamagen_first_code_outside(codes_dir, count, codebook_size)
+    if outside is not None:
+        raise ValueError(code_outside_message(path, *outside, codebook_size) + f" ({codes_dir.name}/{outside[0]}.npy)")
     return CodeStore(path, codes, labels, manifest, "llamagen")
+
+
+def _llamagen_first_code_outside(folder: Path, count: int, codebook_size: int) -> tuple[int, int] | None:
+    """(index, offending code) of the first file folder/<i>.npy holding a code outside
+    0..codebook_size-1, or None. Each file is read once; a file whose bytes start with file 0's
+    .npy header (same dtype, shape and order) is read as its data, any other through np.load."""
+    reference = np.load(folder / "0.npy")
+    raw = (folder / "0.npy").read_bytes()
+    header = raw[:len(raw) - reference.nbytes]
+    for i in range(count):
+        raw = (folder / f"{i}.npy").read_bytes()
+        if len(raw) == len(header) + reference.nbytes and raw.startswith(header):
+            codes = np.frombuffer(raw, dtype=reference.dtype, offset=len(header))  # (views * T,)
+        else:
+            codes = np.load(folder / f"{i}.npy").ravel()
+        if codes.size and (codes.max() >= codebook_size or codes.min() < 0):
+            return i, int(codes[(codes >= codebook_size) | (codes < 0)][0])
+    return None
 
 
 def open_code_store(path: str | Path, codebook_size: int | None = None) -> CodeStore:
@@ -330,9 +445,9 @@ def code_store_hash(path: str | Path, verify: bool = False) -> str:
 
 
 def manifest_identity(manifest: dict[str, Any]) -> str:
-    """SHA-256 of the manifest's facts (every key but codes_stat, canonical JSON); the facts
-    include codes_sha256, so the identity follows the codes."""
-    facts = {k: v for k, v in manifest.items() if k != CODES_STAT}
+    """SHA-256 of the manifest's facts (every key but codes_stat and max_code, canonical JSON);
+    the facts include codes_sha256, so the identity follows the codes."""
+    facts = {k: v for k, v in manifest.items() if k not in (CODES_STAT, MAX_CODE)}
     text = json.dumps(facts, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(b"dpar code store\0" + text.encode()).hexdigest()
 

@@ -36,7 +36,7 @@ from utils.distributed import pick_device
 
 ROOT = Path(__file__).resolve().parents[1]
 HELD_OUT_PER_CLASS = 32  # held-out images per class (another seed) for the tokenizer's PSNR
-ENTROPY_FILES = ("entropy.npy", "entropy.json", "entropy.progress.json", "entropy.progress.npy")
+ENTROPY_FILES = ("entropy.npy", "entropy.json", "entropy.partial.npy", "entropy.progress.json", "entropy.progress.npy")
 
 
 @dataclass

@@ -11,6 +11,11 @@ Also reads stored entropies, as entropy_tools/score.py writes them: `<code store
 "code_store_hash", "count", "stats", "entropy_file", ...}; `load_entropies` refuses entropies
 made for other codes or by another entropy model, and an entropy.npy changed after scoring
 (its size and mtime against the record, or on request its content; utils.file_identity).
+Every reader (`read_entropy_file`, so calibration, statistics and training too) refuses an
+entropy.npy holding NaN or infinite values, in one line naming the file and their count
+(check_entropies_finite: a chunked scan of the float16 bits). The scan is skipped when the record
+vouches for the file: the scorer refuses non-finite entropies, and the file still has the size
+and mtime recorded when it was hashed.
 
     python -m entropy_model.calibrate --code-path STORE --target-compression 1.81
     python -m entropy_model.calibrate --code-path STORE --threshold 7.8 --json calib.json
@@ -35,14 +40,44 @@ from entropy_model.patching import (
     patch_starts,
 )
 from utils.cli import HelpFormatter
-from utils.file_identity import check_recorded_file, try_write_json_atomic
+from utils.file_identity import check_recorded_file, file_stat, try_write_json_atomic
 
 PAPER_THRESHOLD = PAPER_THRESHOLDS[256]  # the paper's tau at 256 px (its entropy model only)
 QUANTILE_LEVELS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+FLOAT16_EXPONENT = 0x7C00  # float16 bits of an all-ones exponent: inf or NaN
+FINITE_SCAN_VALUES = 1 << 24  # entropies read per step of the scan
 
 
-def read_entropy_file(code_store_path: str) -> tuple[np.ndarray, dict[str, Any]]:
-    """Memory-mapped entropies (N, views, T) float16 and their JSON record, without hash checks."""
+def count_non_finite(entropy: np.ndarray, chunk: int = FINITE_SCAN_VALUES) -> tuple[int, int | None]:
+    """(number of NaN or infinite values, flat index of the first or None) of float16 entropies
+    of any shape, read in chunks (a memory-mapped file is never loaded whole)."""
+    flat = entropy.reshape(-1).view(np.uint16)  # (N * views * T,) the float16 bits
+    count, first = 0, None
+    for start in range(0, flat.size, chunk):
+        bad = (flat[start:start + chunk] & FLOAT16_EXPONENT) == FLOAT16_EXPONENT
+        n = int(np.count_nonzero(bad))
+        if n and first is None:
+            first = start + int(np.flatnonzero(bad)[0])
+        count += n
+    return count, first
+
+
+def check_entropies_finite(entropy: np.ndarray, path: str) -> None:
+    """ValueError (one line naming path and the count) when entropies (N, views, T) float16
+    hold NaN or infinite values: a patch rule compares entropies with a threshold, and NaN
+    compares false, so such entropies silently change the patches."""
+    count, first = count_non_finite(entropy)
+    if count:
+        image, view, token = np.unravel_index(first, entropy.shape)
+        raise ValueError(f"{path} holds {count} NaN or infinite entropies (the first at image {image}, view {view}, "
+                         f"token {token}); rescore the code store with python -m entropy_tools.score")
+
+
+def read_entropy_file(code_store_path: str, check_finite: bool = True) -> tuple[np.ndarray, dict[str, Any]]:
+    """Memory-mapped entropies (N, views, T) float16 and their JSON record, without hash checks;
+    ValueError (one line) for an unfinished record, a shape that does not fit it, or (unless
+    check_finite is False) NaN or infinite entropies (scanned for unless the record vouches for
+    the file: see the module docstring)."""
     npy_path = os.path.join(code_store_path, "entropy.npy")
     json_path = os.path.join(code_store_path, "entropy.json")
     for path in (npy_path, json_path):
@@ -60,7 +95,16 @@ def read_entropy_file(code_store_path: str) -> tuple[np.ndarray, dict[str, Any]]
     if "num_views" in info and "T" in info and (int(info["num_views"]), int(info["T"])) != entropy.shape[1:]:
         raise ValueError(f"{json_path} records {info['num_views']} views of {info['T']} tokens but {npy_path} "
                          f"holds {entropy.shape[1:]}")
+    if check_finite and not _written_by_scorer(npy_path, info):
+        check_entropies_finite(entropy, npy_path)
     return entropy, info
+
+
+def _written_by_scorer(npy_path: str, info: dict[str, Any]) -> bool:
+    """True when the record holds entropy.npy's stat from when the scorer hashed it, and the file
+    still has that size and mtime: then it holds what the scorer wrote, every value finite."""
+    recorded = info.get("entropy_file")
+    return isinstance(recorded, dict) and recorded.get("stat") == file_stat(npy_path)
 
 
 def load_entropies(
@@ -68,12 +112,14 @@ def load_entropies(
     expected_code_store_hash: str,
     expected_entropy_model_hash: str | None = None,
     verify: bool = False,
+    check_finite: bool = True,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Memory-mapped entropies (N, views, T) float16 and their JSON record, refusing
     (ValueError) entropies computed for other codes or, when a hash is given, by another model,
-    and an entropy.npy that no longer fits the record's size and mtime (verify: its sha256).
+    an entropy.npy that no longer fits the record's size and mtime (verify: its sha256), and
+    (unless check_finite is False) NaN or infinite entropies.
     Records written before the scorer hashed entropy.npy are taken as they are."""
-    entropy, info = read_entropy_file(code_store_path)
+    entropy, info = read_entropy_file(code_store_path, check_finite)
     checks = [("code_store_hash", expected_code_store_hash, "code store")]
     if expected_entropy_model_hash is not None:
         checks.append(("entropy_model_hash", expected_entropy_model_hash, "entropy model"))

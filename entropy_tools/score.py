@@ -16,18 +16,30 @@ re-hashes its codes first.
 One teacher-forced pass per batch of sequences (the N * views views, flattened); entropies are
 computed in float32 from the logits whatever the autocast dtype, then stored as float16.
 
+Never rewritten under a reader: a run scores into entropy.partial.npy (its blocks reserved when
+it is created, so a full disk stops the run there with one line), and only when every entropy is
+in it, fsynced and hashed, renames it over entropy.npy (a new file: a process that memory-mapped
+the old entropy.npy keeps reading the old values) and then writes entropy.json. Until then the
+old entropy.npy and entropy.json stay as they were. Between the two renames the pair does not
+match; readers refuse it (the record's size and mtime, then its hash, do not fit the file), and a
+run killed there scores again from the start when rerun.
+
 Resuming: the flattened sequences are scored in slices of --slice-size. At the start the
 run's identity (hashes, shape, precision) goes to entropy.progress.json and a one-byte-per-
 slice done mask to entropy.progress.npy; a slice's byte is set only after its entropies are
 flushed. A rerun with the same checkpoint, store and precision scores only the unfinished
-slices; anything else starts over. Under torchrun the ranks share the unfinished slices and
-write disjoint parts of the preallocated entropy.npy.
+slices (an interrupt says so in one line); anything else starts over. Under torchrun the ranks
+share the unfinished slices and write disjoint parts of entropy.partial.npy.
+
+Non-finite entropies (NaN or inf, from a broken checkpoint or an overflow) stop the run with one
+line naming the checkpoint; nothing is published.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -42,11 +54,13 @@ from dataset.code_store import CodeStore, check_code_store, code_store_hash, ope
 from entropy_model.entropy import entropy_from_logits
 from utils.checkpoint import checkpoint_sha256
 from utils.cli import HelpFormatter
+from utils.disk_space import preallocate, reporting_no_space
 from utils.distributed import all_reduce, barrier, broadcast_object, init_distributed, teardown_distributed
 from utils.file_identity import record_file, write_json_atomic
 
 ENTROPY_FILE = "entropy.npy"
 RECORD_FILE = "entropy.json"
+PARTIAL_FILE = "entropy.partial.npy"  # the entropies being scored, renamed to ENTROPY_FILE when complete
 PROGRESS_FILE = "entropy.progress.json"
 DONE_MASK_FILE = "entropy.progress.npy"
 AUTOCAST_DTYPES = {"none": None, "bf16": torch.bfloat16}
@@ -149,30 +163,56 @@ def _same_run(record: dict[str, Any] | None, identity: dict[str, Any]) -> bool:
 def prepare_output(out: Path, identity: dict[str, Any], shape: tuple[int, int, int], slice_size: int) -> str:
     """Resume, start over or skip (rank 0 only). Returns "complete" when a finished record of
     this run exists, "resume" when unfinished slices of this run can continue, else creates
-    empty outputs and returns "start"."""
+    empty progress files and entropy.partial.npy and returns "start". entropy.npy and
+    entropy.json are left as they are (publish() replaces them)."""
     if _same_run(_read_json(out / RECORD_FILE), {**identity, "complete": True}) and \
             _entropy_file_fits(out / ENTROPY_FILE, shape):
-        for name in (PROGRESS_FILE, DONE_MASK_FILE):  # left behind by a run killed after its record
+        for name in (PROGRESS_FILE, DONE_MASK_FILE, PARTIAL_FILE):  # left behind by a run killed after its record
             (out / name).unlink(missing_ok=True)
         return "complete"
     progress = _read_json(out / PROGRESS_FILE)
-    if _same_run(progress, identity) and _entropy_file_fits(out / ENTROPY_FILE, shape):
+    if _same_run(progress, identity) and _entropy_file_fits(out / PARTIAL_FILE, shape):
         num_slices = math.ceil(shape[0] * shape[1] / progress["slice_size"])
         try:
             if np.load(out / DONE_MASK_FILE, mmap_mode="r").shape == (num_slices,):
                 return "resume"
         except (OSError, ValueError):
             pass
-    # Start over; the record goes first so no reader pairs it with the entropies being rewritten.
+    # Start over in entropy.partial.npy; the published entropy.npy / entropy.json stay readable.
     out.mkdir(parents=True, exist_ok=True)
-    for name in (PROGRESS_FILE, RECORD_FILE):
+    for name in (PROGRESS_FILE, PARTIAL_FILE):
         (out / name).unlink(missing_ok=True)
-    np.lib.format.open_memmap(out / ENTROPY_FILE, mode="w+", dtype=np.float16, shape=shape).flush()
+    nbytes = int(np.prod(shape)) * 2
+    with reporting_no_space(out / PARTIAL_FILE, nbytes):
+        np.lib.format.open_memmap(out / PARTIAL_FILE, mode="w+", dtype=np.float16, shape=shape).flush()
+        preallocate(out / PARTIAL_FILE)
     mask = np.lib.format.open_memmap(out / DONE_MASK_FILE, mode="w+", dtype=np.uint8,
                                      shape=(math.ceil(shape[0] * shape[1] / slice_size),))
     mask.flush()
     write_json_atomic(out / PROGRESS_FILE, {**identity, "slice_size": slice_size, "complete": False})
     return "start"
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish(out: Path, record: dict[str, Any]) -> None:
+    """Switch the finished entropy.partial.npy in as entropy.npy (a rename: a new inode, so
+    readers that mapped the old file keep its data), then write its record entropy.json and
+    drop the progress files. record["entropy_file"] must describe entropy.partial.npy (a rename
+    keeps its size and mtime)."""
+    with reporting_no_space(out / ENTROPY_FILE, 1 << 16):
+        os.replace(out / PARTIAL_FILE, out / ENTROPY_FILE)
+        _fsync(out)
+        write_json_atomic(out / RECORD_FILE, record)
+        _fsync(out)
+    for name in (PROGRESS_FILE, DONE_MASK_FILE):
+        (out / name).unlink(missing_ok=True)
 
 
 def _read_sequences(codes: Any, start: int, stop: int, num_views: int, seq_len: int) -> np.ndarray:
@@ -195,12 +235,13 @@ def score_slices(
     batch_size: int,
     autocast_dtype: torch.dtype | None,
     progress: bool,
+    model_name: str = "the entropy model",
 ) -> int:
-    """Score the given slices into out/entropy.npy, marking each done after its flush.
-    Returns the number of batches run."""
+    """Score the given slices into out/entropy.partial.npy, marking each done after its flush.
+    Returns the number of batches run. ValueError (one line naming model_name) on NaN or inf."""
     device = next(model.parameters()).device
     num_sequences, seq_len = len(store) * store.num_views, store.seq_len
-    entropy = np.load(out / ENTROPY_FILE, mmap_mode="r+").reshape(num_sequences, seq_len)  # (N * views, T)
+    entropy = np.load(out / PARTIAL_FILE, mmap_mode="r+").reshape(num_sequences, seq_len)  # (N * views, T)
     done = np.load(out / DONE_MASK_FILE, mmap_mode="r+")  # (num_slices,) uint8
     vocab = model.config.vocab_size
     total = sum(min(slice_size, num_sequences - s * slice_size) for s in slices)
@@ -215,7 +256,9 @@ def score_slices(
                     raise ValueError(f"code store holds codes outside 0..{vocab - 1} (sequences {start}..{stop - 1})")
                 e = score_batch(model, torch.from_numpy(codes).to(device), autocast_dtype)  # (B, T) float32
                 if not bool(torch.isfinite(e).all()):
-                    raise ValueError(f"the entropy model gave non-finite entropies (sequences {start}..{stop - 1})")
+                    raise ValueError(f"entropy model {model_name} gives NaN or infinite entropies ("
+                                     f"{int((~torch.isfinite(e)).sum())} in sequences {start}..{stop - 1} of "
+                                     f"{store.path}); nothing was published: check or replace that checkpoint")
                 entropy[start:stop] = e.to(torch.float16).cpu().numpy()
                 batches += 1
                 bar.update(stop - start)
@@ -226,8 +269,8 @@ def score_slices(
 
 
 def count_stored_values(out: Path, rank: int, world_size: int, chunk: int = 1 << 16) -> np.ndarray:
-    """float16 value counts (65536,) of this rank's share of out/entropy.npy's sequences."""
-    entropy = np.load(out / ENTROPY_FILE, mmap_mode="r")
+    """float16 value counts (65536,) of this rank's share of out/entropy.partial.npy's sequences."""
+    entropy = np.load(out / PARTIAL_FILE, mmap_mode="r")
     flat = entropy.reshape(-1, entropy.shape[-1])  # (N * views, T)
     lo, hi = rank * len(flat) // world_size, (rank + 1) * len(flat) // world_size
     counts = np.zeros(FLOAT16_PATTERNS, dtype=np.int64)
@@ -249,14 +292,17 @@ def score_code_store(
     progress: bool = True,
     extra_record: dict[str, Any] | None = None,
     verify_store: bool = False,
+    model_name: str = "the entropy model",
 ) -> dict[str, Any]:
     """Score every stored view of the code store at code_path with the entropy model (already
-    on its device) and write entropy.npy / entropy.json into entropy_path (default: the store).
+    on its device) and write entropy.npy / entropy.json into entropy_path (default: the store),
+    replacing earlier ones only when every entropy is scored (publish()).
 
     Every rank of a torchrun job calls this with its rank and the world size. Returns the
     final record, as written to entropy.json, plus "batches_run" (this rank's) and
     "up_to_date" (True when a finished record of this run already existed: nothing was scored).
-    verify_store: re-hash the codes instead of trusting their recorded size and mtime."""
+    verify_store: re-hash the codes instead of trusting their recorded size and mtime.
+    model_name: how errors name the model (its checkpoint path)."""
     if batch_size < 1 or slice_size < 1:
         raise ValueError("batch size and slice size must be >= 1")
     if mixed_precision not in AUTOCAST_DTYPES:
@@ -283,7 +329,7 @@ def score_code_store(
 
     mine = todo[rank::world_size].tolist()
     batches = score_slices(model, store, out, mine, slice_size, batch_size, AUTOCAST_DTYPES[mixed_precision],
-                           progress and rank == 0)
+                           progress and rank == 0, model_name)
     barrier()  # every slice is on disk
     device = next(model.parameters()).device  # NCCL reduces device tensors
     counts = all_reduce(torch.from_numpy(count_stored_values(out, rank, world_size)).to(device)).cpu().numpy()
@@ -291,13 +337,12 @@ def score_code_store(
     if rank == 0:
         unfinished = int((np.load(out / DONE_MASK_FILE) == 0).sum())
         if unfinished:
-            raise RuntimeError(f"{unfinished} slices of {out / ENTROPY_FILE} were not scored")
+            raise RuntimeError(f"{unfinished} slices of {out / PARTIAL_FILE} were not scored")
         stats = entropy_statistics(counts, math.log(model.config.vocab_size))
-        record = {**identity, **(extra_record or {}), "stats": stats, "entropy_file": record_file(out / ENTROPY_FILE),
+        _fsync(out / PARTIAL_FILE)
+        record = {**identity, **(extra_record or {}), "stats": stats, "entropy_file": record_file(out / PARTIAL_FILE),
                   "complete": True}
-        write_json_atomic(out / RECORD_FILE, record)
-        for name in (PROGRESS_FILE, DONE_MASK_FILE):
-            (out / name).unlink(missing_ok=True)
+        publish(out, record)
     record = broadcast_object(record)
     return {**record, "batches_run": batches, "up_to_date": False}
 
@@ -305,6 +350,16 @@ def score_code_store(
 # ---------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------
+def interrupted_progress(out: Path) -> str:
+    """One line for an interrupted run: what is kept and that a rerun continues."""
+    try:
+        done = np.load(out / DONE_MASK_FILE)
+    except (OSError, ValueError):
+        return f"no entropies of this run were kept in {out}; rerun the same command to score them"
+    return (f"{int(done.sum())} of {len(done)} slices are scored and kept in {out / PARTIAL_FILE} (any earlier "
+            f"entropy.npy is untouched); rerun the same command to continue")
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Score a code store with the entropy model "
                                                  "(writes entropy.npy and entropy.json).",
@@ -341,10 +396,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             args.code_path, model, model_hash, args.entropy_path, args.batch_size, args.slice_size,
             args.mixed_precision, info.rank, info.world_size, progress=info.is_main,
             extra_record={"entropy_model": model_args["gpt_model"], "entropy_ckpt": Path(args.entropy_ckpt).name},
-            verify_store=args.verify_store,
+            verify_store=args.verify_store, model_name=args.entropy_ckpt,
         )
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}")
+    except KeyboardInterrupt:
+        print(f"interrupted: {interrupted_progress(Path(args.entropy_path or args.code_path))}", file=sys.stderr)
+        raise SystemExit(130) from None
     finally:
         teardown_distributed()
     if info.is_main:

@@ -16,7 +16,8 @@ import utils.file_identity as file_identity
 from dataset.augmentation import center_crop_arr, random_crop_arr, ten_crops
 from dataset.code_store import (CodeDataset, CodeStoreWriter, check_code_store, code_store_hash, item_pages,
                                 open_code_store)
-from dataset.imagefolder import CheckedImageFolderDataset, ImageFolderDataset, list_image_folder, to_tensor
+from dataset.imagefolder import (CheckedImageFolderDataset, ImageFolderDataset, image_problem, list_image_folder,
+                                 load_rgb, min_image_side, to_tensor)
 from dataset.synthetic import FAMILIES, class_names, generate_dataset, mask_dir
 
 
@@ -484,7 +485,7 @@ def test_item_pages_cover_the_items(tmp_path):
     rng = np.random.default_rng(11)
     n, views, t = 300, 3, 576  # items of 1152 bytes: many straddle a page boundary
     codes = rng.integers(0, 16384, size=(n, views, t))
-    _write_store(tmp_path / "s", codes, rng.integers(0, 10, size=n))
+    _write_store(tmp_path / "s", codes, rng.integers(0, 10, size=n), codebook_size=16384)
     array = open_code_store(tmp_path / "s").codes
     items = np.stack([rng.integers(0, n, 64), rng.integers(0, views, 64)], axis=1)
     pages = item_pages(array, items)
@@ -499,3 +500,141 @@ def test_item_pages_cover_the_items(tmp_path):
     assert straddling > 0  # the precondition: some items cross a page boundary
     assert item_pages(array, items[:0]) == []
 
+
+
+# ---------------------------------------------------------------- refused inputs
+
+def test_code_store_refuses_codes_outside_the_codebook_at_write_and_open(tmp_path, monkeypatch):
+    rng = np.random.default_rng(21)
+    codes = rng.integers(0, 64, size=(9, 2, 16))
+    manifest = _write_store(tmp_path / "s", codes, rng.integers(0, 5, size=9), codebook_size=64)
+    assert manifest["max_code"] == codes.max() and open_code_store(tmp_path / "s").manifest["max_code"] < 64
+    stored = np.load(tmp_path / "s" / "codes.npy", mmap_mode="r+")
+    stored[6, 1, 3] = 64  # a code >= the codebook size, as a bad tokenizer or a damaged file leaves it
+    stored[8, 0, 0] = 100
+    stored.flush()
+    del stored
+    with pytest.raises(ValueError) as e:
+        open_code_store(tmp_path / "s")
+    message = str(e.value)
+    assert "\n" not in message and str(tmp_path / "s") in message and "image 6 holds code 64" in message
+
+    # a store too large to scan on every open trusts the recorded max_code, which the scan at finalize set
+    monkeypatch.setattr(code_store_module, "SCAN_ON_OPEN_BYTES", 0)
+    with pytest.raises(ValueError, match="image 3 holds code 70"):
+        _write_store(tmp_path / "t", np.where(np.arange(9)[:, None, None] == 3, 70, codes), np.zeros(9, int),
+                     codebook_size=64)
+    manifest_path = tmp_path / "u" / "manifest.json"
+    _write_store(tmp_path / "u", codes, np.zeros(9, int), codebook_size=64)
+    open_code_store(tmp_path / "u")
+    manifest_path.write_text(json.dumps({**json.loads(manifest_path.read_text()), "max_code": 64}))
+    with pytest.raises(ValueError, match="records code 64, outside the codebook 0..63"):
+        open_code_store(tmp_path / "u")
+
+    # max_code is derived from the codes (which codes_sha256 covers): the identity ignores it, so a
+    # store has the identity that the manifest without it had (entropies scored before still fit)
+    with_max = code_store_hash(tmp_path / "u")
+    manifest_path.write_text(json.dumps({k: v for k, v in json.loads(manifest_path.read_text()).items()
+                                         if k != "max_code"}))
+    assert code_store_hash(tmp_path / "u") == with_max
+    open_code_store(tmp_path / "u")  # without a record (an older store), the codes are scanned: they fit
+    assert json.loads(manifest_path.read_text())["max_code"] == codes.max()  # and the scan is recorded
+    assert code_store_hash(tmp_path / "u") == with_max
+
+    writer = CodeStoreWriter.create(tmp_path / "w", 4, 1, 4, codebook_size=32)
+    with pytest.raises(ValueError, match=r"image 2 holds code 32, outside the codebook 0..31"):
+        writer.write(np.array([0, 2, 3]), np.array([[[1, 2, 3, 4]], [[5, 32, 0, 0]], [[0, 0, 0, 40]]]), np.zeros(3))
+
+
+def test_llamagen_layout_scans_every_file_for_codes_outside_the_codebook(tmp_path):
+    rng = np.random.default_rng(22)
+    codes = rng.integers(0, 64, size=(7, 1, 16))
+    codes[5, 0, 9] = 64
+    _write_llamagen(tmp_path / "lg", codes, rng.integers(0, 3, size=7))
+    with pytest.raises(ValueError) as e:
+        open_code_store(tmp_path / "lg", codebook_size=64)
+    assert "\n" not in str(e.value) and "image 5 holds code 64" in str(e.value) and "5.npy" in str(e.value)
+    assert open_code_store(tmp_path / "lg", codebook_size=65).codes.shape == (7, 1, 16)
+    bad = codes[2:3].astype(np.int32)  # another header than file 0's: read through np.load
+    bad[0, 0, 15] = 65
+    np.save(tmp_path / "lg" / "imagenet256_codes" / "2.npy", bad)
+    with pytest.raises(ValueError, match="image 2 holds code 65"):
+        open_code_store(tmp_path / "lg", codebook_size=65)
+
+
+def test_code_store_files_are_preallocated_and_a_full_disk_is_one_line(tmp_path, monkeypatch):
+    import errno
+    writer = CodeStoreWriter.create(tmp_path / "s", 300, 2, 256)
+    stat = os.stat(tmp_path / "s" / "codes.npy")
+    assert stat.st_blocks * 512 >= stat.st_size > 300 * 2 * 256 * 2  # every block is reserved: not sparse
+    del writer
+    calls = []
+
+    def full(fd, offset, length):
+        calls.append(length)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(OSError) as e:
+        CodeStoreWriter.create(tmp_path / "t", 1000, 10, 256)
+    assert str(e.value) == (f"no space left on device for {tmp_path / 't' / 'codes.npy'} (needs 5.12 MB): "
+                            f"free space and rerun")
+    assert calls and not (tmp_path / "t" / "codes.npy").exists()  # the failed attempt holds no space
+
+
+def _png(path: Path, array: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+    return path
+
+
+def test_imagefolder_refuses_an_empty_class_folder(toy, tmp_path):
+    root = tmp_path / "folder"
+    good = np.random.default_rng(0).integers(0, 256, size=(40, 40, 3), dtype=np.uint8)
+    for name in ("a", "c"):
+        _png(root / name / "0.png", good)
+    (root / "b").mkdir()
+    (root / "b" / "notes.txt").write_text("not an image")
+    with pytest.raises(ValueError) as e:
+        list_image_folder(root)
+    assert "\n" not in str(e.value) and f"class folder {root / 'b'} holds no images" in str(e.value)
+    (root / "b" / "0.png").write_bytes((root / "a" / "0.png").read_bytes())
+    classes, samples = list_image_folder(root)
+    assert classes == ["a", "b", "c"] and [label for _, label in samples] == [0, 1, 2]
+
+
+def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path):
+    rng = np.random.default_rng(5)
+    wide = rng.integers(0, 65536, size=(24, 30)).astype(np.uint16)
+    wide[0, :4] = [0, 128, 129, 65535]  # the rounding edges: 128/257 < 0.5 < 129/257
+    path = _png(tmp_path / "folder" / "a" / "g16.png", wide)
+    with Image.open(path) as img:
+        assert img.mode.startswith("I")  # the precondition: PIL reads it as 16-bit
+    rgb = np.asarray(load_rgb(path))
+    expected = np.floor(wide.astype(np.float64) * 255 / 65535 + 0.5).astype(np.uint8)  # float64 reference
+    assert rgb.shape == (24, 30, 3) and rgb.dtype == np.uint8
+    for channel in range(3):
+        np.testing.assert_array_equal(rgb[..., channel], expected)
+    assert rgb[0, :4, 0].tolist() == [0, 0, 1, 255] and 100 < rgb.mean() < 155  # not all white
+    x, _, _, error = CheckedImageFolderDataset(tmp_path / "folder", to_tensor)[0]  # what extraction reads
+    assert error == ""
+    torch.testing.assert_close(x, torch.from_numpy(expected).float().div(255).mul(2).sub(1).expand(3, -1, -1))
+    flat = tmp_path / "f.tif"
+    Image.fromarray(rng.random((20, 20)).astype(np.float32)).save(flat)
+    with pytest.raises(ValueError) as e:
+        load_rgb(flat)
+    assert "\n" not in str(e.value) and str(flat) in str(e.value) and "floating-point" in str(e.value)
+    assert image_problem(flat, 16) and "floating-point" in image_problem(flat, 16)
+
+
+def test_images_too_small_for_the_crop_are_named(tmp_path):
+    rng = np.random.default_rng(6)
+    tiny = _png(tmp_path / "tiny.png", rng.integers(0, 256, size=(1, 1, 3), dtype=np.uint8))
+    small = _png(tmp_path / "small.png", rng.integers(0, 256, size=(31, 90, 3), dtype=np.uint8))
+    enough = _png(tmp_path / "enough.png", rng.integers(0, 256, size=(90, 32, 3), dtype=np.uint8))
+    assert min_image_side(256) == 32 and min_image_side(100) == 13
+    message = image_problem(tiny, 256)
+    assert str(tiny) in message and "1x1" in message and "\n" not in message
+    assert "90x31" in image_problem(small, 256) and image_problem(small, 248) is None
+    assert image_problem(enough, 256) is None
+    assert image_problem(tmp_path / "missing.png", 256) is None  # unreadable: reported when decoded

@@ -456,3 +456,133 @@ def test_rehearsal_store_is_accepted_as_scored_entropies(tmp_path):
     calls = count_forward_calls(model)
     result = score.score_code_store(store, model, model_hash, batch_size=64, progress=False)
     assert calls["n"] == 1 and result["batches_run"] == 1 and result["complete"]
+
+
+# ---------------------------------------------------------------- entropy files under readers, bad values
+
+def one_line(message: str) -> str:
+    assert message and "\n" not in message.strip(), message
+    return message
+
+
+def test_rescoring_switches_files_so_a_mapped_reader_keeps_its_entropies(setup, tmp_path):
+    """A reader (a training run) that mapped entropy.npy keeps its old values while another
+    entropy model rescores the folder, also when that rescoring is interrupted and resumed; the
+    new entropy.npy is a new file with the new model's values and identity."""
+    out = tmp_path / "out"
+    run(setup, out)
+    reader = np.load(out / "entropy.npy", mmap_mode="r")
+    before = np.array(reader)
+    first_inode = os.stat(out / "entropy.npy").st_ino
+    np.testing.assert_allclose(before.astype(np.float32), reference(setup["ckpt"], setup["codes"]),
+                               rtol=2 ** -10, atol=1e-4)  # the precondition: the first model's values
+
+    other_ckpt = save_model(entropy_model(seed=7), tmp_path / "other.pt")
+    other = score.load_entropy_model(other_ckpt)[0]
+    count_forward_calls(other, crash_after=BATCHES_PER_SLICE + 1)  # killed inside slice 1
+    with pytest.raises(KeyboardInterrupt):
+        score.score_code_store(setup["store"], other, file_sha256(other_ckpt), out, BATCH, SLICE, progress=False)
+    np.testing.assert_array_equal(reader, before)
+    published, record = load_entropies(str(out), code_store_hash(setup["store"]), file_sha256(setup["ckpt"]))
+    np.testing.assert_array_equal(published, before)  # still the first model's, and still accepted as such
+
+    other = score.load_entropy_model(other_ckpt)[0]
+    calls = count_forward_calls(other)
+    record = score.score_code_store(setup["store"], other, file_sha256(other_ckpt), out, BATCH, SLICE,
+                                    progress=False)
+    assert calls["n"] == 3 * BATCHES_PER_SLICE  # resumed: slice 0 was kept
+    np.testing.assert_array_equal(reader, before)  # the mapped old file, unchanged
+    assert os.stat(out / "entropy.npy").st_ino != first_inode
+    new = np.load(out / "entropy.npy")
+    np.testing.assert_allclose(new.astype(np.float32), reference(other_ckpt, setup["codes"]), rtol=2 ** -10, atol=1e-4)
+    assert not np.allclose(new.astype(np.float32), before.astype(np.float32), atol=0.05)  # another model indeed
+    assert record["entropy_model_hash"] == file_sha256(other_ckpt)
+    load_entropies(str(out), code_store_hash(setup["store"]), file_sha256(other_ckpt), verify=True)
+    with pytest.raises(ValueError, match="entropy model"):
+        load_entropies(str(out), code_store_hash(setup["store"]), file_sha256(setup["ckpt"]))
+    assert sorted(p.name for p in out.iterdir()) == ["entropy.json", "entropy.npy"]
+
+
+def test_scoring_refuses_non_finite_entropies_naming_the_checkpoint(setup, tmp_path, capsys):
+    model = entropy_model(3)
+    with torch.no_grad():
+        model.output.weight[5, :] = float("nan")  # every logit row gets a NaN: NaN entropies
+    ckpt = save_model(model, tmp_path / "broken.pt")
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as err:
+        score.main(["--code-path", str(setup["store"]), "--entropy-ckpt", str(ckpt), "--entropy-path", str(out),
+                    "--batch-size", str(BATCH), "--device", "cpu"])
+    message = one_line(str(err.value))
+    assert str(ckpt) in message and "NaN or infinite" in message
+    assert not (out / "entropy.npy").exists() and not (out / "entropy.json").exists()
+
+
+def test_readers_and_calibration_refuse_non_finite_entropies(setup, tmp_path, monkeypatch):
+    from entropy_model import calibrate
+    store = tmp_path / "store"
+    write_store(store, seed=4)
+    run({**setup, "store": store}, None)
+    npy = store / "entropy.npy"
+    count_non_finite, scans = calibrate.count_non_finite, []
+    monkeypatch.setattr(calibrate, "count_non_finite", lambda *a, **k: scans.append(1) or count_non_finite(*a, **k))
+    calibrate.calibrate_store(str(store), 1.5, None, 4, True, "entropy", None)  # the precondition: it calibrates
+    assert scans == []  # the scorer's record vouches for the file: no scan
+    values = np.load(npy)
+    values[1, 0, 5] = np.nan
+    values[3, 1, 0] = np.inf
+    values[7, 0, 9] = -np.inf
+    np.save(npy, values)
+    with pytest.raises(SystemExit) as err:
+        calibrate.main(calibrate.parse_args(["--code-path", str(store), "--target-compression", "1.5"]))
+    message = one_line(str(err.value))
+    assert str(npy) in message and "3 NaN or infinite" in message and "image 1, view 0, token 5" in message
+    with pytest.raises(ValueError, match="3 NaN or infinite"):  # what training reads entropies with
+        load_entropies(str(store), code_store_hash(store), file_sha256(setup["ckpt"]))
+    assert count_non_finite(values, chunk=7) == (3, int(np.ravel_multi_index((1, 0, 5), values.shape)))
+    assert len(scans) == 2
+
+
+def test_interrupted_scoring_says_a_rerun_continues(setup, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    argv = ["--code-path", str(setup["store"]), "--entropy-ckpt", str(setup["ckpt"]), "--entropy-path", str(out),
+            "--batch-size", str(BATCH), "--slice-size", str(SLICE), "--device", "cpu"]
+    score_batch, calls = score.score_batch, {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2 * BATCHES_PER_SLICE + 1:
+            raise KeyboardInterrupt
+        return score_batch(*args, **kwargs)
+
+    monkeypatch.setattr(score, "score_batch", interrupted)
+    with pytest.raises(SystemExit) as err:
+        score.main(argv)
+    assert err.value.code == 130
+    message = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar's line
+    assert message.startswith("interrupted:") and "Traceback" not in message
+    assert "2 of 4 slices" in message and "rerun the same command to continue" in message
+    monkeypatch.setattr(score, "score_batch", score_batch)
+    score.main(argv)
+    assert "written" in capsys.readouterr().out
+    np.testing.assert_allclose(np.load(out / "entropy.npy").astype(np.float32),
+                               reference(setup["ckpt"], setup["codes"]), rtol=2 ** -10, atol=1e-4)
+
+
+def test_scoring_on_a_full_disk_says_so_and_keeps_the_old_entropies(setup, tmp_path, monkeypatch):
+    import errno
+    out = tmp_path / "out"
+    run(setup, out)
+    before = (out / "entropy.npy").read_bytes(), (out / "entropy.json").read_text()
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    other_ckpt = save_model(entropy_model(seed=8), tmp_path / "other.pt")
+    with pytest.raises(SystemExit) as err:
+        score.main(["--code-path", str(setup["store"]), "--entropy-ckpt", str(other_ckpt), "--entropy-path", str(out),
+                    "--device", "cpu"])
+    message = one_line(str(err.value))
+    assert f"no space left on device for {out / score.PARTIAL_FILE}" in message and "free space and rerun" in message
+    assert ((out / "entropy.npy").read_bytes(), (out / "entropy.json").read_text()) == before
+    assert not (out / score.PARTIAL_FILE).exists()

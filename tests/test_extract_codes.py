@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -163,3 +164,87 @@ def test_torchrun_two_ranks_match_single_process(setup):
         {k: v for k, v in {**a.manifest, "data_path": str(setup["data"])}.items() if k != "codes_stat"}
     assert code_store_hash(single) == code_store_hash(multi)
     assert a.manifest["skipped"][0]["path"] == "00_disc/x.png"
+
+
+# ---------------------------------------------------------------- refusals, full disk, interrupts
+
+def _argv(setup, code_path: Path, data: Path | None = None) -> list[str]:
+    return ["--data-path", str(data or setup["data"]), "--vq-ckpt", str(setup["ckpt"]), "--image-size", str(SIZE),
+            "--num-workers", "0", "--code-path", str(code_path)]
+
+
+def _one_line_exit(argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert isinstance(e.value.code, str) and "\n" not in e.value.code and "Traceback" not in e.value.code
+    return e.value.code
+
+
+def test_images_the_crop_cannot_represent_stop_extraction_before_it_starts(setup, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(setup["data"], data)
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 256, size=(1, 1, 3), dtype=np.uint8)).save(data / "01_square" / "tiny.png")
+    Image.fromarray(rng.integers(0, 256, size=(3, 9, 3), dtype=np.uint8)).save(data / "00_disc" / "small.png")
+    message = _one_line_exit(_argv(setup, tmp_path / "codes", data))
+    assert f"{data / '00_disc' / 'small.png'} is 9x3: too small for a {SIZE} px crop" in message
+    assert "(1 more image refused)" in message
+    assert not (tmp_path / "codes" / "codes.npy").exists()  # refused before the store was created
+    (data / "00_disc" / "small.png").unlink()
+    (data / "01_square" / "tiny.png").unlink()
+    (data / "02_empty").mkdir()
+    assert f"class folder {data / '02_empty'} holds no images" in _one_line_exit(_argv(setup, tmp_path / "c2", data))
+
+
+def test_tokenizer_codes_outside_its_codebook_name_the_image(setup, tmp_path, monkeypatch):
+    cfg = _config(setup, tmp_path / "codes")
+    vq = load_vq_checkpoint(cfg.vq_ckpt, cfg.vq_model)
+    encode = vq.encode_to_indices
+
+    def broken(images):  # the third image of the folder gets a code one past the codebook
+        codes = encode(images)
+        codes[2 if len(codes) > 2 else 0, 1, 1] = vq.config.codebook_size
+        return codes
+
+    monkeypatch.setattr(vq, "encode_to_indices", broken)
+    with pytest.raises(ValueError) as e:
+        extract_codes(cfg, vq, "h")
+    assert "\n" not in str(e.value) and "code 64 for image 00_disc/2.png, outside its codebook 0..63" in str(e.value)
+    assert not (tmp_path / "codes" / "manifest.json").exists()
+
+
+def test_full_disk_is_one_line_at_store_creation(setup, tmp_path, monkeypatch):
+    import errno
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    message = _one_line_exit(_argv(setup, tmp_path / "codes"))
+    codes = tmp_path / "codes" / "codes.npy"
+    assert message.startswith(f"extract_codes.py: error: no space left on device for {codes}")
+    # 7 images x 1 view x 64 uint16 codes (896 bytes) after the .npy header (128 bytes)
+    assert message.endswith("(needs 1.02 kB): free space and rerun")
+    assert not (tmp_path / "codes" / "codes.npy").exists()
+
+
+def test_interrupted_extraction_says_a_rerun_starts_over(setup, tmp_path, monkeypatch, capsys):
+    import extract_codes as module
+    encode_block = module._encode_block
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "_encode_block", interrupted)
+    with pytest.raises(SystemExit) as e:
+        main(_argv(setup, tmp_path / "codes"))
+    assert e.value.code == 130
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "interrupted" in lines[0] and "rerun the same command" in lines[0]
+    with pytest.raises(ValueError, match="incomplete"):
+        open_code_store(tmp_path / "codes")
+    monkeypatch.setattr(module, "_encode_block", encode_block)
+    main(_argv(setup, tmp_path / "codes"))
+    reference = tmp_path / "reference"
+    main(_argv(setup, reference))
+    np.testing.assert_array_equal(open_code_store(tmp_path / "codes").codes, open_code_store(reference).codes)

@@ -243,3 +243,16 @@ def test_trainer_restarts_dead_codes_and_logs_the_schedule(tmp_path):
     assert history[1]["codes_restarted"] == 0  # no restart at the last step
     assert history[1]["lr"] == pytest.approx(learning_rate(3, 4, argparse.Namespace(
         lr=1e-3, min_lr=1e-5, warmup_steps=1, lr_schedule="cosine")))
+
+
+def test_trainer_reads_sixteen_bit_pngs_faithfully(tmp_path):
+    from tokenizer.train_vq import image_folder
+    wide = np.random.default_rng(9).integers(0, 65536, size=(40, 48)).astype(np.uint16)
+    (tmp_path / "a").mkdir()
+    Image.fromarray(wide).save(tmp_path / "a" / "g16.png")
+    x, label = image_folder(str(tmp_path), 32, False, "--data-path")[0]
+    assert label == 0 and x.shape == (3, 32, 32)
+    assert x.max() < 1 and -0.5 < x.mean() < 0.5  # not clipped to white (torchvision's loader gives all 1.0)
+    gray = Image.fromarray(np.floor(wide.astype(np.float64) * 255 / 65535 + 0.5).astype(np.uint8)).convert("RGB")
+    reference = image_folder(str(tmp_path), 32, False, "--data-path").transform(gray)  # the rounded 8-bit image
+    torch.testing.assert_close(x, reference)

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets, transforms
 from tqdm import tqdm
 
+from dataset.imagefolder import load_rgb
 from tokenizer.vq_model import VQ_models, VQConfig, VQModel, vq_config
 from utils.checkpoint import save_checkpoint_atomic
 from utils.cli import HelpFormatter
@@ -122,7 +123,8 @@ def image_folder(path: str, image_size: int, flip: bool, flag: str) -> datasets.
     if not Path(path).is_dir():
         raise ValueError(f"{flag} {path} is not a directory")
     try:
-        return datasets.ImageFolder(path, transform=image_transform(image_size, flip))
+        # load_rgb: 16-bit grayscale is scaled to 8 bits (torchvision's loader clips it to white)
+        return datasets.ImageFolder(path, transform=image_transform(image_size, flip), loader=load_rgb)
     except FileNotFoundError as e:
         raise ValueError(f"{flag} {path}: {e}") from None
 
