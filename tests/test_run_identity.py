@@ -115,7 +115,7 @@ def test_other_settings_are_refused_unless_continued_explicitly(store, tmp_path,
     # a change that would not train is not recorded
     recorded = (run / "args.json").read_bytes()
     main(train_argv(store, tmp_path, "run", "--continue-with-new-settings", max_steps=8, lr=2e-3))
-    assert (run / "args.json").read_bytes() == recorded
+    assert (run / "args.json").read_bytes() == recorded and "0.001 -> 0.002" not in (run / "log.txt").read_text()
 
 
 def test_default_run_folder_refuses_a_new_experiment(store, tmp_path):

@@ -58,7 +58,8 @@ WEIGHT_KEYS = ("model", "module", "state_dict")  # where checkpoints (ours, Llam
 CHECKPOINT_WRAPPER = "_checkpoint_wrapped_module."  # activation-checkpoint wrappers in parameter names
 CHECKPOINT_NAME = re.compile(r"^(\d{7,})(\.pt)?$")
 ARCHITECTURE_KEYS = ("gpt_model", "model_config")
-# config fields a resumed run may change: they shape training, not the weights
+# config fields that shape training, not the weights: the architecture check lets them differ (the
+# run's identity, autoregressive.train.settings, then asks for --continue-with-new-settings)
 TRAINING_ONLY_FIELDS = ("token_dropout_p", "attn_dropout_p", "resid_dropout_p", "ffn_dropout_p", "drop_path_rate")
 
 

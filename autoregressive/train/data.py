@@ -30,7 +30,7 @@ from entropy_model.patching import (
 from utils.checkpoint import checkpoint_sha256
 from utils.cli import default_workers
 from utils.distributed import DistInfo, decide_on_main
-from utils.file_identity import FileWatch, file_sha256
+from utils.file_identity import FileWatch, file_sha256, note
 
 LLAMAGEN_VOCAB_SIZE = 16384
 LLAMAGEN_NUM_CLASSES = 1000
@@ -146,7 +146,11 @@ def open_entropies(args: argparse.Namespace, store: CodeStore, info: DistInfo) -
         if bad:
             raise ValueError(f"{npy} holds {bad:,} non-finite entropies (NaN or inf) of {values.size:,}; rescore "
                              f"the code store")
-        watch.sha256 = (record.get("entropy_file") or {}).get("sha256") or file_sha256(npy)
+        watch.sha256 = (record.get("entropy_file") or {}).get("sha256")
+        if watch.sha256 is None:
+            note(f"{npy}: entropy.json records no hash of it (an older scorer): hashing it for this run "
+                 f"({npy.stat().st_size / 1e9:.2f} GB)")
+            watch.sha256 = file_sha256(npy)
         return store_hash, model_hash, watch.sha256
 
     store_hash, expected_model, sha256 = decide_on_main(check_on_main, info.is_main)

@@ -155,25 +155,17 @@ def resume_source(run: TrainRun, run_dir: Path) -> Tuple[Optional[Path], list, d
     return source, notes, changes
 
 
-def claim_run_folder(run: TrainRun, info: DistInfo) -> Tuple[Optional[RunFolderLock], Optional[Path], list, dict]:
-    """Rank 0 takes the run folder's lock (one trainer per folder: utils.run_lock) and then
-    decides what the run continues from (resume_source); every rank gets the decision, or the
-    refusal as a one-line ValueError. Returns (the lock on rank 0, else None, source, notes,
-    identity changes). A refused run leaves no folder it created."""
+def take_run_folder(args: argparse.Namespace, info: DistInfo) -> Optional[RunFolderLock]:
+    """Rank 0 takes the run folder's lock (one trainer per folder: utils.run_lock) before any
+    other work, so a second trainer is refused at once; every rank learns of a refusal (one-line
+    ValueError). Returns the lock on rank 0, None on the others."""
     held = []
 
-    def decide() -> tuple:
-        lock = lock_run_folder(Path(run.run_dir))
-        try:
-            decided = resume_source(run, Path(run.run_dir))
-        except BaseException:
-            lock.release(remove_folder=True)
-            raise
-        held.append(lock)
-        return decided
+    def take() -> None:
+        held.append(lock_run_folder(run_dir_path(args)[1]))
 
-    source, notes, changes = decide_on_main(decide, info.is_main)
-    return (held[0] if held else None), source, notes, changes
+    decide_on_main(take, info.is_main)
+    return held[0] if held else None
 
 
 def changed_args(saved: dict, run: TrainRun) -> list:
@@ -213,7 +205,7 @@ def restore(t: Trainer, source: Path, changes: dict) -> None:
     for line in changed_args(saved, t.run):
         t.logger.print(f"note: changed since the checkpoint: {line}")
     history = [dict(c) for c in saved.get("setting_changes") or []]
-    if changes:
+    if changes and t.step < t.total_steps:  # a change that would not train is not recorded
         history.append({"from_step": t.step + 1, "changes": changes})
         t.logger.print(f"note: continuing with new settings from step {t.step + 1} (--continue-with-new-settings): "
                        f"{describe_changes(changes)}")
@@ -226,10 +218,11 @@ def setup(args: argparse.Namespace, info: DistInfo) -> Trainer:
     args is only read: the run's settings are resolved once into a TrainRun. On rank 0 the
     returned Trainer holds the run folder's lock (released by main)."""
     configure_torch(info)
-    run, store, opened = resolve_run(args, info)
-    model = create_model(run)
-    lock, source, notes, changes = claim_run_folder(run, info)  # a failed --resume leaves no folder
+    lock = take_run_folder(args, info)
     try:
+        run, store, opened = resolve_run(args, info)
+        model = create_model(run)
+        source, notes, changes = decide_on_main(lambda: resume_source(run, Path(run.run_dir)), info.is_main)
         run_dir = prepare_run_dir(run, info)
         stream = build_stream(run, store, opened.values if opened else None, info, model)
         flops = flop_params(model)
@@ -256,7 +249,7 @@ def setup(args: argparse.Namespace, info: DistInfo) -> Trainer:
             truncate_log(run_dir / "log.jsonl", t.step)  # records past the checkpoint (or of a run that saved none)
     except BaseException:
         if lock is not None:
-            lock.release()
+            lock.release(remove_folder=True)  # a run refused before it wrote anything leaves no folder
         raise
     return t
 
