@@ -120,9 +120,9 @@ class RefusedOnMain(ValueError):
 
 
 def decide_on_main(decide: Callable[[], Any], is_main: bool) -> Any:
-    """decide() on rank 0 and its result on every rank. A ValueError (or FileNotFoundError) raised by decide() is
-    raised on rank 0 and, as RefusedOnMain with the same message, on the others, so no rank waits for a
-    decision that never comes."""
+    """decide() on rank 0 and its result on every rank. A ValueError (or FileNotFoundError)
+    raised by decide() is raised on rank 0 and, as RefusedOnMain with the same message, on the
+    others, so no rank waits for a decision that never comes."""
     outcome, error = None, None
     if is_main:
         try:

@@ -106,6 +106,15 @@ def try_write_json_atomic(path: Union[str, Path], obj: Any) -> bool:
         return False
 
 
+def path_state(path: Union[str, Path]) -> Optional[tuple]:
+    """(device, inode, size, mtime_ns) of the file at path, or None when there is none."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 class FileChange(NamedTuple):
     """Why the file at a watched path is no longer the watched one. replaced: the path names a new
     file (renamed over it, or removed), so a reader's memory map of the old one still reads the
@@ -124,20 +133,14 @@ class FileWatch:
     differ, re-hashes the file once: the same bytes under a new stat pass (and become the stat
     compared next), other bytes give a FileChange. sha256: the watched content's digest."""
 
-    def __init__(self, path: Union[str, Path], sha256: str):
+    def __init__(self, path: Union[str, Path], sha256: str, seen: Optional[tuple] = None):
+        """seen: the path's state (path_state) when the reader opened it; default now."""
         self.path, self.sha256 = Path(path), sha256
-        self.seen = self._stat()
-
-    def _stat(self) -> Optional[tuple]:
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            return None
-        return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+        self.seen = path_state(self.path) if seen is None else seen
 
     def check(self) -> Optional[FileChange]:
         """None while the path holds the watched content."""
-        now = self._stat()
+        now = path_state(self.path)
         if now == self.seen:
             return None
         if now is None:

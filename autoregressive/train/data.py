@@ -30,7 +30,7 @@ from entropy_model.patching import (
 from utils.checkpoint import checkpoint_sha256
 from utils.cli import default_workers
 from utils.distributed import DistInfo, decide_on_main
-from utils.file_identity import FileWatch, file_sha256, note
+from utils.file_identity import FileWatch, file_sha256, note, path_state
 
 LLAMAGEN_VOCAB_SIZE = 16384
 LLAMAGEN_NUM_CLASSES = 1000
@@ -136,7 +136,7 @@ def open_entropies(args: argparse.Namespace, store: CodeStore, info: DistInfo) -
     value is finite (a one-line ValueError naming the file and the count otherwise), and starts
     the watch; all ranks check the record when they map the file."""
     npy = entropy_dir(args) / "entropy.npy"
-    watch = FileWatch(npy, "") if info.is_main else None  # its stat before the checks: a switch during them shows
+    opened = path_state(npy)  # before the checks: a switch during them shows at the first watch check
 
     def check_on_main() -> tuple:  # first, so that a re-hash (and the stat it records) happens once
         model_hash = checkpoint_sha256(args.entropy_model) if args.entropy_model else None
@@ -146,15 +146,16 @@ def open_entropies(args: argparse.Namespace, store: CodeStore, info: DistInfo) -
         if bad:
             raise ValueError(f"{npy} holds {bad:,} non-finite entropies (NaN or inf) of {values.size:,}; rescore "
                              f"the code store")
-        watch.sha256 = (record.get("entropy_file") or {}).get("sha256")
-        if watch.sha256 is None:
+        sha256 = (record.get("entropy_file") or {}).get("sha256")
+        if sha256 is None:
             note(f"{npy}: entropy.json records no hash of it (an older scorer): hashing it for this run "
                  f"({npy.stat().st_size / 1e9:.2f} GB)")
-            watch.sha256 = file_sha256(npy)
-        return store_hash, model_hash, watch.sha256
+            sha256 = file_sha256(npy)
+        return store_hash, model_hash, sha256
 
     store_hash, expected_model, sha256 = decide_on_main(check_on_main, info.is_main)
     values, record = load_entropies(str(entropy_dir(args)), store_hash, expected_model)
+    watch = FileWatch(npy, sha256, seen=opened) if info.is_main else None
     return OpenedEntropies(values, store_hash, record.get("entropy_model_hash"), sha256, watch)
 
 
