@@ -179,7 +179,7 @@ def test_entropies_switched_under_a_run_stop_it(tmp_path, monkeypatch):
     second = file_sha256(npy)
     assert second != first  # precondition: other bytes
     assert text.startswith(f"error: {npy} was replaced by another file (sha256 {second[:12]}, this run's "
-                           f"{first[:12]}): a run trains only on the entropies it started with; it saved step 4")
+                           f"{first[:12]}): a run trains only on the inputs it started with; it saved step 4")
     assert [s for s, _ in list_checkpoints(tmp_path / "switched" / "checkpoints")] == [2, 4]
     assert_same_weights(final_state(tmp_path / "reference")["model"], final_state(tmp_path / "switched")["model"])
     # the scorer records the new file: a resume is refused, naming it, unless asked for
@@ -191,6 +191,34 @@ def test_entropies_switched_under_a_run_stop_it(tmp_path, monkeypatch):
     main(train_argv(codes, tmp_path, "switched", "--continue-with-new-settings", max_steps=6, ckpt_every=2, **DPAR))
     args = final_state(tmp_path / "switched")["args"]
     assert args["setting_changes"] == [{"from_step": 5, "changes": {"entropy_sha256": [first, second]}}]
+
+
+def test_codes_rewritten_in_place_stop_the_run_without_saving(tmp_path, monkeypatch):
+    """codes.npy rewritten in place after step 3 (the run's mapping then reads the new codes):
+    the run stops at its next log line without saving, naming the file and the checkpoint it
+    resumes from."""
+    from autoregressive.train import loop
+
+    codes = make_store(tmp_path / "codes")
+    npy = codes / "codes.npy"
+    step = loop.train_step
+
+    def rewriting(t, batches):
+        if t.step == 3:
+            with open(npy, "r+b") as f:
+                f.seek(-2, os.SEEK_END)
+                f.write(np.uint16(15 - int(np.load(npy, mmap_mode="r")[-1, -1, -1])).tobytes())
+        return step(t, batches)
+
+    monkeypatch.setattr(loop, "train_step", rewriting)
+    with pytest.raises(SystemExit) as stop:
+        main(train_argv(codes, tmp_path, "rewritten", max_steps=8, ckpt_every=2, log_every=1))
+    folder = tmp_path / "rewritten" / "checkpoints"
+    assert error_line(stop).startswith(f"error: {npy} was rewritten in place (sha256 ")
+    assert error_line(stop).endswith(f"a run trains only on the inputs it started with; it stopped without saving; "
+                                     f"it resumes from {folder / '0000002.pt'} (rerun with "
+                                     f"--continue-with-new-settings to continue on the new ones)")
+    assert [s for s, _ in list_checkpoints(folder)] == [2]
 
 
 def test_file_watch_tells_a_switch_from_an_in_place_rewrite(tmp_path):

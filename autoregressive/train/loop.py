@@ -25,11 +25,11 @@ from autoregressive.train.model import (
     autocast_context, create_model, create_optimizer, flop_params, gradient_sync, learning_rate, model_config, parallelize,
     uses_fsdp)
 from autoregressive.train.settings import IDENTITY, TrainRun, describe_changes, identity_changes
-from dataset.code_store import CodeStore, code_store_hash
+from dataset.code_store import CODES, CODES_HASH, CodeStore, code_store_hash
 from entropy_model.patching import GATED_MODES
 from utils import checkpoint as ckpt
 from utils.distributed import DistInfo, decide_on_main, init_distributed, teardown_distributed
-from utils.file_identity import FileChange, FileWatch, write_json_atomic
+from utils.file_identity import FileChange, FileWatch, path_state, write_json_atomic
 from utils.run_lock import RunFolderLock, lock_run_folder
 
 
@@ -50,7 +50,8 @@ class Trainer:
     logger: Optional[TrainLogger] = None
     ema: Optional[ModelEMA] = None  # --ema
     lock: Optional[RunFolderLock] = None  # rank 0: the run folder's lock, held until main ends
-    watch: Optional[FileWatch] = None  # rank 0, gated DPAR: notices a change of the entropies' file
+    watches: tuple = ()  # rank 0: FileWatch of codes.npy and (gated DPAR) entropy.npy
+    watched: bool = False  # every rank: whether rank 0 watches any input (check_inputs is collective)
 
 
 def configure_torch(info: DistInfo) -> None:
@@ -220,6 +221,7 @@ def setup(args: argparse.Namespace, info: DistInfo) -> Trainer:
     configure_torch(info)
     lock = take_run_folder(args, info)
     try:
+        codes_state = path_state(Path(args.code_path) / CODES)  # before the store's checks
         run, store, opened = resolve_run(args, info)
         model = create_model(run)
         source, notes, changes = decide_on_main(lambda: resume_source(run, Path(run.run_dir)), info.is_main)
@@ -231,7 +233,8 @@ def setup(args: argparse.Namespace, info: DistInfo) -> Trainer:
         optimizer = create_optimizer(model, run, info)
         scaler = torch.amp.GradScaler("cuda") if run.mixed_precision == "fp16" else None
         t = Trainer(run, info, run_dir, model, module, optimizer, scaler, stream, torch.Generator(), run.total_steps,
-                    lock=lock, watch=opened.watch if opened else None)
+                    lock=lock)
+        t.watched, t.watches = input_watches(store, opened, codes_state, info)
         ckpt.seed_rng(run.seed, info.rank, t.generator)
         t.logger = TrainLogger(run_dir, run, info, t.total_steps, flops)
         for line in notes:
@@ -261,25 +264,39 @@ def write_run_record(t: Trainer) -> None:
         write_json_atomic(t.run_dir / "args.json", t.run.args_dict())
 
 
+def input_watches(store: CodeStore, opened: Optional[OpenedEntropies], codes_state: Optional[tuple],
+                  info: DistInfo) -> Tuple[bool, tuple]:
+    """(whether any input is watched, rank 0's watches): codes.npy of a store whose manifest
+    records its hash (from its state before the store's checks), and the entropies of a gated
+    DPAR run. The first value is the same on every rank."""
+    codes_sha256 = store.manifest.get(CODES_HASH) if store.layout != "llamagen" else None
+    watched = codes_sha256 is not None or opened is not None
+    if not info.is_main:
+        return watched, ()
+    codes = (FileWatch(store.path / CODES, codes_sha256, seen=codes_state),) if codes_sha256 else ()
+    return watched, codes + ((opened.watch,) if opened is not None else ())
+
+
 def check_inputs(t: Trainer) -> Optional[FileChange]:
-    """Whether the entropies at their path are still the ones this run started with (rank 0
-    checks, every rank gets the answer; a stat per call, a hash only after a change)."""
-    if t.run.entropy_sha256 is None:
+    """Whether the codes and entropies at their paths are still the ones this run started with
+    (rank 0 checks, every rank gets the answer; a stat per file, a hash only after a change)."""
+    if not t.watched:
         return None
-    return decide_on_main(lambda: t.watch.check(), t.info.is_main)
+    return decide_on_main(lambda: next((c for c in (w.check() for w in t.watches) if c is not None), None),
+                          t.info.is_main)
 
 
 def stop_for_changed_inputs(t: Trainer, change: FileChange) -> None:
     """Stop the run (TrainingError, one line). After an atomic switch the run's own mapping still
-    holds the entropies it started with, so the steps since the last checkpoint are saved first;
+    holds the inputs it started with, so the steps since the last checkpoint are saved first;
     after an in-place rewrite they may have read the new values, and nothing is saved."""
     if change.replaced:
         save(t)
-        kept = f"saved step {t.step} (trained on the entropies it started with) and stopped"
+        kept = f"saved step {t.step} (trained on the inputs it started with) and stopped"
     else:
         last, _ = ckpt.newest_readable(ckpt.checkpoint_dir(t.run_dir))
         kept = f"stopped without saving; it resumes from {last}" if last else "stopped without saving"
-    raise TrainingError(f"{change.message}: a run trains only on the entropies it started with; it {kept} (rerun "
+    raise TrainingError(f"{change.message}: a run trains only on the inputs it started with; it {kept} (rerun "
                         f"with --continue-with-new-settings to continue on the new ones)")
 
 
