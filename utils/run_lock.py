@@ -1,14 +1,14 @@
 """One trainer per run folder: an OS lock on RUN_DIR/run.lock, held for the trainer's lifetime.
 
 The lock is a POSIX record lock (fcntl.lockf) on the whole file. The kernel drops it when the
-holding process ends, however it ends (SIGKILL, a crash, a node reboot for a network file system
-with lock support), so a dead trainer never leaves the folder locked. Two more properties
-decide the choice over flock: a POSIX lock is not inherited by processes forked from the
-holder (DataLoader workers outlive a killed trainer by a few seconds and would keep an flock
-held), and NFS v4 and Lustre implement POSIX locks across nodes. Its one trap is that closing
-any descriptor of the file in the holding process drops the lock: only RunFolderLock opens the
-file, once. The file also records the holder's pid and host, for the refusal message; it stays
-after the run ends (an unlocked file means nothing).
+holding process ends, however it ends (SIGKILL, a crash; on a network file system with lock
+support, the server's lease expires when a node dies), so a dead trainer never leaves the folder
+locked. Two more properties decide the choice over flock: a POSIX lock is not inherited by
+processes forked from the holder (DataLoader workers outlive a killed trainer by a few seconds
+and would keep an flock held), and NFS and Lustre (mounted with flock) implement POSIX locks
+across nodes. Its one trap is that closing any descriptor of the file in the holding process
+drops the lock: only RunFolderLock opens the file, once. The file also records the holder's pid
+and host, for the refusal message; it stays after the run ends (an unlocked file means nothing).
 """
 import errno
 import fcntl
