@@ -424,7 +424,7 @@ def _agree_on_save(write: Optional[Any], path: Path, ckpt_dir: Path, info: DistI
         shutil.rmtree(partial, ignore_errors=True)
     barrier()
     last, _ = newest_readable(ckpt_dir)
-    resumes = f"the run resumes from {last}" if last is not None else "no checkpoint was written yet: the run starts over"
+    resumes = f"the run resumes from {last}" if last is not None else "no checkpoint yet: the run starts over"
     raise NoSpaceError(f"no space left on device while saving {path}: free space and rerun; {resumes}")
 
 

@@ -43,7 +43,7 @@ class TrainRun:
     code_store_hash: Optional[str] = None
     entropy_model_hash: Optional[str] = None
     entropy_sha256: Optional[str] = None
-    setting_changes: tuple = ()  # ({"step", "changes": {setting: [old, new]}}, ...): --continue-with-new-settings
+    setting_changes: tuple = ()  # ({"from_step", "changes": {setting: [old, new]}}, ...): --continue-with-new-settings
 
     def __post_init__(self):
         object.__setattr__(self, "flags", MappingProxyType(dict(self.flags)))
@@ -75,11 +75,11 @@ class TrainRun:
         return plain_args(argparse.Namespace(**out))
 
 
-# What a run is (docs/design.md, "Run identity"): its model, data, entropies, patching rule and the
-# optimisation settings that shape its weights. Not identity: how it is computed (world size,
-# gradient accumulation, mixed precision, compile, workers, device), where it is written, how it
-# logs, and how long it runs (except under a cosine decay, whose learning rates follow the total
-# step count).
+# What a run is (docs/design.md, "Run folders: lock, identity, inputs"): its model, data, entropies,
+# patching rule and the optimisation settings that shape its weights. Not identity: how it is
+# computed (world size, gradient accumulation, mixed precision, compile, workers, device), where
+# it is written, how it logs, and how long it runs (except under a cosine decay, whose learning
+# rates follow the total step count).
 IDENTITY = ("gpt_model", "model_config", "code_store_hash", "entropy_model_hash", "entropy_sha256", "patching",
             "seed", "global_batch_size", "lr", "lr_schedule", "warmup_steps", "min_lr", "weight_decay", "beta1",
             "beta2", "max_grad_norm", "ema", "ema_decay")
