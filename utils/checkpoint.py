@@ -517,16 +517,17 @@ def load_initial_weights(path: Path, model: nn.Module, sharded: bool) -> None:
         raise ValueError(f"--init-weights {path} does not fit this model: {str(e).strip().splitlines()[0]}") from e
 
 
-def export_weights(model: nn.Module, state: dict, path: Path, info: DistInfo, ema: Optional[Any] = None) -> None:
+def export_weights(model: nn.Module, state: dict, path: Path, info: DistInfo, ema: Optional[Any] = None,
+                   ckpt_dir: Optional[Path] = None) -> None:
     """Gather the full weights and EMA weights (all ranks call) and let rank 0 write the
-    single-file format without optimizer state, for sampling."""
+    single-file format without optimizer state, for sampling. A full disk raises NoSpaceError on
+    every rank, naming the newest checkpoint in ckpt_dir (default: the export's folder)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     extra = {"ema": ema.full_state_dict()} if ema is not None else {}
-    if info.is_main:
-        save_checkpoint_atomic({"model": full, **extra, **state}, path)
-    barrier()
+    write = (lambda: save_checkpoint_atomic({"model": full, **extra, **state}, path)) if info.is_main else None
+    _agree_on_save(write, path, ckpt_dir or path.parent, info)
 
 
 def read_checkpoint_args(path: Path) -> dict:

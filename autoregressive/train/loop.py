@@ -357,11 +357,12 @@ def save(t: Trainer) -> None:
     try:
         path = ckpt.save_training_checkpoint(ckpt_dir, t.model, t.optimizer, state, t.info, sharded, t.generator,
                                              t.ema)
+        if sharded and t.run.export_consolidated:
+            export = t.run_dir / "exports" / f"{t.step:07d}.pt"
+            ckpt.export_weights(t.model, {k: v for k, v in state.items() if k != "optimizer"}, export, t.info, t.ema,
+                                ckpt_dir)
     except ckpt.NoSpaceError as e:
         raise TrainingError(str(e)) from e
-    if sharded and t.run.export_consolidated:
-        export = t.run_dir / "exports" / f"{t.step:07d}.pt"
-        ckpt.export_weights(t.model, {k: v for k, v in state.items() if k != "optimizer"}, export, t.info, t.ema)
     if t.info.is_main:
         ckpt.prune_checkpoints(ckpt_dir, t.run.keep_last, t.run.keep_every)
     t.logger.print(f"saved checkpoint {path}")
