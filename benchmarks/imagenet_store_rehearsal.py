@@ -239,6 +239,7 @@ def measure(store: Path, work: Path, model_path: Path, args: argparse.Namespace)
     results.append(timed_run("train_c2i.py DPAR --max-steps 2", [
         py, "train_c2i.py", "--code-path", str(store), "--gpt-model", args.dpar_model, "--max-steps", "2",
         "--global-batch-size", "8", "--log-every", "1", "--entropy-model", str(model_path),
+        "--threshold", repr(paper_patching(args.grid * 16).threshold),
         "--results-dir", str(work / "results"), "--run-name", "rehearsal"],
         {"training_line": r"^training ", "first_step": r"step\s+1/2"}, args.timeout))
     results.append(timed_run("entropy_model.calibrate --target-compression 2.06", [

@@ -65,6 +65,7 @@ T_BATCH_COMPOSITION = "tests/test_decode.py::test_dpar_batch_composition_invaria
 T_FRACTIONAL = "tests/test_fidelity.py::test_fractional_static_pattern_against_plain_loop"
 T_PACKED_PADDED = "tests/test_attention.py::test_packed_equals_padded_logits_and_grads"
 T_READ_GROUP = "tests/test_decode.py::test_read_lengths_form_a_small_set_that_covers_every_step"
+T_RUN_ID = "tests/test_run_identity.py"
 
 FAULTS = [
     # ---- causality -------------------------------------------------------------------
@@ -328,6 +329,44 @@ FAULTS = [
           "the newest checkpoint counts as readable even when damaged: resume and rotation do not fall back",
           ("tests/test_run_folder.py::test_rotation_keeps_the_newest_readable_checkpoint",
            "tests/test_run_folder.py::test_truncated_newest_checkpoint_falls_back_and_resumes_exactly")),
+    Fault("run-lock-shared", "utils/run_lock.py",
+          "fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)",
+          "fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)",
+          "the run folder's lock is a shared one: a second trainer writes the same folder",
+          (T_RUN_ID + "::test_second_trainer_is_refused_and_a_killed_holder_leaves_no_lock",)),
+    Fault("run-identity-not-compared", "autoregressive/train/settings.py",
+          "return {k: [theirs[k], ours.get(k)] for k in sorted(theirs) if theirs[k] != ours.get(k)}",
+          "return {}",
+          "a command with another seed, lr or patching rule silently continues the run",
+          (T_RUN_ID + "::test_other_settings_are_refused_unless_continued_explicitly",
+           T_RUN_ID + "::test_patching_rule_is_part_of_the_run")),
+    Fault("entropy-watch-size-only", "utils/file_identity.py",
+          "return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns",
+          "return st.st_dev, st.st_size",
+          "the entropies' watch compares only the size: a new file of the same shape switched in goes unseen",
+          (T_RUN_ID + "::test_file_watch_tells_a_switch_from_an_in_place_rewrite",
+           T_RUN_ID + "::test_entropies_switched_under_a_run_stop_it")),
+    Fault("input-rewrite-taken-for-a-switch", "utils/file_identity.py",
+          "replaced = self.seen is None or now[:2] != self.seen[:2]",
+          "replaced = True",
+          "an input rewritten in place (the run's mapping read the new bytes) is saved as if it trained on the old",
+          (T_RUN_ID + "::test_codes_rewritten_in_place_stop_the_run_without_saving",)),
+    Fault("paper-tau-silent-default", "autoregressive/train/data.py",
+          "if args.patching_mode not in GATED_MODES or args.threshold is not None or args.target_compression is not None:",
+          "if True:",
+          "a DPAR run on a user's entropies silently takes the paper's tau, chosen for another entropy model",
+          (T_RUN_ID + "::test_gated_patching_needs_a_named_threshold",)),
+    Fault("disk-full-unrecognised", "utils/checkpoint.py",
+          "if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):",
+          "if isinstance(e, OSError) and e.errno == errno.EDQUOT:",
+          "a full disk during a checkpoint save ends in a traceback that does not say so",
+          (T_RUN_ID + "::test_full_disk_during_a_save_says_so_and_the_run_resumes",
+           T_RUN_ID + "::test_full_disk_during_a_distributed_checkpoint_save")),
+    Fault("prune-vanished-file", "utils/checkpoint.py",
+          "    except FileNotFoundError:\n        pass",
+          "    except NotADirectoryError:\n        pass",
+          "pruning crashes on a checkpoint that is already gone",
+          (T_RUN_ID + "::test_pruning_tolerates_a_checkpoint_that_vanished",)),
     # ---- data, compute and metrics ----------------------------------------------------
     Fault("code-store-dtype", "dataset/code_store.py",
           "self.codes[indices] = codes.astype(np.uint16)",

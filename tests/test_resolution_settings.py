@@ -88,11 +88,11 @@ def train_argv(store: Path, results: Path, run: str, *extra: str) -> list:
 
 
 def test_512_checkpoint_records_and_sampling_reads_the_cap(tmp_path):
-    """At 512 px (a 32 x 32 grid) the trainer uses tau 8.1 and P_max 6 unasked, records them, and
-    sampling rebuilds exactly that rule; the entropies (< 2.5) open no gate below 8.1, so every row
-    is 6 + 6 + 6 + 6 + 6 + 2 tokens: mean patch length 32 / 6."""
+    """At 512 px (a 32 x 32 grid) the trainer uses P_max 6 unasked (tau must be named: the paper's
+    8.1 here), records them, and sampling rebuilds exactly that rule; the entropies (< 2.5) open no
+    gate below 8.1, so every row is 6 + 6 + 6 + 6 + 6 + 2 tokens: mean patch length 32 / 6."""
     store = make_store(tmp_path / "codes512", 512, 32)
-    main(train_argv(store, tmp_path, "dpar512"))
+    main(train_argv(store, tmp_path, "dpar512", "--threshold", "8.1"))
     log = [json.loads(line) for line in (tmp_path / "dpar512" / "log.jsonl").read_text().splitlines()]
     assert log and all(abs(r["mean_patch_length"] - 32 / 6) < 1e-9 for r in log)
     ckpt_path = latest_checkpoint(tmp_path / "dpar512" / "checkpoints")

@@ -181,7 +181,7 @@ def test_dpar_batches_carry_patch_lengths(tmp_path):
     flags = vars(parse_args(train_argv(entropy_store, tmp_path, "dpar", gpt_model="DPAR-T", threshold=2.0,
                                        max_patch_length=4, max_steps=3)))
     derived = {"world_size", "block_size", "model_config", "run_dir", "per_rank_batch_size", "total_steps",
-               "code_store_hash", "entropy_model_hash", "achieved_compression", "patching"}
+               "code_store_hash", "entropy_model_hash", "entropy_sha256", "achieved_compression", "patching"}
     assert set(args) == set(flags) | derived and args["achieved_compression"] is None and args["total_steps"] == 3
     assert json.loads((tmp_path / "dpar" / "args.json").read_text()) == args  # one record of the run
     record["code_store_hash"] = "0" * 64  # entropies of other codes are refused
@@ -332,8 +332,10 @@ def test_run_settings_resolve_once_and_stay_frozen(tmp_path):
     with pytest.raises(TypeError):
         run.flags["lr"] = 1.0
     recorded = run.args_dict()
-    derived = {"world_size", "block_size", "model_config", "run_dir", "per_rank_batch_size", "total_steps"}
+    derived = {"world_size", "block_size", "model_config", "run_dir", "per_rank_batch_size", "total_steps",
+               "code_store_hash"}
     assert set(recorded) == set(before) | derived and json.loads(json.dumps(recorded)) == recorded
+    assert recorded["code_store_hash"] == code_store_hash(store)
     assert recorded["vocab_size"] == VOCAB and before["vocab_size"] is None and recorded["lr"] == args.lr
 
 

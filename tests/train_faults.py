@@ -3,7 +3,8 @@
 `inject(fault, at_step, rank)` wraps autoregressive.train.loop.train_step: once step `at_step`
 has finished (the call that would run step at_step + 1 begins) on rank `rank`, the fault fires:
 "sigterm" makes the process send itself SIGTERM; "exit" ends it abruptly with status 17, once:
-only while the file `marker` does not exist (it is created first).
+only while the file `marker` does not exist (it is created first); "pause" creates `marker` and
+sleeps until killed (a trainer that holds its run folder).
 
 Run as a script, it is train_c2i.py with the fault taken from FAULT, FAULT_AT_STEP, FAULT_RANK
 and FAULT_MARKER (for torchrun, whose ranks are separate processes):
@@ -12,6 +13,7 @@ and FAULT_MARKER (for torchrun, whose ranks are separate processes):
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -21,15 +23,19 @@ from autoregressive.train import loop  # noqa: E402
 
 
 def faulty(train_step: Callable, fault: str, at_step: int, rank: int = 0, marker: Optional[str] = None) -> Callable:
-    if fault not in ("sigterm", "exit"):
-        raise ValueError(f"unknown fault {fault!r}; expected 'sigterm' or 'exit'")
-    if fault == "exit" and marker is None:
-        raise ValueError("fault 'exit' needs a marker file (it fires once)")
+    if fault not in ("sigterm", "exit", "pause"):
+        raise ValueError(f"unknown fault {fault!r}; expected 'sigterm', 'exit' or 'pause'")
+    if fault in ("exit", "pause") and marker is None:
+        raise ValueError(f"fault {fault!r} needs a marker file")
 
     def step(t, batches):
         if t.step == at_step and t.info.rank == rank:
             if fault == "sigterm":
                 os.kill(os.getpid(), signal.SIGTERM)
+            elif fault == "pause":
+                Path(marker).touch()
+                while True:
+                    time.sleep(1)
             elif not os.path.exists(marker):
                 Path(marker).touch()
                 os._exit(17)

@@ -33,6 +33,7 @@ RNG states (torch, CUDA, numpy, python, label dropout) are saved for every rank,
 run with the same world size reproduces the uninterrupted one bit for bit on CPU.
 """
 import argparse
+import errno
 import hashlib
 import os
 import pickle
@@ -58,7 +59,8 @@ WEIGHT_KEYS = ("model", "module", "state_dict")  # where checkpoints (ours, Llam
 CHECKPOINT_WRAPPER = "_checkpoint_wrapped_module."  # activation-checkpoint wrappers in parameter names
 CHECKPOINT_NAME = re.compile(r"^(\d{7,})(\.pt)?$")
 ARCHITECTURE_KEYS = ("gpt_model", "model_config")
-# config fields a resumed run may change: they shape training, not the weights
+# config fields that shape training, not the weights: the architecture check lets them differ (the
+# run's identity, autoregressive.train.settings, then asks for --continue-with-new-settings)
 TRAINING_ONLY_FIELDS = ("token_dropout_p", "attn_dropout_p", "resid_dropout_p", "ffn_dropout_p", "drop_path_rate")
 
 
@@ -88,12 +90,43 @@ def weights_identity(path: Union[str, Path]) -> str:
     return checkpoint_sha256(path)
 
 
+class NoSpaceError(ValueError):
+    """The device ran out of space (or quota) while a checkpoint was written."""
+
+
+def is_no_space(error: BaseException) -> bool:
+    """True when error, its causes, or (torch.distributed.checkpoint) any rank's failure is an
+    OSError ENOSPC / EDQUOT."""
+    seen, todo = set(), [error]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        failures = getattr(e, "failures", None)  # CheckpointException: {rank: (exception, trace)}
+        if isinstance(failures, dict):
+            todo += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
+        todo += [e.__cause__, e.__context__]
+    return False
+
+
 def save_checkpoint_atomic(obj: dict, path: Union[str, Path]) -> None:
-    """torch.save to a temporary file in the same folder, then rename over `path`."""
+    """torch.save to a temporary file in the same folder, flushed to disk, then renamed over
+    `path`. Written through a Python file object, so a full disk surfaces as OSError ENOSPC
+    (torch's own file writer reports only 'unexpected pos'); the partial file is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 
@@ -274,14 +307,22 @@ def prune_checkpoints(ckpt_dir: Path, keep_last: int, keep_every: int = 0) -> No
     readable, _ = newest_readable(ckpt_dir)
     for _, path in doomed:
         if path != readable:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            _remove(path)
+
+
+def _remove(path: Path) -> None:
+    """Delete a checkpoint file or directory; one that is already gone is no error."""
+    try:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    except FileNotFoundError:
+        pass
 
 
 def remove_partial_checkpoints(ckpt_dir: Path) -> None:
     """Delete temporary files/folders that a crash during a save left behind."""
     if ckpt_dir.is_dir():
         for p in ckpt_dir.glob(".*.tmp*"):
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
+            _remove(p)
 
 
 # ---------------------------------------------------------------------------------------
@@ -356,9 +397,9 @@ def save_training_checkpoint(ckpt_dir: Path, model: nn.Module, optimizer, state:
         path = ckpt_dir / f"{name}.pt"
         optim = get_optimizer_state_dict(model, optimizer)
         extra = {"ema": ema.state_dict()} if ema is not None else {}
-        if info.is_main:
-            save_checkpoint_atomic({"model": model.state_dict(), "optimizer": optim, **extra, **state}, path)
-        barrier()
+        write = (lambda: save_checkpoint_atomic({"model": model.state_dict(), "optimizer": optim, **extra, **state},
+                                                path)) if info.is_main else None
+        _agree_on_save(write, path, ckpt_dir, info)
         return path
     import torch.distributed.checkpoint as dcp
 
@@ -366,14 +407,44 @@ def save_training_checkpoint(ckpt_dir: Path, model: nn.Module, optimizer, state:
     shards = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
     if ema is not None:
         shards["ema"] = ema.state_dict()
-    dcp.save(shards, checkpoint_id=str(tmp))
-    if info.is_main:
+
+    def write_shards():  # every rank
+        dcp.save(shards, checkpoint_id=str(tmp))
+
+    def finish():  # rank 0, once every shard is written
         save_checkpoint_atomic(state, tmp / TRAIN_STATE)
         if path.exists():
             shutil.rmtree(path)
         tmp.rename(path)
-    barrier()
+
+    _agree_on_save(write_shards, path, ckpt_dir, info, partial=tmp)
+    _agree_on_save(finish if info.is_main else None, path, ckpt_dir, info, partial=tmp)
     return path
+
+
+def _agree_on_save(write: Optional[Any], path: Path, ckpt_dir: Path, info: DistInfo,
+                   partial: Optional[Path] = None) -> None:
+    """Run this rank's part of a save (write: None when it has none), then let every rank learn
+    whether any rank ran out of space: all raise NoSpaceError (one line, naming the checkpoint
+    and the one the run would resume from) and rank 0 removes the partial directory. Other
+    failures propagate as they are."""
+    full = False
+    try:
+        if write is not None:
+            write()
+    except BaseException as e:  # torch.distributed.checkpoint raises CheckpointException, a BaseException
+        if not is_no_space(e):
+            raise
+        full = True
+    full = any(gather_objects(full))
+    if not full:
+        return
+    if info.is_main and partial is not None:
+        shutil.rmtree(partial, ignore_errors=True)
+    barrier()
+    last, _ = newest_readable(ckpt_dir)
+    resumes = f"the run resumes from {last}" if last is not None else "no checkpoint yet: the run starts over"
+    raise NoSpaceError(f"no space left on device while saving {path}: free space and rerun; {resumes}")
 
 
 def load_training_checkpoint(path: Path, model: nn.Module, optimizer, sharded: bool,
@@ -469,16 +540,17 @@ def load_initial_weights(path: Path, model: nn.Module, sharded: bool) -> None:
         raise ValueError(f"--init-weights {path} does not fit this model: {str(e).strip().splitlines()[0]}") from e
 
 
-def export_weights(model: nn.Module, state: dict, path: Path, info: DistInfo, ema: Optional[Any] = None) -> None:
+def export_weights(model: nn.Module, state: dict, path: Path, info: DistInfo, ema: Optional[Any] = None,
+                   ckpt_dir: Optional[Path] = None) -> None:
     """Gather the full weights and EMA weights (all ranks call) and let rank 0 write the
-    single-file format without optimizer state, for sampling."""
+    single-file format without optimizer state, for sampling. A full disk raises NoSpaceError on
+    every rank, naming the newest checkpoint in ckpt_dir (default: the export's folder)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     extra = {"ema": ema.full_state_dict()} if ema is not None else {}
-    if info.is_main:
-        save_checkpoint_atomic({"model": full, **extra, **state}, path)
-    barrier()
+    write = (lambda: save_checkpoint_atomic({"model": full, **extra, **state}, path)) if info.is_main else None
+    _agree_on_save(write, path, ckpt_dir or path.parent, info)
 
 
 def read_checkpoint_args(path: Path) -> dict:

@@ -7,7 +7,7 @@ gloo on CPU, so the distributed code paths run (and are tested) on a laptop.
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -113,3 +113,25 @@ def gather_objects(obj: Any) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+class RefusedOnMain(ValueError):
+    """A decision that rank 0 refused, raised on every rank with rank 0's one-line message."""
+
+
+def decide_on_main(decide: Callable[[], Any], is_main: bool) -> Any:
+    """decide() on rank 0 and its result on every rank. A ValueError (or FileNotFoundError)
+    raised by decide() is raised on rank 0 and, as RefusedOnMain with the same message, on the
+    others, so no rank waits for a decision that never comes."""
+    outcome, error = None, None
+    if is_main:
+        try:
+            outcome = ("ok", decide())
+        except (ValueError, FileNotFoundError) as e:
+            outcome, error = ("refused", str(e)), e
+    kind, value = broadcast_object(outcome)
+    if error is not None:
+        raise error
+    if kind == "refused":
+        raise RefusedOnMain(value)
+    return value

@@ -15,7 +15,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Iterable, NamedTuple, Optional, Union
 
 HASH_CHUNK = 1 << 24
 
@@ -104,3 +104,51 @@ def try_write_json_atomic(path: Union[str, Path], obj: Any) -> bool:
     except OSError as e:
         note(f"could not update {path} ({e.strerror}); the next open will re-hash again")
         return False
+
+
+def path_state(path: Union[str, Path]) -> Optional[tuple]:
+    """(device, inode, size, mtime_ns) of the file at path, or None when there is none."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+class FileChange(NamedTuple):
+    """Why the file at a watched path is no longer the watched one. replaced: the path names a new
+    file (renamed over it, or removed), so a reader's memory map of the old one still reads the
+    old bytes; otherwise the file was rewritten in place and a map reads the new bytes."""
+    message: str
+    replaced: bool
+
+
+class FileWatch:
+    """Notices when the file at a path stops being the one a reader opened.
+
+    A reader that memory-maps a file keeps reading the inode it mapped: an atomic switch (a new
+    file renamed over the path) leaves its view intact but means the path now names other data;
+    an in-place rewrite changes the view itself. check() compares the path's inode, size and
+    mtime with those seen at start (a stat: cheap enough for every log step) and, when they
+    differ, re-hashes the file once: the same bytes under a new stat pass (and become the stat
+    compared next), other bytes give a FileChange. sha256: the watched content's digest."""
+
+    def __init__(self, path: Union[str, Path], sha256: str, seen: Optional[tuple] = None):
+        """seen: the path's state (path_state) when the reader opened it; default now."""
+        self.path, self.sha256 = Path(path), sha256
+        self.seen = path_state(self.path) if seen is None else seen
+
+    def check(self) -> Optional[FileChange]:
+        """None while the path holds the watched content."""
+        now = path_state(self.path)
+        if now == self.seen:
+            return None
+        if now is None:
+            return FileChange(f"{self.path} was removed", replaced=True)
+        actual = file_sha256(self.path)
+        if actual != self.sha256:
+            replaced = self.seen is None or now[:2] != self.seen[:2]
+            how = "replaced by another file" if replaced else "rewritten in place"
+            return FileChange(f"{self.path} was {how} (sha256 {actual[:12]}, this run's {self.sha256[:12]})", replaced)
+        self.seen = now
+        return None

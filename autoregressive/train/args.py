@@ -56,9 +56,9 @@ def _dpar_args(p: argparse.ArgumentParser) -> None:
                         "size and mtime")
     g.add_argument("--patching-mode", choices=PATCH_MODES, default="entropy", help="patch boundary rule")
     g.add_argument("--threshold", type=float, default=None,
-                   help=f"entropy threshold tau in nats (default the paper's for the image size, {PAPER_TAUS}, "
-                        "unless --target-compression; other sizes need one of the two; tau belongs to the paper's "
-                        "entropy model: with another one calibrate)")
+                   help="entropy threshold tau in nats; a gated --patching-mode needs it or --target-compression "
+                        f"(the paper's taus, {PAPER_TAUS}, belong to the authors' entropy model, which was not "
+                        "released: they are no default for entropies of another)")
     g.add_argument("--target-compression", type=float, default=None,
                    help="choose tau so that the mean patch length on the stored entropies is this (e.g. 1.81)")
     g.add_argument("--max-patch-length", type=int, default=None,
@@ -128,7 +128,12 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--results-dir", default=None, help="parent of the run folder (default: results)")
     g.add_argument("--run-name", default=None,
                    help="run folder name (default: <gpt-model>[-uncond]-<code store name>); a folder that already "
-                        "holds checkpoints is resumed from its latest one")
+                        "holds checkpoints is resumed from its latest one when this run's settings are that run's "
+                        "(else refused: see --continue-with-new-settings); one trainer per folder at a time")
+    g.add_argument("--continue-with-new-settings", action="store_true",
+                   help="resume a run whose settings (optimisation, seed, data, entropies, patching rule, "
+                        "dropouts) differ from this command's (its architecture cannot): the changes and the step "
+                        "they apply from are recorded in args.json (setting_changes) and the log")
     g.add_argument("--resume", default=None,
                    help="checkpoint (file or FSDP directory, ours or LlamaGen's) to continue from when the run "
                         "folder has none of its own (LlamaGen's name: --gpt-ckpt)")
@@ -175,9 +180,10 @@ EPILOG = """examples:
   torchrun --nproc_per_node 8 train_c2i.py --code-path codes/in256 --gpt-model DPAR-L --target-compression 1.81
   torchrun --nproc_per_node 8 train_c2i.py ... --data-parallel fsdp --activation-checkpointing
 
-The run folder is RESULTS-DIR/RUN-NAME (args.json, log.jsonl, log.txt, checkpoints/). Rerunning a
-command whose run folder holds checkpoints continues from the latest one (also after Ctrl-C,
-SIGTERM, a crash, or a torchrun --max-restarts restart)."""
+The run folder is RESULTS-DIR/RUN-NAME (args.json, log.jsonl, log.txt, checkpoints/, run.lock). Rerunning
+a command whose run folder holds checkpoints continues from the latest one (also after Ctrl-C,
+SIGTERM, a crash, or a torchrun --max-restarts restart); a command with other settings is refused
+(another --run-name starts a new run), and so is a second trainer on a folder in use."""
 
 
 def build_parser() -> argparse.ArgumentParser:

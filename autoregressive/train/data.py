@@ -29,7 +29,8 @@ from entropy_model.patching import (
     GATED_MODES, PAPER_SETTINGS, PatchingConfig, build_patch_batch, paper_threshold, unpublished_size_message)
 from utils.checkpoint import checkpoint_sha256
 from utils.cli import default_workers
-from utils.distributed import DistInfo, broadcast_object
+from utils.distributed import DistInfo, decide_on_main
+from utils.file_identity import FileWatch, file_sha256, note, path_state
 
 LLAMAGEN_VOCAB_SIZE = 16384
 LLAMAGEN_NUM_CLASSES = 1000
@@ -108,20 +109,58 @@ def entropy_dir(args: argparse.Namespace) -> Path:
     return path.parent if path.suffix == ".npy" else path
 
 
-def open_entropies(args: argparse.Namespace, store: CodeStore, info: DistInfo) -> tuple:
-    """(entropies, code store hash, entropy model hash): memory-mapped entropies (N, views, T)
-    float16 made for exactly this code store (and, with --entropy-model, by that checkpoint).
-    Rank 0 checks the store's identity (its recorded hash; --verify-store re-hashes the codes
-    and the entropies), all check the entropies' record."""
-    hashes = None
-    if info.is_main:  # first, so that a re-hash (and the stat it records) happens once
+@dataclass
+class OpenedEntropies:
+    """The entropies a run trains on: memory-mapped (N, views, T) float16, the hashes that name
+    them, and (rank 0) the watch that notices when the file at their path is no longer them."""
+    values: np.ndarray
+    code_store_hash: str
+    entropy_model_hash: Optional[str]
+    sha256: str
+    watch: Optional[FileWatch] = None
+
+
+def open_entropies(args: argparse.Namespace, store: CodeStore, info: DistInfo) -> OpenedEntropies:
+    """The entropies made for exactly this code store (and, with --entropy-model, by that
+    checkpoint), memory-mapped on every rank. Rank 0 checks the store's identity (its recorded
+    hash; --verify-store re-hashes the codes and the entropies), the record, and (load_entropies)
+    that every value is finite, and starts the watch; all ranks check the record when they map the file."""
+    npy = entropy_dir(args) / "entropy.npy"
+    opened = path_state(npy)  # before the checks: a switch during them shows at the first watch check
+
+    def check_on_main() -> tuple:  # first, so that a re-hash (and the stat it records) happens once
         model_hash = checkpoint_sha256(args.entropy_model) if args.entropy_model else None
         store_hash = code_store_hash(store.path, verify=args.verify_store)
-        load_entropies(str(entropy_dir(args)), store_hash, model_hash, verify=args.verify_store)
-        hashes = (store_hash, model_hash)
-    store_hash, expected_model = broadcast_object(hashes)
-    entropies, record = load_entropies(str(entropy_dir(args)), store_hash, expected_model)
-    return entropies, store_hash, record.get("entropy_model_hash")
+        values, record = load_entropies(str(entropy_dir(args)), store_hash, model_hash, verify=args.verify_store)
+        sha256 = (record.get("entropy_file") or {}).get("sha256")
+        if sha256 is None:
+            note(f"{npy}: entropy.json records no hash of it (an older scorer): hashing it for this run "
+                 f"({npy.stat().st_size / 1e9:.2f} GB)")
+            sha256 = file_sha256(npy)
+        return store_hash, model_hash, sha256
+
+    store_hash, expected_model, sha256 = decide_on_main(check_on_main, info.is_main)
+    # rank 0 has checked the values; the other ranks only map the file
+    values, record = load_entropies(str(entropy_dir(args)), store_hash, expected_model, check_finite=False)
+    watch = FileWatch(npy, sha256, seen=opened) if info.is_main else None
+    return OpenedEntropies(values, store_hash, record.get("entropy_model_hash"), sha256, watch)
+
+
+def require_chosen_threshold(args: argparse.Namespace, image_size: int) -> None:
+    """A gated DPAR run names its tau: --threshold, or --target-compression to calibrate one on
+    its entropies. The paper's tau at image_size was chosen for the authors' entropy model, which
+    was never released, so it cannot be the right default for any entropy model a user trains
+    (on another model's entropies it may open no gate at all). One-line ValueError otherwise.
+    Sizes without a published tau are refused by training_patching with their own message."""
+    if args.patching_mode not in GATED_MODES or args.threshold is not None or args.target_compression is not None:
+        return
+    if image_size not in PAPER_SETTINGS:
+        return
+    paper = PAPER_SETTINGS[image_size]
+    hint = f" (the paper's compression at {image_size} px is {paper.compression})" if paper.compression else ""
+    raise ValueError(f"--patching-mode {args.patching_mode} needs --threshold or --target-compression: the paper's "
+                     f"tau {paper.threshold} at {image_size} px belongs to the authors' entropy model (not released), "
+                     f"not to the one that scored {entropy_dir(args) / 'entropy.npy'}{hint}")
 
 
 def training_max_patch_length(args: argparse.Namespace, image_size: int) -> Optional[int]:

@@ -4,32 +4,33 @@ One loop for every model kind: the GPT baseline, the unconditional entropy model
 differ only in the registry entry and the batch builder (DPAR's adds patch lengths).
 """
 import argparse
-import json
+import dataclasses
 import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 import torch.nn as nn
 
 from autoregressive.models import model_family
 from autoregressive.train.args import parse_args
 from autoregressive.train.data import (
-    BatchStream, build_stream, open_entropies, open_training_store, per_rank_batch, resolve_workers, steps_per_epoch,
-    training_patching)
+    BatchStream, OpenedEntropies, build_stream, entropy_dir, open_entropies, open_training_store, per_rank_batch,
+    require_chosen_threshold, resolve_workers, steps_per_epoch, training_patching)
 from autoregressive.train.ema import ModelEMA
 from autoregressive.train.guards import StepGuard, StopRequest, TrainingError
 from autoregressive.train.logger import TrainLogger, truncate_log
 from autoregressive.train.model import (
     autocast_context, create_model, create_optimizer, flop_params, gradient_sync, learning_rate, model_config, parallelize,
     uses_fsdp)
-from autoregressive.train.settings import TrainRun
-from dataset.code_store import CodeStore
+from autoregressive.train.settings import IDENTITY, TrainRun, describe_changes, identity_changes
+from dataset.code_store import CODES, CODES_HASH, CodeStore, code_store_hash
 from entropy_model.patching import GATED_MODES
 from utils import checkpoint as ckpt
-from utils.distributed import DistInfo, broadcast_object, init_distributed, teardown_distributed
+from utils.distributed import DistInfo, decide_on_main, init_distributed, teardown_distributed
+from utils.file_identity import FileChange, FileWatch, path_state, write_json_atomic
+from utils.run_lock import RunFolderLock, lock_run_folder
 
 
 @dataclass
@@ -48,6 +49,9 @@ class Trainer:
     skipped: int = 0  # non-finite steps skipped (--skip-nonfinite)
     logger: Optional[TrainLogger] = None
     ema: Optional[ModelEMA] = None  # --ema
+    lock: Optional[RunFolderLock] = None  # rank 0: the run folder's lock, held until main ends
+    watches: tuple = ()  # rank 0: FileWatch of codes.npy and (gated DPAR) entropy.npy
+    watched: bool = False  # every rank: whether rank 0 watches any input (check_inputs is collective)
 
 
 def configure_torch(info: DistInfo) -> None:
@@ -68,31 +72,37 @@ def device_settings(args: argparse.Namespace, info: DistInfo) -> dict:
     return dict(mixed_precision=mixed_precision, compile=compiled, world_size=info.world_size)
 
 
-def resolve_run(args: argparse.Namespace, info: DistInfo) -> Tuple[TrainRun, CodeStore, Optional[np.ndarray]]:
-    """The one step from parsed flags to a TrainRun: device settings, the code store's sizes,
-    the model config, the patching rule (DPAR; a gated mode opens and checks the entropies),
-    workers, batch split, run folder and step count. args is only read. Returns (TrainRun,
-    opened store, entropies (N, views, T) or None)."""
+def resolve_run(args: argparse.Namespace, info: DistInfo) -> Tuple[TrainRun, CodeStore, Optional[OpenedEntropies]]:
+    """The one step from parsed flags to a TrainRun: device settings, the code store's sizes and
+    identity, the model config, the patching rule (DPAR; a gated mode opens and checks the
+    entropies), workers, batch split, run folder and step count. args is only read. Returns
+    (TrainRun, opened store, OpenedEntropies or None)."""
     resolved = device_settings(args, info)
     store, sizes = open_training_store(args)
     resolved.update(sizes)
     resolved["model_config"] = model_config(argparse.Namespace(**{**vars(args), **resolved}))
-    entropies = None
+    opened = None
     resolved["threshold"] = args.threshold
     if model_family(args.gpt_model).patched:
+        require_chosen_threshold(args, resolved["image_size"])
         if args.patching_mode in GATED_MODES:
-            entropies, resolved["code_store_hash"], resolved["entropy_model_hash"] = open_entropies(args, store, info)
-        patching, resolved["achieved_compression"] = training_patching(args, resolved["image_size"], entropies,
-                                                                       store.grid_width)
+            opened = open_entropies(args, store, info)
+            resolved.update(code_store_hash=opened.code_store_hash, entropy_model_hash=opened.entropy_model_hash,
+                            entropy_sha256=opened.sha256)
+        patching, resolved["achieved_compression"] = training_patching(
+            args, resolved["image_size"], opened.values if opened else None, store.grid_width)
         resolved.update(threshold=patching.threshold, max_patch_length=patching.max_patch_length or 0,
                         patching=patching.to_dict())
+    if "code_store_hash" not in resolved:
+        resolved["code_store_hash"] = decide_on_main(lambda: code_store_hash(store.path, verify=args.verify_store),
+                                                     info.is_main)
     batch = per_rank_batch(args, info.world_size)
     run_name, run_dir = run_dir_path(args)
     per_epoch = steps_per_epoch(len(store), info.world_size, batch, args.grad_accum_steps)
     run = TrainRun(flags=vars(args), num_workers=resolve_workers(args), per_rank_batch_size=batch,
                    run_name=run_name, run_dir=str(run_dir), total_steps=args.max_steps or args.epochs * per_epoch,
                    **resolved)
-    return run, store, entropies
+    return run, store, opened
 
 
 def prepare_run_dir(run: TrainRun, info: DistInfo) -> Path:
@@ -113,10 +123,12 @@ def run_dir_path(args: argparse.Namespace) -> Tuple[str, Path]:
     return run_name, Path(args.results_dir) / run_name
 
 
-def resume_source(run: TrainRun, run_dir: Path) -> Tuple[Optional[Path], list]:
-    """(checkpoint to continue from, notes): the run folder's newest readable checkpoint (newer
-    unreadable ones are renamed *.unreadable, never deleted), else --resume / --gpt-ckpt, else
-    None; checked to hold this run's architecture before anything trains."""
+def resume_source(run: TrainRun, run_dir: Path) -> Tuple[Optional[Path], list, dict]:
+    """(checkpoint to continue from, notes, identity changes): the run folder's newest readable
+    checkpoint (newer unreadable ones are renamed *.unreadable, never deleted), else --resume /
+    --gpt-ckpt, else None; checked to hold this run's architecture and, for our checkpoints, this
+    run's identity (autoregressive.train.settings.IDENTITY) before anything trains: a change is
+    refused in one line unless --continue-with-new-settings, and then returned."""
     ckpt_dir = ckpt.checkpoint_dir(run_dir)
     source, bad = ckpt.newest_readable(ckpt_dir)
     if bad and source is None:
@@ -128,26 +140,49 @@ def resume_source(run: TrainRun, run_dir: Path) -> Tuple[Optional[Path], list]:
         source = Path(run.resume)
         if not source.exists():
             raise ValueError(f"--resume {source}: no such checkpoint")
-    if source is not None:
-        try:
-            ckpt.check_same_architecture(ckpt.read_checkpoint_args(source), run, source)
-        except ValueError as e:
-            raise ValueError(f"{e}{hint}") from None
-    return source, notes
+    if source is None:
+        return None, notes, {}
+    saved = ckpt.read_checkpoint_args(source)
+    try:
+        ckpt.check_same_architecture(saved, run, source)
+    except ValueError as e:
+        raise ValueError(f"{e}{hint}") from None
+    changes = identity_changes(saved, run.args_dict()) if "model_config" in saved else {}  # LlamaGen's: weights only
+    if changes and not run.continue_with_new_settings:
+        where = f"entropies {entropy_dir(run) / 'entropy.npy'}: " if "entropy_sha256" in changes else ""
+        raise ValueError(f"checkpoint {source} belongs to a run with other settings ({where}{describe_changes(changes)}"
+                         f"); pass --continue-with-new-settings to continue it with these (recorded in the run), or "
+                         f"another --run-name for a new run")
+    return source, notes, changes
+
+
+def take_run_folder(args: argparse.Namespace, info: DistInfo) -> Optional[RunFolderLock]:
+    """Rank 0 takes the run folder's lock (one trainer per folder: utils.run_lock) before any
+    other work, so a second trainer is refused at once; every rank learns of a refusal (one-line
+    ValueError). Returns the lock on rank 0, None on the others."""
+    held = []
+
+    def take() -> None:
+        held.append(lock_run_folder(run_dir_path(args)[1]))
+
+    decide_on_main(take, info.is_main)
+    return held[0] if held else None
 
 
 def changed_args(saved: dict, run: TrainRun) -> list:
-    """Flags that differ from the checkpoint's run (reported, not refused)."""
+    """Flags outside the run's identity that differ from the checkpoint's run (reported)."""
     ignore = {"resume", "gpt_ckpt", "init_weights", "max_steps", "epochs", "run_dir", "world_size",
-              "per_rank_batch_size", "total_steps"}
+              "per_rank_batch_size", "total_steps", "setting_changes", "continue_with_new_settings", *IDENTITY}
     current = run.args_dict()
     return [f"{k}: {saved[k]!r} -> {current[k]!r}" for k in sorted(current)
             if k in saved and k not in ignore and saved[k] != current[k]]
 
 
-def restore(t: Trainer, source: Path) -> None:
+def restore(t: Trainer, source: Path, changes: dict) -> None:
     """Weights, optimizer, EMA, step, data position and (same world size) RNG states from source.
-    LlamaGen's files have no data position: the stream continues at the step's batch."""
+    LlamaGen's files have no data position: the stream continues at the step's batch. The
+    run's record of setting changes carries over, plus `changes` (accepted identity changes)
+    from the next step on."""
     state = ckpt.load_training_checkpoint(source, t.model, t.optimizer, uses_fsdp(t.run, t.info), t.ema)
     t.step, t.skipped = int(state["step"]), int(state.get("skipped", 0))
     position = state.get("data_position") or {
@@ -167,46 +202,102 @@ def restore(t: Trainer, source: Path) -> None:
                        f"dropout randomness is reseeded")
     if t.run.resume is not None and Path(t.run.resume).resolve() != source.resolve():
         t.logger.print(f"note: --resume {t.run.resume} ignored: the run folder has its own checkpoints")
-    for line in changed_args(state.get("args") or {}, t.run):
+    saved = state.get("args") or {}
+    for line in changed_args(saved, t.run):
         t.logger.print(f"note: changed since the checkpoint: {line}")
+    history = [dict(c) for c in saved.get("setting_changes") or []]
+    if changes and t.step < t.total_steps:  # a change that would not train is not recorded
+        history.append({"from_step": t.step + 1, "changes": changes})
+        t.logger.print(f"note: continuing with new settings from step {t.step + 1} (--continue-with-new-settings): "
+                       f"{describe_changes(changes)}")
+    t.run = dataclasses.replace(t.run, setting_changes=tuple(history))
     t.logger.print(f"resumed from {source} at step {t.step} (epoch {t.stream.epoch})")
 
 
 def setup(args: argparse.Namespace, info: DistInfo) -> Trainer:
     """Everything before the first step; every bad input stops here with a one-line ValueError.
-    args is only read: the run's settings are resolved once into a TrainRun."""
+    args is only read: the run's settings are resolved once into a TrainRun. On rank 0 the
+    returned Trainer holds the run folder's lock (released by main)."""
     configure_torch(info)
-    run, store, entropies = resolve_run(args, info)
-    model = create_model(run)
-    run_dir = Path(run.run_dir)
-    decided = resume_source(run, run_dir) if info.is_main else None
-    source, notes = broadcast_object(decided)  # one decision for all
-    run_dir = prepare_run_dir(run, info)  # only once the source is known: a failed --resume leaves no folder
-    stream = build_stream(run, store, entropies, info, model)
-    flops = flop_params(model)
-    model.to(info.device)
-    module = parallelize(model, run, info)
-    optimizer = create_optimizer(model, run, info)
-    scaler = torch.amp.GradScaler("cuda") if run.mixed_precision == "fp16" else None
-    t = Trainer(run, info, run_dir, model, module, optimizer, scaler, stream, torch.Generator(), run.total_steps)
-    ckpt.seed_rng(run.seed, info.rank, t.generator)
-    t.logger = TrainLogger(run_dir, run, info, t.total_steps, flops)
-    for line in notes:
-        t.logger.print(line)
-    if run.ema:
-        t.ema = ModelEMA(model, run.ema_decay)
-    if source is not None:
-        restore(t, source)
+    lock = take_run_folder(args, info)
+    try:
+        codes_state = path_state(Path(args.code_path) / CODES)  # before the store's checks
+        run, store, opened = resolve_run(args, info)
+        model = create_model(run)
+        source, notes, changes = decide_on_main(lambda: resume_source(run, Path(run.run_dir)), info.is_main)
+        run_dir = prepare_run_dir(run, info)
+        stream = build_stream(run, store, opened.values if opened else None, info, model)
+        flops = flop_params(model)
+        model.to(info.device)
+        module = parallelize(model, run, info)
+        optimizer = create_optimizer(model, run, info)
+        scaler = torch.amp.GradScaler("cuda") if run.mixed_precision == "fp16" else None
+        t = Trainer(run, info, run_dir, model, module, optimizer, scaler, stream, torch.Generator(), run.total_steps,
+                    lock=lock)
+        t.watched, t.watches = input_watches(store, opened, codes_state, info)
+        ckpt.seed_rng(run.seed, info.rank, t.generator)
+        t.logger = TrainLogger(run_dir, run, info, t.total_steps, flops)
+        for line in notes:
+            t.logger.print(line)
+        if run.ema:
+            t.ema = ModelEMA(model, run.ema_decay)
+        if source is not None:
+            restore(t, source, changes)
+        elif run.init_weights is not None:
+            ckpt.load_initial_weights(Path(run.init_weights), model, uses_fsdp(run, info))
+            if t.ema is not None:
+                t.ema.copy_from_model()
+            t.logger.print(f"new run from the weights of {run.init_weights}")
         if info.is_main:
-            truncate_log(run_dir / "log.jsonl", t.step)
-    elif run.init_weights is not None:
-        ckpt.load_initial_weights(Path(run.init_weights), model, uses_fsdp(run, info))
-        if t.ema is not None:
-            t.ema.copy_from_model()
-        t.logger.print(f"new run from the weights of {run.init_weights}")
-    if info.is_main:
-        (run_dir / "args.json").write_text(json.dumps(run.args_dict(), indent=2) + "\n")
+            truncate_log(run_dir / "log.jsonl", t.step)  # records past the checkpoint (or of a run that saved none)
+    except BaseException:
+        if lock is not None:
+            lock.release(remove_folder=True)  # a run refused before it wrote anything leaves no folder
+        raise
     return t
+
+
+def write_run_record(t: Trainer) -> None:
+    """args.json: the settings of the run as it trains from here (rank 0), written only when a
+    step is about to train, so it never names settings that did not train."""
+    if t.info.is_main:
+        write_json_atomic(t.run_dir / "args.json", t.run.args_dict())
+
+
+def input_watches(store: CodeStore, opened: Optional[OpenedEntropies], codes_state: Optional[tuple],
+                  info: DistInfo) -> Tuple[bool, tuple]:
+    """(whether any input is watched, rank 0's watches): codes.npy of a store whose manifest
+    records its hash (from its state before the store's checks), and the entropies of a gated
+    DPAR run. The first value is the same on every rank."""
+    codes_sha256 = store.manifest.get(CODES_HASH) if store.layout != "llamagen" else None
+    watched = codes_sha256 is not None or opened is not None
+    if not info.is_main:
+        return watched, ()
+    codes = (FileWatch(store.path / CODES, codes_sha256, seen=codes_state),) if codes_sha256 else ()
+    return watched, codes + ((opened.watch,) if opened is not None else ())
+
+
+def check_inputs(t: Trainer) -> Optional[FileChange]:
+    """Whether the codes and entropies at their paths are still the ones this run started with
+    (rank 0 checks, every rank gets the answer; a stat per file, a hash only after a change)."""
+    if not t.watched:
+        return None
+    return decide_on_main(lambda: next((c for c in (w.check() for w in t.watches) if c is not None), None),
+                          t.info.is_main)
+
+
+def stop_for_changed_inputs(t: Trainer, change: FileChange) -> None:
+    """Stop the run (TrainingError, one line). After an atomic switch the run's own mapping still
+    holds the inputs it started with, so the steps since the last checkpoint are saved first;
+    after an in-place rewrite they may have read the new values, and nothing is saved."""
+    if change.replaced:
+        save(t)
+        kept = f"saved step {t.step} (trained on the inputs it started with) and stopped"
+    else:
+        last, _ = ckpt.newest_readable(ckpt.checkpoint_dir(t.run_dir))
+        kept = f"stopped without saving; it resumes from {last}" if last else "stopped without saving"
+    raise TrainingError(f"{change.message}: a run trains only on the inputs it started with; it {kept} (rerun "
+                        f"with --continue-with-new-settings to continue on the new ones)")
 
 
 # ---------------------------------------------------------------------------------------
@@ -255,6 +346,7 @@ def _all_finite(loss: torch.Tensor, grad_norm: torch.Tensor, scaled: bool) -> bo
 
 
 def save(t: Trainer) -> None:
+    """Checkpoint the step (all ranks); a full disk stops the run with one line (TrainingError)."""
     pos = t.stream.position()
     state = {"step": t.step, "epoch": pos["epoch"], "data_position": pos, "args": t.run.args_dict(),
              "skipped": t.skipped}
@@ -262,10 +354,15 @@ def save(t: Trainer) -> None:
         state["scaler"] = t.scaler.state_dict()
     sharded = uses_fsdp(t.run, t.info)
     ckpt_dir = ckpt.checkpoint_dir(t.run_dir)
-    path = ckpt.save_training_checkpoint(ckpt_dir, t.model, t.optimizer, state, t.info, sharded, t.generator, t.ema)
-    if sharded and t.run.export_consolidated:
-        export = t.run_dir / "exports" / f"{t.step:07d}.pt"
-        ckpt.export_weights(t.model, {k: v for k, v in state.items() if k != "optimizer"}, export, t.info, t.ema)
+    try:
+        path = ckpt.save_training_checkpoint(ckpt_dir, t.model, t.optimizer, state, t.info, sharded, t.generator,
+                                             t.ema)
+        if sharded and t.run.export_consolidated:
+            export = t.run_dir / "exports" / f"{t.step:07d}.pt"
+            ckpt.export_weights(t.model, {k: v for k, v in state.items() if k != "optimizer"}, export, t.info, t.ema,
+                                ckpt_dir)
+    except ckpt.NoSpaceError as e:
+        raise TrainingError(str(e)) from e
     if t.info.is_main:
         ckpt.prune_checkpoints(ckpt_dir, t.run.keep_last, t.run.keep_every)
     t.logger.print(f"saved checkpoint {path}")
@@ -276,6 +373,7 @@ def train(t: Trainer, stop: StopRequest) -> None:
     if t.step >= t.total_steps:
         t.logger.print(f"already at step {t.step} of {t.total_steps}; nothing to train")
         return
+    write_run_record(t)
     parallel = run.data_parallel if t.info.distributed else "single process"
     ema = f", EMA decay {run.ema_decay}" if t.ema is not None else ""
     t.logger.print(f"training {run.gpt_model} ({sum(p.numel() for p in t.model.parameters()):,} parameters), "
@@ -296,7 +394,13 @@ def train(t: Trainer, stop: StopRequest) -> None:
         finite = torch.isfinite(loss) if t.scaler is not None else torch.isfinite(loss) & torch.isfinite(grad_norm)
         stopping = guard.after_step(t.step, finite | (weight == 0))
         t.logger.update(t.step, t.stream.epoch, lr, loss, grad_norm, weight, batches)
-        if stopping or t.step == t.total_steps or t.step % run.ckpt_every == 0:
+        saving = stopping or t.step == t.total_steps or t.step % run.ckpt_every == 0
+        if saving or t.step % run.log_every == 0:
+            change = check_inputs(t)
+            if change is not None:
+                guard.flush()
+                stop_for_changed_inputs(t, change)
+        if saving:
             stopping = guard.flush() or stopping
             save(t)
         if stopping:
@@ -325,6 +429,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     finally:
         if t is not None and t.logger is not None:
             t.logger.close()
+        if t is not None and t.lock is not None:
+            t.lock.release()
         stop.restore()
         teardown_distributed()
 
