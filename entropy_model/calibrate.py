@@ -14,8 +14,8 @@ made for other codes or by another entropy model, and an entropy.npy changed aft
 Every reader (`read_entropy_file`, so calibration, statistics and training too) refuses an
 entropy.npy holding NaN or infinite values, in one line naming the file and their count
 (check_entropies_finite: a chunked scan of the float16 bits). The scan is skipped when the record
-vouches for the file: the scorer refuses non-finite entropies, and the file still has the size
-and mtime recorded when it was hashed.
+vouches for the file: it says "finite" (the scorer refuses non-finite entropies before it
+publishes), and the file still has the size and mtime recorded when it was hashed.
 
     python -m entropy_model.calibrate --code-path STORE --target-compression 1.81
     python -m entropy_model.calibrate --code-path STORE --threshold 7.8 --json calib.json
@@ -101,10 +101,12 @@ def read_entropy_file(code_store_path: str, check_finite: bool = True) -> tuple[
 
 
 def _written_by_scorer(npy_path: str, info: dict[str, Any]) -> bool:
-    """True when the record holds entropy.npy's stat from when the scorer hashed it, and the file
-    still has that size and mtime: then it holds what the scorer wrote, every value finite."""
+    """True when the record says the values are finite (the scorer checked them) and holds
+    entropy.npy's stat from when the scorer hashed it, and the file still has that size and
+    mtime: then it holds what the scorer wrote."""
     recorded = info.get("entropy_file")
-    return isinstance(recorded, dict) and recorded.get("stat") == file_stat(npy_path)
+    return (info.get("finite") is True and isinstance(recorded, dict)
+            and recorded.get("stat") == file_stat(npy_path))
 
 
 def load_entropies(

@@ -341,7 +341,7 @@ def score_code_store(
         stats = entropy_statistics(counts, math.log(model.config.vocab_size))
         _fsync(out / PARTIAL_FILE)
         record = {**identity, **(extra_record or {}), "stats": stats, "entropy_file": record_file(out / PARTIAL_FILE),
-                  "complete": True}
+                  "finite": True, "complete": True}
         publish(out, record)
     record = broadcast_object(record)
     return {**record, "batches_run": batches, "up_to_date": False}
