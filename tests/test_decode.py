@@ -12,6 +12,7 @@ from autoregressive.models.generate import (
     Decoding,
     Sampling,
     draw_uniforms,
+    fast_decoding,
     generate,
     generate_dpar,
     generate_gpt,
@@ -312,17 +313,17 @@ def test_dpar_batch_composition_invariance_with_real_sampling():
     assert not torch.equal(greedy.tokens, batch.tokens)
 
 
-def test_sample_cli_compile_flag_picks_the_fast_path():
-    from autoregressive.sample.cli import decoding_for, parse_args
+def test_sample_cli_compile_flag_and_the_fast_path():
+    from autoregressive.sample.cli import parse_args
 
     base = ["--gpt-ckpt", "g.pt", "--vq-ckpt", "v.pt"]
     assert parse_args(base).compile is None and parse_args(base + ["--compile"]).compile
-    assert not decoding_for(None, torch.device("cpu")).compile
-    cuda = decoding_for(None, torch.device("cuda"))
+    assert parse_args(base + ["--no-compile"]).compile is False
+    cuda = fast_decoding(torch.device("cuda"))
     assert cuda.compile and cuda.mode == "reduce-overhead" and cuda.keep_caches
-    cpu = decoding_for(True, torch.device("cpu"))
+    cpu = fast_decoding(torch.device("cpu"))
     assert cpu.compile and cpu.mode is None and cpu.backend == "inductor"
-    assert not decoding_for(False, torch.device("cuda")).compile
+    assert not Decoding().compile  # eager, the default
 
 
 def test_kept_caches_are_reused_with_stale_slots_masked():

@@ -129,8 +129,8 @@ def assert_same_logits(a, b, seed: int = 0) -> None:
 
 def sampled(argv: list):
     """Tokens and images sample_c2i.py's loader draws for CLASSES_SAMPLED (seeds 0..3)."""
-    sampler, run, _ = build_sampler(sample_args(argv + ["--device", "cpu", "--no-compile", "--cfg-scale", "2.0"]),
-                                    torch.device("cpu"))
+    sampler, run = build_sampler(sample_args(argv + ["--device", "cpu", "--no-compile", "--cfg-scale", "2.0"]),
+                                 torch.device("cpu"))
     return sampler.sample(CLASSES_SAMPLED, list(range(len(CLASSES_SAMPLED)))), run
 
 

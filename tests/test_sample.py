@@ -151,6 +151,7 @@ def test_fid_mode_ranks_resume_and_npz(ckpts, tmp_path, capsys):
     main(fid_args(ckpts, one))
     printed = capsys.readouterr().out
     assert "36 of 40 images present, generating 4" in printed
+    assert "decoding eagerly, the default for a grid and on CPU" in printed  # an FID run on CPU decodes eagerly
     assert sorted(p.name for p in one.iterdir()) == sorted([f"{i:06d}.png" for i in range(40)] + ["sampling.json"])
     assert {i: (one / f"{i:06d}.png").stat().st_mtime_ns for i in mtimes} == mtimes
     for i in deleted:  # same seed and class; only the batch shape differs from the first run
@@ -187,7 +188,7 @@ def test_one_line_errors(ckpts, tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------------------
-# The fast path as the sampler runs it: the compile plan, its line, and one-line failures
+# The fast path as the sampler runs it: the compile default, its line, and one-line failures
 # --------------------------------------------------------------------------------------
 @pytest.fixture
 def compile_cache(tmp_path, monkeypatch):
@@ -208,39 +209,43 @@ def test_compile_cache_folder(tmp_path, monkeypatch):
     assert use_compile_cache() == tmp_path / "mine"  # a user's choice wins
 
 
-def test_compile_plan_weighs_compile_time_against_the_saving(compile_cache):
-    from autoregressive.sample import compiling
+def test_compile_default_is_one_sentence(compile_cache):
+    """An FID run (--num-fid-samples) on CUDA compiles its decode steps, a grid or a run on CPU
+    decodes eagerly, and --compile / --no-compile override both; the line printed before the
+    first generation says which, and names the flag that changes it."""
+    from autoregressive.sample.compiling import compile_decode, compile_notice
 
-    ent, dpar = random_entropy_model(), random_dpar()
-    gpt = GPT_models["GPT-T"](vocab_size=VOCAB, block_size=T, num_classes=CLASSES)
-    assert [f.name for f in compiling.step_functions(gpt)] == ["GPT step"]
-    names = [f.name for f in compiling.step_functions(dpar, ent)]
-    assert names == ["entropy step", "encoder step", "patch step", "decoder step"]
-    assert len(compiling.step_functions(dpar)) == 3  # patching without entropies
-    functions = compiling.step_functions(gpt)
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    cold = compiling.compile_seconds(functions, cached=False)
-    saved = compiling.saved_seconds(functions, 576, cuda)
-    assert cold > 0 and saved > 0
-    enough = int(cold / saved) + 1  # generations whose saving pays for the compile
-    key = compiling.compiled_key("GPT-T", "bf16", 16, cuda)
-    assert not compiling.plan_compile(None, cuda, functions, 576, enough - 1, key).fast
-    plan = compiling.plan_compile(None, cuda, functions, 576, enough, key)
-    assert plan.fast and not plan.cached and plan.compile_s == pytest.approx(cold)
-    assert compiling.plan_compile(False, cuda, functions, 576, 10 * enough, key).fast is False  # the flag wins
-    assert compiling.plan_compile(True, cpu, functions, 576, 1, key).fast  # the flag wins
-    compiling.mark_compiled(key)  # the cache now holds these step functions: a second run pays less
-    warm = compiling.plan_compile(None, cuda, functions, 576, enough - 1, key)
-    assert warm.cached and warm.compile_s < cold and (compile_cache / compiling.COMPILED_MARKERS / key).exists()
-    line = compiling.plan_compile(True, cuda, functions, 576, 1, key).notice(compile_cache)
-    assert line.startswith("compiling decode steps (1 step function), one-time, ~") and "--no-compile" in line
-    assert "--compile forces it" in compiling.plan_compile(None, cpu, functions, 576, 1, key).notice(compile_cache)
+    assert compile_decode(None, cuda, fid=True) is True  # an FID run on CUDA compiles
+    assert compile_decode(None, cuda, fid=False) is False  # a grid decodes eagerly
+    assert compile_decode(None, cpu, fid=True) is False and compile_decode(None, cpu, fid=False) is False  # so does CPU
+    for device in (cuda, cpu):  # the flags win
+        for fid in (True, False):
+            assert compile_decode(True, device, fid) is True and compile_decode(False, device, fid) is False
+    fast = compile_notice(True, None, compile_cache)
+    assert fast.startswith("compiling the decode steps") and str(compile_cache) in fast and "--no-compile" in fast
+    assert compile_notice(True, True, compile_cache) == fast
+    assert compile_notice(False, False, compile_cache) == "decoding eagerly (--no-compile)"
+    assert "--compile compiles" in compile_notice(False, None, compile_cache)
+
+
+def test_sampler_decodes_as_the_default_and_the_flags_say(ckpts, tmp_path, monkeypatch):
+    """build_sampler asks compile_decode with the run's flag, device and mode, and its answer
+    picks the decode steps."""
+    from autoregressive.sample import cli, compiling
+
+    asked = []
+    monkeypatch.setattr(cli, "compile_decode", lambda *a: asked.append(a) or compiling.compile_decode(*a))
+    grid = cli.build_sampler(parse_args(common(ckpts, "gpt") + ["--class-labels", "0"]), torch.device("cpu"))[0]
+    fid = cli.build_sampler(parse_args(fid_args(ckpts, tmp_path / "s") + ["--compile"]), torch.device("cpu"))[0]
+    assert asked == [(None, torch.device("cpu"), False), (True, torch.device("cpu"), True)]
+    assert not grid.decoding.compile and fid.decoding.compile and fid.decoding.keep_caches
 
 
 def test_grid_prints_how_it_decodes(ckpts, tmp_path, capsys, compile_cache):
     out = ["--class-labels", "0", "1", "--out", str(tmp_path / "g.png")]
     main(common(ckpts, "gpt") + out)
-    assert "decoding eagerly: compiling 1 step function" in capsys.readouterr().out  # CPU, one batch: not worth it
+    assert "decoding eagerly, the default for a grid and on CPU" in capsys.readouterr().out
     main(common(ckpts, "dpar") + out + ["--no-compile"])
     assert "decoding eagerly (--no-compile)" in capsys.readouterr().out
 
@@ -270,7 +275,7 @@ def test_failed_compile_stops_with_one_line_naming_no_compile(ckpts, tmp_path, c
     out = tmp_path / "g.png"
     err = one_line_error(capsys, common(ckpts, model) + ["--compile", "--class-labels", "0", "1", "--out", str(out)])
     assert "the compiled decode path failed" in err and shown in err and "--no-compile" in err, err
-    assert not out.exists() and not (compile_cache / "dpar-compiled").exists()
+    assert not out.exists()
     torch._dynamo.reset()
 
 

@@ -21,13 +21,10 @@ import torch
 from autoregressive.models import all_models, model_family
 from autoregressive.models.generate import Decoding, Sampling, fast_decoding
 from autoregressive.sample.compiling import (
-    CompilePlan,
     FastPathError,
     compile_cache_dir,
-    compiled_key,
-    mark_compiled,
-    plan_compile,
-    step_functions,
+    compile_decode,
+    compile_notice,
     use_compile_cache,
 )
 from autoregressive.sample.loading import (
@@ -42,7 +39,7 @@ from autoregressive.sample.loading import (
     sampling_patching,
 )
 from autoregressive.sample.fid import Interrupted, run_fid
-from autoregressive.sample.grid import grid_classes, run_grid
+from autoregressive.sample.grid import run_grid
 from autoregressive.sample.sampler import Sampler
 from autoregressive.sample.settings import SampleRun
 from entropy_model.patching import PATCH_MODES
@@ -125,9 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=("auto", "none", "fp32", "bf16", "fp16"), default="auto",
                    help="generator dtype (auto: bf16 on CUDA, fp32 on CPU); the VQ decoder runs in fp32")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="fast path: compiled static-shape decode steps, CUDA graphs on CUDA (default: when "
-                        "the estimated compile time is below the time it saves over the run; the compile cache "
-                        "is $TORCHINDUCTOR_CACHE_DIR, default ~/.cache/dpar/inductor)")
+                   help="fast path: compiled static-shape decode steps, CUDA graphs on CUDA (default: on for "
+                        "--num-fid-samples on CUDA, off for a grid and on CPU; the compile cache is "
+                        "$TORCHINDUCTOR_CACHE_DIR, default ~/.cache/dpar/inductor)")
     g = p.add_argument_group("grid mode")
     g.add_argument("--class-labels", type=int, nargs="+", default=None,
                    help="classes to sample (default: LlamaGen's demo classes, or the first 8)")
@@ -195,11 +192,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-def build_sampler(args: argparse.Namespace, device: torch.device, world_size: int = 1
-                  ) -> Tuple[Sampler, SampleRun, CompilePlan]:
+def build_sampler(args: argparse.Namespace, device: torch.device) -> Tuple[Sampler, SampleRun]:
     """Load every model, check that they fit together and resolve the run's settings (the
     mode's defaults, the checkpoint's model and image size) and whether the decode steps are
-    compiled (compile_plan); `args` is left as parsed."""
+    compiled (compiling.compile_decode); `args` is left as parsed."""
     vq = load_vq(args.vq_ckpt, args.vq_model, args.codebook_size, args.codebook_embed_dim)
     f = vq.downsample_factor
     if args.downsample_size is not None and args.downsample_size != f:
@@ -248,10 +244,10 @@ def build_sampler(args: argparse.Namespace, device: torch.device, world_size: in
         per_proc_batch_size=args.per_proc_batch_size, num_fid_samples=args.num_fid_samples,
         sample_dir=args.sample_dir, class_labels=args.class_labels, out=args.out, nrow=args.nrow)
     sampling = Sampling(run.cfg_scale, run.cfg_interval, run.temperature, run.top_k, run.top_p)
-    plan = compile_plan(args, run, model, entropy_model, device, world_size)
+    fast = compile_decode(args.compile, device, fid)
     sampler = Sampler(model, vq.to(device), sampling, device, entropy_model, patching,
-                      decoding_for(plan.fast, device))
-    return sampler, run, plan
+                      fast_decoding(device) if fast else Decoding())
+    return sampler, run
 
 
 def check_guidance_interval(cfg_interval: int, cfg_scale: float, num_tokens: int) -> None:
@@ -266,26 +262,6 @@ def check_guidance_interval(cfg_interval: int, cfg_scale: float, num_tokens: int
     if cfg_interval > num_tokens - 2:
         raise ValueError(f"--cfg-interval {cfg_interval} is past the last decoding step ({num_tokens - 2} for "
                          f"{num_tokens} tokens); use -1 to guide every step")
-
-
-def compile_plan(args: argparse.Namespace, run: SampleRun, model, entropy_model, device: torch.device,
-                 world_size: int) -> CompilePlan:
-    """--compile / --no-compile, else the break-even rule of compiling.plan_compile over this
-    run's generations (grid: its batches; FID: the batches of one rank)."""
-    images = (len(grid_classes(args.class_labels, model.config.num_classes)) if run.num_fid_samples is None
-              else -(-run.num_fid_samples // world_size))
-    batch = min(run.per_proc_batch_size, images)
-    rows = batch * (2 if run.cfg_scale > 1.0 else 1)
-    key = compiled_key(run.gpt_model, run.precision, rows, device)
-    return plan_compile(args.compile, device, step_functions(model, entropy_model), model.config.block_size,
-                        -(-images // batch), key)
-
-
-def decoding_for(compile: Optional[bool], device: torch.device) -> Decoding:
-    """The fast path or eager decode steps; None: the device's default without a cost estimate
-    (the fast path on CUDA). sample_c2i.py passes compile_plan's choice."""
-    fast = compile if compile is not None else device.type == "cuda"
-    return fast_decoding(device) if fast else Decoding()
 
 
 def describe(run: SampleRun) -> str:
@@ -306,16 +282,14 @@ def configure_torch() -> None:
 
 @torch.no_grad()
 def run(args: argparse.Namespace, info: DistInfo) -> None:
-    sampler, settings, plan = build_sampler(args, info.device, info.world_size)
+    sampler, settings = build_sampler(args, info.device)
     if info.is_main:
         print(describe(settings))
-        print(plan.notice(compile_cache_dir()), flush=True)
+        print(compile_notice(sampler.decoding.compile, args.compile, compile_cache_dir()), flush=True)
     if settings.num_fid_samples is None:
         run_grid(settings, sampler)
     else:
         run_fid(settings, sampler, info)
-    if plan.fast and info.is_main:
-        mark_compiled(plan.key)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

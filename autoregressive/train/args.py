@@ -115,7 +115,7 @@ def _system_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mixed-precision", choices=("auto", "none", "bf16", "fp16"), default="auto",
                    help="auto: bf16 on CUDA, none on CPU; FSDP + bf16 keeps fp32 master weights and fp32 reduce")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the training forward/backward (default: on CUDA only)")
+                   help="torch.compile the training forward/backward (default: on with CUDA, off on CPU)")
     g.add_argument("--compile-scope", choices=("model", "blocks"), default="model",
                    help="with --compile: the whole model as one graph (packed patch counts are bucketed, so a "
                         "run compiles a few graphs), or each transformer block separately")
