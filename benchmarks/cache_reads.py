@@ -14,28 +14,7 @@ view's bytes; it is listed by bytes only (no such kernel exists for CPU SDPA).
 
 Bytes are per layer and step (keys and values); multiply by the patch layers (19 for DPAR-L).
 
-Measured 2026-12-02, torch 2.14.1, 2 shared CPU threads (load 5-11), 512 rows, dim 1024, 16 heads,
-capacity 576; g = rows in the opening group (both guidance copies); MB per layer and step:
-
-  dtype  L    g    gather MB  view MB  index MB  gather ms  view ms  view speed-up
-  fp32   128  128      403      537      134        366      301     1.22x
-  fp32   128  256      805      537      268       1729      452     3.82x
-  fp32   128  512     1611      537      537       7203     1255     5.74x
-  fp32   288  128      906     1208      302       2537     1203     2.11x
-  fp32   288  256     1812     1208      604       6794     1777     3.82x
-  fp32   288  512     3624     1208     1208      12523     2218     5.65x
-  bf16   128  128      201      268       67       1468     2952     0.50x
-  bf16   128  256      403      268      134       1500     1617     0.93x
-  bf16   128  512      805      268      268       3206     1576     2.03x
-  bf16   288  128      453      604      151        872     3656     0.24x
-  bf16   288  256      906      604      302       3301     3858     0.86x
-  bf16   288  512     1812      604      604       6562     3956     1.66x
-
-The view moves fewer bytes whenever the group holds more than a third of the rows (gather:
-3 g/R of the view's bytes); at DPAR-L's ~2.1 tokens per patch the power-of-two groups held
-128-256 of 256 images (g/R = 0.5-1), where the view moves 1.5-3x fewer bytes, and it removes the
-group size from the step's shapes. (CPU bf16 attention with a mask takes a slow path; the GPU
-decision rests on the bytes.) An index kernel would move g/R of the view's bytes.
+Measured results: docs/performance.md, "Cache reads".
 """
 import argparse
 import json

@@ -1,6 +1,7 @@
 """Real-compiler check on the CPU: inductor code generation (the tests mostly use the eager and
 aot_eager backends, which capture graphs but generate no code), the compile cache across
-processes, and the compile cost against eager decoding time (the sampler's break-even rule).
+processes, and the compile cost against eager decoding time (docs/performance.md, "Decode shapes
+and warm-up").
 
     python -m benchmarks.compiler_check --out results/compiler_check      # every section
     python -m benchmarks.compiler_check --quick                           # GPT-T only, ~2 minutes

@@ -14,14 +14,7 @@ machine, called at N distinct read lengths: dynamic=True (what the fast path use
 for every length unless a guard splits it) and dynamic=False (one compile per length, the cost
 a shape has when it is not covered by a dynamic graph).
 
-Measured 2026-12-02, torch 2.14.1, 2 shared CPU threads (load 4-11):
-  shapes   (576 tokens, 256 images, 512 rows, read block 32; 5.5 tokens per patch with this
-           random gate)       _entropy  encode_step  close_patches  decode_step  total
-    blocks of 32, groups      18        18           18             18           72
-    half-octave, all rows      8         8            6              8           30
-  compile  (DPAR-T decoder step, 256 tokens, inductor)
-    dynamic=True:  1 length 1 graph 156 s (includes the process's first compile); 8 lengths 1 graph 77 s
-    dynamic=False: 1 length 1 graph 80 s; 2 lengths 2 graphs 66 s (the first graph from the cache)
+Measured results: docs/performance.md, "Decode shapes and warm-up".
 """
 import argparse
 import json
