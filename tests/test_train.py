@@ -349,6 +349,18 @@ def test_learning_rate_schedule():
     assert {learning_rate(s, constant, 10) for s in range(10)} == {1e-4}
 
 
+def test_training_compiles_with_cuda_and_not_on_cpu_unless_a_flag_says():
+    """--compile's default in one sentence: on with CUDA, off on CPU; --compile / --no-compile win."""
+    from autoregressive.train.loop import device_settings
+
+    base = ["--code-path", "x"]
+    for device, default in (("cuda", True), ("cpu", False)):
+        info = DistInfo(0, 1, 0, torch.device(device))
+        assert device_settings(parse_args(base), info)["compile"] is default
+        assert device_settings(parse_args(base + ["--compile"]), info)["compile"] is True
+        assert device_settings(parse_args(base + ["--no-compile"]), info)["compile"] is False
+
+
 def test_pruning_keeps_the_newest_and_the_milestones(tmp_path):
     for step in (100, 200, 300, 400, 500):
         (tmp_path / f"{step:07d}.pt").write_bytes(b"x")
