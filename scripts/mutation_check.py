@@ -418,6 +418,12 @@ FAULTS = [
           "return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - np.trace(covmean))",
           "the Fréchet distance subtracts Tr(sqrtm(sigma1 sigma2)) once instead of twice",
           ("tests/test_evaluations.py::test_frechet_distance_diagonal_closed_form",)),
+    # ---- the sampler's compile default -----------------------------------------------
+    Fault("grid-compiled-by-default", "autoregressive/sample/compiling.py",
+          "else fid and device.type == \"cuda\"",
+          "else device.type == \"cuda\"",
+          "sample_c2i.py compiles a grid on CUDA by default; the default compiles only an FID run",
+          ("tests/test_sample.py::test_compile_default_is_one_sentence",)),
     # ---- release folders --------------------------------------------------------------
     Fault("release-entropy-hash-dropped", "autoregressive/sample/loading.py",
           "\"entropy_model_hash\": entropy.get(\"sha256\"),",
