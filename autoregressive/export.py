@@ -29,9 +29,9 @@ from autoregressive.models.release import ENTROPY_FOLDER, from_pretrained, model
 from autoregressive.sample.loading import load_generator
 from entropy_model.patching import GATED_MODES
 from tokenizer.vq_model import VQ_models, VQConfig, VQModel, check_state_dict, vq_config
-from utils.checkpoint import (checkpoint_sha256, checkpoint_weights, is_dcp_checkpoint, load_checkpoint,
-                              newest_readable, weights_identity)
+from utils.checkpoint import checkpoint_weights, is_dcp_checkpoint, load_checkpoint, newest_readable
 from utils.cli import HelpFormatter
+from utils.identity import checkpoint_sha256, weights_identity
 from utils.release import is_weights_folder, push_folder
 
 # settings of the run that the model card and config.json state (those the checkpoint's args hold)

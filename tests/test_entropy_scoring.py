@@ -17,7 +17,7 @@ from autoregressive.models.dpar import DPAR_models
 from benchmarks import imagenet_store_rehearsal as rehearsal
 from autoregressive.models.gpt import GPT_models
 from dataset.augmentation import center_crop_arr
-from dataset.code_store import CodeStoreWriter, code_store_hash
+from dataset.code_store import CodeStoreWriter
 from dataset.imagefolder import load_rgb
 from dataset.synthetic import generate_dataset
 from entropy_tools import heatmaps, score, visualize
@@ -26,7 +26,8 @@ from entropy_model.entropy import IncrementalEntropy, teacher_forced_entropy
 from entropy_model.patching import PatchingConfig, patch_starts
 from extract_codes import ExtractConfig, extract_codes
 from tokenizer.vq_model import VQ_models
-from utils.checkpoint import checkpoint_sha256, file_sha256, save_checkpoint_atomic
+from utils.checkpoint import save_checkpoint_atomic
+from utils.identity import checkpoint_sha256, code_store_hash, file_sha256
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB, GRID, IMAGES, VIEWS = 32, 6, 12, 2

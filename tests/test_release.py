@@ -32,7 +32,8 @@ from test_train import GRID, VOCAB, final_state, make_store, train_argv
 from test_vq import train_flags as vq_train_flags, write_image_folder
 from tokenizer.train_vq import main as train_vq_main
 from tokenizer.vq_model import VQ_models, load_vq_checkpoint
-from utils.checkpoint import checkpoint_sha256, latest_checkpoint, load_checkpoint
+from utils.checkpoint import latest_checkpoint, load_checkpoint
+from utils.identity import checkpoint_sha256
 from utils.release import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME
 
 HF_FIXTURE = Path(__file__).parent / "fixtures" / "llamagen" / "hf_gpt_c2i_tiny"

@@ -15,7 +15,8 @@ from autoregressive.models import build_model, model_family, model_from_checkpoi
 from autoregressive.models.release import from_pretrained
 from entropy_model.patching import GATED_MODES, PatchingConfig, paper_patching, paper_setting
 from tokenizer.vq_model import VQModel, load_vq_checkpoint
-from utils.checkpoint import checkpoint_weights, load_checkpoint, weights_identity
+from utils.checkpoint import checkpoint_weights, load_checkpoint
+from utils.identity import weights_identity
 from utils.release import is_weights_folder, local_folder, looks_like_repo_id
 
 @dataclass
@@ -183,7 +184,7 @@ def entropy_ckpt_path(path: Optional[str], ckpt_args: dict) -> str:
 
 def entropy_model_for_dpar(path: Optional[str], dpar: nn.Module, ckpt_args: dict) -> nn.Module:
     """The frozen entropy model in eval mode on CPU. `path` (--entropy-ckpt: a checkpoint or a
-    release folder) defaults to entropy_ckpt_path's; its identity (utils.checkpoint.weights_identity)
+    release folder) defaults to entropy_ckpt_path's; its identity (utils.identity.weights_identity)
     must equal the recorded args["entropy_model_hash"] when the checkpoint has one."""
     path = entropy_ckpt_path(path, ckpt_args)
     if not Path(path).exists():
