@@ -174,6 +174,21 @@ def test_load_entropies_refuses_other_model_or_changed_codes(setup, tmp_path):
         load_entropies(str(store), code_store_hash(store), file_sha256(setup["ckpt"]))
 
 
+def test_load_entropies_refuses_a_record_without_the_file_hash(setup, tmp_path):
+    """A record that does not name entropy.npy's content cannot show that the file is the one
+    scored: refused in one line, whatever its other hashes say."""
+    store = tmp_path / "store"
+    write_store(store, seed=4)
+    model = score.load_entropy_model(setup["ckpt"])[0]
+    score.score_code_store(store, model, file_sha256(setup["ckpt"]), batch_size=8, progress=False)
+    load_entropies(str(store), code_store_hash(store), file_sha256(setup["ckpt"]))  # precondition: accepted
+    record = json.loads((store / "entropy.json").read_text())
+    (store / "entropy.json").write_text(json.dumps({k: v for k, v in record.items() if k != "entropy_file"}))
+    with pytest.raises(ValueError, match="records no hash of entropy.npy; rescore the code store") as e:
+        load_entropies(str(store), code_store_hash(store), file_sha256(setup["ckpt"]))
+    assert "\n" not in str(e.value) and str(store / "entropy.json") in str(e.value)
+
+
 def test_scoring_refuses_models_that_do_not_fit(setup, tmp_path):
     store = str(setup["store"])
     bad = {
