@@ -86,11 +86,6 @@ def code_outside_message(store: str | Path, image: int, code: int, codebook_size
             f"re-extract it with a tokenizer of codebook size {codebook_size}")
 
 
-def write_manifest_atomic(path: str | Path, manifest: dict[str, Any]) -> None:
-    """Write path/manifest.json via a temporary file and rename, so readers never see half of it."""
-    write_json_atomic(Path(path) / MANIFEST, manifest)
-
-
 class CodeStoreWriter:
     """Preallocated codes.npy / labels.npy that one or several processes fill in disjoint
     slices. Rank 0 calls create() (before a barrier), the others open() (after it); every
@@ -161,7 +156,7 @@ class CodeStoreWriter:
         codes = record_file(self.path / CODES)
         manifest.update({CODES_HASH: codes["sha256"], CODES_STAT: codes["stat"], MAX_CODE: max_code})
         with reporting_no_space(self.path / MANIFEST, 1 << 16):
-            write_manifest_atomic(self.path, manifest)
+            write_json_atomic(self.path / MANIFEST, manifest)  # atomic: readers never see half of it
         return manifest
 
     def _compact(self, rows: np.ndarray, chunk: int = 65536) -> None:
