@@ -274,6 +274,26 @@ def test_export_refusals_are_one_line_and_write_nothing(runs, tmp_path, capsys, 
         assert [p.name for p in out.iterdir()] == ["notes.txt"]
 
 
+def test_export_refuses_a_vq_other_than_the_code_stores(runs, tmp_path, capsys):
+    """A store whose manifest names its tokenizer: --vq-ckpt must be that one (refused in one line,
+    nothing written); the right one is recorded."""
+    manifest = runs["store"] / "manifest.json"
+    original = manifest.read_text()
+    assert json.loads(original)["tokenizer_hash"] == "test"  # precondition: the shared store names none
+    manifest.write_text(json.dumps({**json.loads(original), "tokenizer_hash": checkpoint_sha256(runs["vq"])}))
+    try:
+        with pytest.raises(SystemExit):
+            export_main([str(runs["gpt"]), str(tmp_path / "other"), "--vq-ckpt", str(runs["other_vq"])])
+        err = capsys.readouterr().err.strip()
+        assert f"is not the tokenizer of the training code store {runs['store']}" in err and "\n" not in err, err
+        assert not (tmp_path / "other").exists()
+        export_main([str(runs["gpt"]), str(tmp_path / "same"), "--vq-ckpt", str(runs["vq"])])
+        config = json.loads((tmp_path / "same" / CONFIG_NAME).read_text())
+        assert config["vq"]["sha256"] == checkpoint_sha256(runs["vq"])
+    finally:
+        manifest.write_text(original)
+
+
 # ---------------------------------------------------------------------------------------
 # Sampling refuses what does not belong to the release
 # ---------------------------------------------------------------------------------------

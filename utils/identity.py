@@ -234,6 +234,17 @@ def weights_identity(path: PathLike) -> str:
     return checkpoint_sha256(path)
 
 
+def check_weights_identity(path: PathLike, expected: Optional[str], flag: str, what: str,
+                           shown: Optional[str] = None) -> str:
+    """weights_identity(path); when expected is given and differs, a one-line ValueError
+    "{flag} {shown or path} (sha256 ...) is not {what} (sha256 ...)": the entropy model or the VQ a
+    model records, refused in sampling and in a release."""
+    actual = weights_identity(path)
+    if expected and actual != expected:
+        raise ValueError(f"{flag} {shown or path} (sha256 {actual[:12]}) is not {what} (sha256 {expected[:12]})")
+    return actual
+
+
 # ---------------------------------------------------------------------------------------
 # Inputs watched under a run
 # ---------------------------------------------------------------------------------------
