@@ -36,7 +36,7 @@ from dataset.augmentation import center_crop_arr, ten_crops
 from dataset.code_store import MANIFEST, CodeStoreWriter, check_codebook_fits, first_code_outside
 from dataset.imagefolder import CheckedImageFolderDataset, image_problem, list_image_folder, to_tensor
 from tokenizer.vq_model import VQ_models, VQModel, load_vq_checkpoint
-from utils.checkpoint import file_sha256
+from utils.identity import file_sha256
 from utils.cli import HelpFormatter, default_workers
 from utils.disk_space import NoSpaceError
 from utils.distributed import barrier, gather_objects, init_distributed, teardown_distributed

@@ -29,9 +29,9 @@ from autoregressive.models.release import ENTROPY_FOLDER, from_pretrained, model
 from autoregressive.sample.loading import load_generator
 from entropy_model.patching import GATED_MODES
 from tokenizer.vq_model import VQ_models, VQConfig, VQModel, check_state_dict, vq_config
-from utils.checkpoint import (checkpoint_sha256, checkpoint_weights, is_dcp_checkpoint, load_checkpoint,
-                              newest_readable, weights_identity)
+from utils.checkpoint import checkpoint_weights, is_dcp_checkpoint, load_checkpoint, newest_readable
 from utils.cli import HelpFormatter
+from utils.identity import check_weights_identity, checkpoint_sha256
 from utils.release import is_weights_folder, push_folder
 
 # settings of the run that the model card and config.json state (those the checkpoint's args hold)
@@ -144,10 +144,10 @@ def tokenizer_record(args: argparse.Namespace, ckpt_args: dict) -> dict:
     if ckpt_args.get("code_path") and store.is_file():
         manifest = json.loads(store.read_text())
     recorded = manifest.get("tokenizer_hash") if SHA256.match(str(manifest.get("tokenizer_hash"))) else None
-    sha = weights_identity(args.vq_ckpt) if args.vq_ckpt else recorded
-    if args.vq_ckpt and recorded and sha != recorded:
-        raise ValueError(f"--vq-ckpt {args.vq_ckpt} (sha256 {sha[:12]}) is not the tokenizer of the training code "
-                         f"store {store.parent} (sha256 {recorded[:12]})")
+    sha = recorded
+    if args.vq_ckpt:
+        sha = check_weights_identity(args.vq_ckpt, recorded, "--vq-ckpt",
+                                     f"the tokenizer of the training code store {store.parent}")
     name = args.vq_model or (manifest.get("tokenizer") if manifest.get("tokenizer") in VQ_models else "VQ-16")
     return {"model": name, "sha256": sha, "downsample": ckpt_args.get("downsample_size")}
 
@@ -167,10 +167,8 @@ def entropy_source(args: argparse.Namespace, ckpt_args: dict) -> Optional[Path]:
 def export_entropy_model(path: Path, expected: Optional[str], out: Path) -> str:
     """Write the entropy model at `path` (checkpoint or release) as out/entropy_model/; returns
     its identity, which must equal the DPAR checkpoint's record when it has one."""
-    identity = weights_identity(path)
-    if expected and identity != expected:
-        raise ValueError(f"--entropy-ckpt {path} (sha256 {identity[:12]}) is not the entropy model this DPAR model "
-                         f"was trained with (sha256 {expected[:12]})")
+    identity = check_weights_identity(path, expected, "--entropy-ckpt",
+                                      "the entropy model this DPAR model was trained with")
     if is_weights_folder(path):
         model, config = from_pretrained(path)
         name, source, training = config["model_name"], config.get("source"), config.get("training")

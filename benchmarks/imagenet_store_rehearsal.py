@@ -60,14 +60,14 @@ from tqdm import tqdm
 from autoregressive.models.dpar import DPAR_models
 from autoregressive.models.gpt import GPT_models
 from autoregressive.train.data import MAX_DEFAULT_WORKERS, BatchStream, DPARBatches, GPTBatches
-from dataset.code_store import CODES, LABELS, CodeDataset, CodeStoreWriter, code_store_hash, open_code_store
+from dataset.code_store import CODES, LABELS, CodeDataset, CodeStoreWriter, open_code_store
 from entropy_model.calibrate import load_entropies
 from entropy_model.patching import paper_patching
 from entropy_tools import score
-from utils.checkpoint import checkpoint_sha256, save_checkpoint_atomic
+from utils.checkpoint import save_checkpoint_atomic
 from utils.cli import HelpFormatter, default_workers
 from utils.distributed import DistInfo
-from utils.file_identity import record_file, write_json_atomic
+from utils.identity import checkpoint_sha256, code_store_hash, record_file, write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGENET_IMAGES = 1281167

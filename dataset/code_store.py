@@ -10,37 +10,17 @@ Readers also accept LlamaGen's layout, a directory holding `<name><size>_codes/<
 ((1, views, T) each) and `<name><size>_labels/<i>.npy`. It has no manifest: the grid comes
 from T (square) and the codebook size must be given.
 
-Identity (code_store_hash: what entropies and DPAR checkpoints record, so that entropies made
-for other codes are refused). It costs a stat, not a read of the codes:
-- This layout: codes.npy is hashed once, when the store is finalized; the manifest keeps the
-  digest (codes_sha256) and the file's size and mtime (codes_stat). The identity is a hash of
-  the manifest without codes_stat, so it changes with the codes and with every recorded fact.
-  Opening compares size and mtime (utils.file_identity): a different size is refused, a
-  different mtime re-hashes once (refused if the content changed; if only the time did, as
-  after a copy without -p, the new stat is recorded). verify=True (--verify-store) re-hashes
-  always.
-- A manifest from before codes_sha256: the identity keeps its old definition (SHA-256 of
-  manifest.json's bytes, then codes.npy's), computed once on the first open and recorded
-  (legacy_store_hash, with codes_sha256 and codes_stat), so entropies scored against the old
-  store still fit and later opens are cheap.
-- LlamaGen's layout (1.28M files for ImageNet; no manifest to record a hash in): the identity
-  hashes the folder name, the image count and the bytes of 64 files at evenly spaced indices
-  (the first and the last among them); one directory listing, 64 reads. It guarantees that a
-  different image count or any change to a sampled file changes the identity; a change to an
-  other file goes unseen. There is no recorded hash to verify against (verify=True says so in
-  one line). For a full guarantee, extract the images into this layout.
+Identity: utils.identity.code_store_hash (codes.npy is hashed once, when the store is
+finalized; the manifest keeps the digest, codes_sha256, and the file's size and mtime, codes_stat).
 
 Codes inside the codebook: the writer refuses a code >= the codebook size it was given, and
 finalize() scans codes.npy once and records its largest code (max_code; not part of the
 identity, which codes_sha256 already follows). Opening refuses a store whose max_code is not
 below its codebook size; it re-scans codes.npy (in chunks) when the manifest records no max_code
-(a store extracted before max_code existed: the result is then recorded, when codes.npy still has
-the stat recorded with its hash) or the file is small (up to SCAN_ON_OPEN_BYTES). LlamaGen's
-layout records nothing, so opening it reads every file once (a note on stderr says so for large
-stores: extracting the images into this layout avoids it). Each refusal is one line naming the
-store and the first offending image.
+or the file is small (up to SCAN_ON_OPEN_BYTES). LlamaGen's layout records nothing, so opening
+it reads every file once (a note on stderr says so for large stores: extracting the images into
+this layout avoids it). Each refusal is one line naming the store and the first offending image.
 """
-import hashlib
 import json
 import mmap
 import os
@@ -54,22 +34,15 @@ import torch
 from torch.utils.data import Dataset
 
 from utils.disk_space import preallocate, reporting_no_space
-from utils.file_identity import (check_recorded_file, file_stat, note, record_file, try_write_json_atomic,
-                                 update_sha256, write_json_atomic)
+from utils.identity import (CODES, CODES_HASH, CODES_STAT, MANIFEST, MAX_CODE, llamagen_folders, note,
+                            numbered_files, record_file, write_json_atomic)
 
-MANIFEST = "manifest.json"
-CODES = "codes.npy"
 LABELS = "labels.npy"
 FORMAT_VERSION = 1
 MAX_CODEBOOK_SIZE = 65536  # codes are stored as uint16
 REQUIRED_KEYS = ("image_size", "grid_height", "grid_width", "codebook_size", "num_views", "count",
                  "tokenizer_hash")
-CODES_HASH = "codes_sha256"  # SHA-256 of codes.npy, taken once when the store is finalized
-CODES_STAT = "codes_stat"  # {"size", "mtime_ns"} of codes.npy when CODES_HASH was taken
-LEGACY_HASH = "legacy_store_hash"  # identity of a store finalized before CODES_HASH existed
-LLAMAGEN_SAMPLE = 64  # files hashed for the identity of LlamaGen's layout
 LLAMAGEN_SCAN_NOTE = 100_000  # files above which the scan of LlamaGen's layout says that it runs
-MAX_CODE = "max_code"  # largest stored code, found when the store is finalized
 SCAN_ON_OPEN_BYTES = 1 << 30  # codes.npy up to this size is scanned on every open
 SCAN_CHUNK_BYTES = 1 << 26  # codes read per step of a scan
 
@@ -111,11 +84,6 @@ def max_stored_code(codes: Any, chunk_bytes: int = SCAN_CHUNK_BYTES) -> int:
 def code_outside_message(store: str | Path, image: int, code: int, codebook_size: int) -> str:
     return (f"code store {store}: image {image} holds code {code}, outside the codebook 0..{codebook_size - 1}; "
             f"re-extract it with a tokenizer of codebook size {codebook_size}")
-
-
-def write_manifest_atomic(path: str | Path, manifest: dict[str, Any]) -> None:
-    """Write path/manifest.json via a temporary file and rename, so readers never see half of it."""
-    write_json_atomic(Path(path) / MANIFEST, manifest)
 
 
 class CodeStoreWriter:
@@ -188,7 +156,7 @@ class CodeStoreWriter:
         codes = record_file(self.path / CODES)
         manifest.update({CODES_HASH: codes["sha256"], CODES_STAT: codes["stat"], MAX_CODE: max_code})
         with reporting_no_space(self.path / MANIFEST, 1 << 16):
-            write_manifest_atomic(self.path, manifest)
+            write_json_atomic(self.path / MANIFEST, manifest)  # atomic: readers never see half of it
         return manifest
 
     def _compact(self, rows: np.ndarray, chunk: int = 65536) -> None:
@@ -321,52 +289,20 @@ def _check_codes_in_codebook(path: Path, codes: np.ndarray, manifest: dict[str, 
     recorded = manifest.get(MAX_CODE)
     if recorded is not None and int(recorded) < codebook_size and codes.nbytes > SCAN_ON_OPEN_BYTES:
         return
-    stat = file_stat(path / CODES)
-    max_code = max_stored_code(codes)
-    if max_code >= codebook_size:
+    if max_stored_code(codes) >= codebook_size:
         raise ValueError(code_outside_message(path, *first_code_outside(codes, codebook_size), codebook_size))
     if recorded is not None and int(recorded) >= codebook_size:
         raise ValueError(f"code store {path}: manifest.json records code {recorded}, outside the codebook "
                          f"0..{codebook_size - 1}; re-extract the code store")
-    if recorded is None and manifest.get(CODES_STAT) == stat == file_stat(path / CODES):
-        try:  # the codes hashed at extraction, unchanged while scanned: later opens read the record
-            write_manifest_atomic(path, {**manifest, MAX_CODE: max_code})
-        except OSError:
-            pass  # a read-only store is scanned again on the next open
-
-
-def _numbered_files(folder: Path) -> int:
-    """Number of files folder/<i>.npy; ValueError unless they are exactly 0..N-1."""
-    numbers = sorted(int(m.group(1)) for f in os.listdir(folder) if (m := re.fullmatch(r"(\d+)\.npy", f)))
-    if not numbers:
-        raise ValueError(f"no <i>.npy files in {folder}")
-    if numbers != list(range(len(numbers))):
-        raise ValueError(f"{folder}: files are not numbered 0..{len(numbers) - 1} (a gap or extra index)")
-    return len(numbers)
-
-
-def _llamagen_folders(path: Path) -> tuple[str, Path, Path]:
-    """(name, codes folder, labels folder) of a LlamaGen-layout store at path."""
-    candidates = sorted(p for p in path.iterdir() if p.is_dir() and p.name.endswith("_codes"))
-    if not candidates:
-        raise ValueError(f"not a code store: {path} has no {MANIFEST} and no <name><size>_codes folder")
-    if len(candidates) > 1:
-        raise ValueError(f"{path} holds several code folders ({', '.join(p.name for p in candidates)}): "
-                         f"point to a directory with one")
-    name = candidates[0].name[:-len("_codes")]
-    labels = path / f"{name}_labels"
-    if not labels.is_dir():
-        raise ValueError(f"{path}: {candidates[0].name} has no matching {labels.name} folder")
-    return name, candidates[0], labels
 
 
 def _open_llamagen(path: Path, codebook_size: int | None) -> CodeStore:
-    name, codes_dir, labels_dir = _llamagen_folders(path)
+    name, codes_dir, labels_dir = llamagen_folders(path)
     if codebook_size is None:
         raise ValueError(f"code store {path} has LlamaGen's layout (no manifest): give its codebook size")
     check_codebook_fits(codebook_size)
-    count = _numbered_files(codes_dir)
-    if _numbered_files(labels_dir) != count:
+    count = numbered_files(codes_dir)
+    if numbered_files(labels_dir) != count:
         raise ValueError(f"{path}: {codes_dir.name} and {labels_dir.name} hold different numbers of files")
     first = np.load(codes_dir / "0.npy")
     if first.ndim != 3 or first.shape[0] != 1:
@@ -423,67 +359,6 @@ def open_code_store(path: str | Path, codebook_size: int | None = None) -> CodeS
     if (path / CODES).exists():
         raise ValueError(f"code store {path} is incomplete (no {MANIFEST}; extraction did not finish)")
     return _open_llamagen(path, codebook_size)
-
-
-def code_store_hash(path: str | Path, verify: bool = False) -> str:
-    """The store's identity, a SHA-256 hex digest (see the module docstring): from the manifest
-    after a size-and-mtime check of codes.npy, or with verify=True after re-hashing it.
-    ValueError (one line) when codes.npy changed after its hash was recorded."""
-    path = Path(path)
-    if (path / MANIFEST).is_file():
-        raw = (path / MANIFEST).read_bytes()
-        manifest = json.loads(raw)
-        if CODES_HASH not in manifest:
-            return _record_legacy_identity(path, raw, manifest)
-        recorded = {"sha256": manifest[CODES_HASH], "stat": manifest[CODES_STAT]}
-        remedy = "re-extract the code store (entropies and models of the old codes do not fit it)"
-        new_stat = check_recorded_file(path / CODES, recorded, verify, remedy)
-        if new_stat is not None:
-            try_write_json_atomic(path / MANIFEST, {**manifest, CODES_STAT: new_stat})
-        return manifest.get(LEGACY_HASH) or manifest_identity(manifest)
-    return _llamagen_identity(path, verify)
-
-
-def manifest_identity(manifest: dict[str, Any]) -> str:
-    """SHA-256 of the manifest's facts (every key but codes_stat and max_code, canonical JSON);
-    the facts include codes_sha256, so the identity follows the codes."""
-    facts = {k: v for k, v in manifest.items() if k not in (CODES_STAT, MAX_CODE)}
-    text = json.dumps(facts, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(b"dpar code store\0" + text.encode()).hexdigest()
-
-
-def _record_legacy_identity(path: Path, raw_manifest: bytes, manifest: dict[str, Any]) -> str:
-    """Identity of a manifest without codes_sha256, by its old definition (manifest bytes, then
-    codes.npy), hashed in one pass with codes.npy alone; both are recorded in the manifest."""
-    codes_path = path / CODES
-    stat = file_stat(codes_path)
-    note(f"code store {path}: manifest.json records no codes hash (an older extract_codes.py); hashing "
-         f"codes.npy once ({stat['size'] / 1e9:.2f} GB) and recording it")
-    identity, codes = hashlib.sha256(raw_manifest), hashlib.sha256()
-    with open(codes_path, "rb") as f:
-        while block := f.read(1 << 24):
-            identity.update(block)
-            codes.update(block)
-    if file_stat(codes_path) == stat:  # not rewritten while it was read
-        try_write_json_atomic(path / MANIFEST, {**manifest, CODES_HASH: codes.hexdigest(), CODES_STAT: stat,
-                                                LEGACY_HASH: identity.hexdigest()})
-    return identity.hexdigest()
-
-
-def _llamagen_identity(path: Path, verify: bool) -> str:
-    """Identity of LlamaGen's layout: folder name, image count and LLAMAGEN_SAMPLE files evenly
-    spaced over the indices, in index order."""
-    name, codes_dir, _ = _llamagen_folders(path)
-    count = _numbered_files(codes_dir)
-    if verify:
-        note(f"code store {path} has LlamaGen's layout, which records no hash to verify against; its identity "
-             f"samples {min(LLAMAGEN_SAMPLE, count)} of {count} files")
-    indices = np.unique(np.linspace(0, count - 1, min(LLAMAGEN_SAMPLE, count)).round().astype(np.int64))
-    digest = hashlib.sha256(f"llamagen code store\0{name}\0{count}".encode())
-    for i in indices.tolist():
-        digest.update(f"\0{i}\0".encode())
-        update_sha256(digest, codes_dir / f"{i}.npy")
-    return digest.hexdigest()
 
 
 def check_code_store(store: CodeStore, codebook_size: int | None = None,

@@ -18,7 +18,7 @@ from autoregressive.models import model_family
 from autoregressive.models.generate import Sampling
 from autoregressive.sample.loading import PatchingOverrides, entropy_model_for_dpar, load_generator, sampling_patching
 from autoregressive.sample.sampler import SampleBatch, Sampler, Throughput, to_uint8
-from dataset.code_store import code_store_hash, open_code_store
+from dataset.code_store import open_code_store
 from dataset.source_images import store_image_paths
 from dataset.synthetic import mask_dir
 from entropy_model.calibrate import (
@@ -28,7 +28,8 @@ from entropy_model.stats import store_statistics
 from evaluations.domain_metric import score_domain_metric
 from evaluations.flops import flops_per_image
 from tokenizer.vq_model import load_vq_checkpoint
-from utils.checkpoint import checkpoint_dir, file_sha256, latest_checkpoint
+from utils.checkpoint import checkpoint_dir, latest_checkpoint
+from utils.identity import code_store_hash, file_sha256
 
 PAPER_TAU, PAPER_VOCAB = PAPER_THRESHOLDS[256], 16384  # the paper's threshold and its VQ-16 codebook
 

@@ -31,7 +31,7 @@ from demo import analysis
 from demo.config import DemoConfig, as_dict, stage_params
 from demo.stages import Stage, StageRunner, print_now, read_json, remove_path, run_tool, write_json_atomic
 from evaluations.domain_metric import load_domain_classifier
-from utils.checkpoint import file_sha256
+from utils.identity import file_sha256
 from utils.distributed import pick_device
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ Also reads stored entropies, as entropy_tools/score.py writes them: `<code store
 (N, views, T) float16 with `<code store>/entropy.json` {"entropy_model_hash",
 "code_store_hash", "count", "stats", "entropy_file", ...}; `load_entropies` refuses entropies
 made for other codes or by another entropy model, and an entropy.npy changed after scoring
-(its size and mtime against the record, or on request its content; utils.file_identity).
+(its size and mtime against the record, or on request its content; utils.identity).
 Every reader (`read_entropy_file`, so calibration, statistics and training too) refuses an
 entropy.npy holding NaN or infinite values, in one line naming the file and their count
 (check_entropies_finite: a chunked scan of the float16 bits). The scan is skipped when the record
@@ -40,7 +40,7 @@ from entropy_model.patching import (
     patch_starts,
 )
 from utils.cli import HelpFormatter
-from utils.file_identity import check_recorded_file, file_stat, try_write_json_atomic
+from utils.identity import check_entropy_record, file_stat
 
 PAPER_THRESHOLD = PAPER_THRESHOLDS[256]  # the paper's tau at 256 px (its entropy model only)
 QUANTILE_LEVELS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
@@ -117,27 +117,11 @@ def load_entropies(
     check_finite: bool = True,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Memory-mapped entropies (N, views, T) float16 and their JSON record, refusing
-    (ValueError) entropies computed for other codes or, when a hash is given, by another model,
-    an entropy.npy that no longer fits the record's size and mtime (verify: its sha256), and
-    (unless check_finite is False) NaN or infinite entropies.
-    Records written before the scorer hashed entropy.npy are taken as they are."""
+    (ValueError) NaN or infinite entropies (unless check_finite is False) and entropies that
+    utils.identity.check_entropy_record refuses: made for other codes or, when a hash is given,
+    by another model, or an entropy.npy changed since it was scored (verify: its sha256)."""
     entropy, info = read_entropy_file(code_store_path, check_finite)
-    checks = [("code_store_hash", expected_code_store_hash, "code store")]
-    if expected_entropy_model_hash is not None:
-        checks.append(("entropy_model_hash", expected_entropy_model_hash, "entropy model"))
-    for key, expected, what in checks:
-        recorded = info.get(key)
-        if recorded != expected:
-            raise ValueError(
-                f"entropies in {code_store_path} were made for {what} {str(recorded)[:16]}, "
-                f"not {str(expected)[:16]}; rescore them"
-            )
-    if "entropy_file" in info:
-        npy_path = os.path.join(code_store_path, "entropy.npy")
-        new_stat = check_recorded_file(npy_path, info["entropy_file"], verify, remedy="rescore the code store")
-        if new_stat is not None:
-            info = {**info, "entropy_file": {**info["entropy_file"], "stat": new_stat}}
-            try_write_json_atomic(os.path.join(code_store_path, "entropy.json"), info)
+    info = check_entropy_record(code_store_path, info, expected_code_store_hash, expected_entropy_model_hash, verify)
     return entropy, info
 
 

@@ -10,7 +10,7 @@ Writes beside the codes (or into --entropy-path):
                   once every entropy is on disk; entropy.npy is hashed once, then.
 Readers (entropy_model.calibrate.load_entropies) refuse entropies whose hashes do not match, and
 an entropy.npy whose size, mtime or (on request) content no longer fits its record.
-The code store's identity is cheap (dataset.code_store.code_store_hash); --verify-store
+The code store's identity is cheap (utils.identity.code_store_hash); --verify-store
 re-hashes its codes first.
 
 One teacher-forced pass per batch of sequences (the N * views views, flattened); entropies are
@@ -50,13 +50,12 @@ import torch
 from tqdm import tqdm
 
 from autoregressive.models import model_family, model_from_checkpoint
-from dataset.code_store import CodeStore, check_code_store, code_store_hash, open_code_store
+from dataset.code_store import CodeStore, check_code_store, open_code_store
 from entropy_model.entropy import entropy_from_logits
-from utils.checkpoint import checkpoint_sha256
 from utils.cli import HelpFormatter
 from utils.disk_space import preallocate, reporting_no_space
 from utils.distributed import all_reduce, barrier, broadcast_object, init_distributed, teardown_distributed
-from utils.file_identity import record_file, write_json_atomic
+from utils.identity import checkpoint_sha256, code_store_hash, record_file, write_json_atomic
 
 ENTROPY_FILE = "entropy.npy"
 RECORD_FILE = "entropy.json"

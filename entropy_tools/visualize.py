@@ -30,14 +30,14 @@ from PIL import Image
 
 from autoregressive.models import model_family, model_from_checkpoint
 from autoregressive.models.generate import generate
-from dataset.code_store import CodeStore, code_store_hash, open_code_store
+from dataset.code_store import CodeStore, open_code_store
 from dataset.source_images import store_image_paths, stored_view_pixels
 from entropy_model.calibrate import PAPER_THRESHOLD, load_entropies, sample_entropies, threshold_for_compression
 from entropy_model.patching import GATED_MODES, PATCH_MODES, PatchingConfig
 from entropy_tools.heatmaps import code_panels, decode_codes, entropy_heatmap_figure, panel_title, save_figure_grid
 from entropy_tools.score import load_entropy_model
 from tokenizer.vq_model import VQ_models, load_vq_checkpoint
-from utils.checkpoint import checkpoint_sha256
+from utils.identity import checkpoint_sha256, code_store_hash
 from utils.cli import HelpFormatter
 from utils.distributed import pick_device
 

@@ -12,13 +12,13 @@ import torch
 from PIL import Image
 
 import dataset.code_store as code_store_module
-import utils.file_identity as file_identity
+import utils.identity as identity
 from dataset.augmentation import center_crop_arr, random_crop_arr, ten_crops
-from dataset.code_store import (CodeDataset, CodeStoreWriter, check_code_store, code_store_hash, item_pages,
-                                open_code_store)
+from dataset.code_store import CodeDataset, CodeStoreWriter, check_code_store, item_pages, open_code_store
 from dataset.imagefolder import (CheckedImageFolderDataset, ImageFolderDataset, image_problem, list_image_folder,
                                  load_rgb, min_image_side, to_tensor)
 from dataset.synthetic import FAMILIES, class_names, generate_dataset, mask_dir
+from utils.identity import code_store_hash
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -208,16 +208,15 @@ def test_code_store_round_trip_and_hash(tmp_path):
 
 
 def _counting_hashes(monkeypatch) -> list:
-    """Record every file that utils.file_identity reads in full for a hash."""
+    """Record every file that utils.identity reads in full for a hash."""
     read = []
-    real = file_identity.update_sha256
+    real = identity.update_sha256
 
     def counting(digest, path, *args):
         read.append(Path(path).name)
         return real(digest, path, *args)
 
-    monkeypatch.setattr(file_identity, "update_sha256", counting)
-    monkeypatch.setattr(code_store_module, "update_sha256", counting)
+    monkeypatch.setattr(identity, "update_sha256", counting)
     return read
 
 
@@ -272,25 +271,16 @@ def test_code_store_full_rehash_catches_a_tamper_with_restored_mtime(tmp_path):
         code_store_hash(tmp_path / "s")
 
 
-def test_code_store_identity_of_an_older_manifest(tmp_path, monkeypatch, capsys):
+def test_code_store_identity_refuses_a_manifest_without_a_codes_hash(tmp_path):
     rng = np.random.default_rng(12)
     manifest = _write_store(tmp_path / "s", rng.integers(0, 1024, size=(5, 2, 16)), rng.integers(0, 10, size=5))
-    older = {k: v for k, v in manifest.items() if k not in ("codes_sha256", "codes_stat")}
-    (tmp_path / "s" / "manifest.json").write_text(json.dumps(older, indent=2) + "\n")
-    codes_bytes = (tmp_path / "s" / "codes.npy").read_bytes()
-    expected = hashlib.sha256((tmp_path / "s" / "manifest.json").read_bytes() + codes_bytes).hexdigest()
+    assert len(code_store_hash(tmp_path / "s")) == 64  # precondition: the finalized store has an identity
+    unhashed = {k: v for k, v in manifest.items() if k not in ("codes_sha256", "codes_stat")}
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps(unhashed, indent=2) + "\n")
     open_code_store(tmp_path / "s")  # still opens
-    assert code_store_hash(tmp_path / "s") == expected  # the old definition, so old entropies still fit
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "records no codes hash" in err
-    upgraded = json.loads((tmp_path / "s" / "manifest.json").read_text())
-    assert upgraded["legacy_store_hash"] == expected
-    assert upgraded["codes_sha256"] == hashlib.sha256(codes_bytes).hexdigest()
-    read = _counting_hashes(monkeypatch)
-    assert code_store_hash(tmp_path / "s") == expected and read == [] and capsys.readouterr().err == ""
-    _rewrite_same_size(tmp_path / "s" / "codes.npy", keep_mtime=False)
-    with pytest.raises(ValueError, match="changed after"):
+    with pytest.raises(ValueError, match="records no codes_sha256; re-extract the code store") as e:
         code_store_hash(tmp_path / "s")
+    assert "\n" not in str(e.value) and str(tmp_path / "s") in str(e.value)
 
 
 def test_code_store_compacts_skipped_rows(tmp_path):
@@ -341,13 +331,13 @@ def _write_llamagen(root: Path, codes: np.ndarray, labels: np.ndarray, name: str
 
 def test_llamagen_identity_samples_files(tmp_path, monkeypatch, capsys):
     rng = np.random.default_rng(13)
-    count = 3 * code_store_module.LLAMAGEN_SAMPLE
+    count = 3 * identity.LLAMAGEN_SAMPLE
     codes = rng.integers(0, 64, size=(count, 1, 4))
     _write_llamagen(tmp_path / "lg", codes, rng.integers(0, 10, size=count))
     read = _counting_hashes(monkeypatch)
     h = code_store_hash(tmp_path / "lg")
     sampled = sorted(int(name[:-4]) for name in read)
-    assert len(sampled) == code_store_module.LLAMAGEN_SAMPLE and sampled[0] == 0 and sampled[-1] == count - 1
+    assert len(sampled) == identity.LLAMAGEN_SAMPLE and sampled[0] == 0 and sampled[-1] == count - 1
     assert code_store_hash(tmp_path / "lg", verify=True) == h and "records no hash" in capsys.readouterr().err
     folder = tmp_path / "lg" / "imagenet256_codes"
     unsampled = next(i for i in range(count) if i not in sampled)
@@ -537,8 +527,7 @@ def test_code_store_refuses_codes_outside_the_codebook_at_write_and_open(tmp_pat
     manifest_path.write_text(json.dumps({k: v for k, v in json.loads(manifest_path.read_text()).items()
                                          if k != "max_code"}))
     assert code_store_hash(tmp_path / "u") == with_max
-    open_code_store(tmp_path / "u")  # without a record (an older store), the codes are scanned: they fit
-    assert json.loads(manifest_path.read_text())["max_code"] == codes.max()  # and the scan is recorded
+    open_code_store(tmp_path / "u")  # without a record, the codes are scanned: they fit
     assert code_store_hash(tmp_path / "u") == with_max
 
     writer = CodeStoreWriter.create(tmp_path / "w", 4, 1, 4, codebook_size=32)

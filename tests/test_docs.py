@@ -1,6 +1,7 @@
 """The README and docs/*.md: every relative link and image exists, and every command in their
 shell code blocks (```bash / sh / shell) names a real script or module and only flags
-that the command's --help lists.
+that the command's --help lists. The code cites only pages of docs/ and section names those
+pages have, and requirements.txt lists exactly the packages the project imports.
 
 A command is read like the shell reads it: `\\` continues a line, `#` starts a comment, leading
 VAR=value words set the environment, `&&`, `||`, `;` and `|` separate commands. Programs:
@@ -11,6 +12,7 @@ VAR=value words set the environment, `&&`, `||`, `;` and `|` separate commands. 
     OTHER_PROGRAMS                            named only, not checked
 Each target's --help runs once, all of them in one child process of this interpreter.
 """
+import ast
 import json
 import os
 import re
@@ -378,3 +380,63 @@ def test_the_checker_catches_bad_flags_missing_targets_and_broken_links(checked_
     text = "![a](missing.png) [b](https://example.org) [c](#here) `[d](no.md)`\n```\n[e](no2.md)\n```\n[f]: gone.md\n"
     (tmp_path / "present.md").write_text("")
     assert broken_links(md, text + "[g](present.md#x)") == ["missing.png", "gone.md"]
+
+
+# ---------------------------------------------------------------------------------------
+# References from the code, and requirements.txt
+# ---------------------------------------------------------------------------------------
+CITATION = re.compile(r'docs/([\w-]+\.md)(?:,? "([^"]+)")?')
+HEADING = re.compile(r"^#+\s+(.+?)\s*$", re.M)
+PROJECT_DIRS = ("autoregressive", "benchmarks", "dataset", "demo", "entropy_model", "entropy_tools", "evaluations",
+                "scripts", "tests", "tokenizer", "utils")
+DISTRIBUTION_MODULES = {"pillow": "PIL"}  # requirements.txt names whose import name differs
+OPTIONAL_IMPORTS = {"flash_attn"}  # imported when installed (a CUDA build), never required
+
+
+def python_files() -> list:
+    return sorted(ROOT.glob("*.py")) + [p for d in PROJECT_DIRS for p in sorted((ROOT / d).rglob("*.py"))]
+
+
+def broken_citations(text: str) -> list:
+    """'docs/PAGE.md' and 'docs/PAGE.md, "Section"' in text whose page or heading is missing."""
+    missing = []
+    for page, section in CITATION.findall(text):
+        path = ROOT / "docs" / page
+        if not path.is_file():
+            missing.append(f"docs/{page}")
+        elif section and section not in HEADING.findall(path.read_text()):
+            missing.append(f'docs/{page}, "{section}"')
+    return missing
+
+
+def test_the_code_cites_pages_and_sections_that_exist():
+    texts = {p.relative_to(ROOT).as_posix(): p.read_text() for p in python_files() if p != Path(__file__).resolve()}
+    assert sum(bool(section) for text in texts.values() for _, section in CITATION.findall(text)) >= 3
+    missing = {path: found for path, text in texts.items() if (found := broken_citations(text))}
+    assert not missing, missing
+    assert broken_citations('docs/design.md, "Generation" docs/design.md "No such section" docs/nowhere.md') == \
+        ['docs/design.md, "No such section"', "docs/nowhere.md"]
+
+
+def imported_packages() -> set:
+    """Top-level names of every module the project's Python files import (lazy imports included)."""
+    names = set()
+    for path in python_files():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names.update(a.name.split(".")[0] for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module.split(".")[0])
+    return names
+
+
+def test_requirements_are_the_imported_packages():
+    required = {re.split(r"[<>=!~\[;\s]", line.split("#")[0].strip())[0].lower()
+                for line in (ROOT / "requirements.txt").read_text().splitlines() if line.split("#")[0].strip()}
+    modules = {DISTRIBUTION_MODULES.get(name, name.replace("-", "_")) for name in required}
+    imported = imported_packages()
+    assert {"torch", "numpy", "safetensors", "huggingface_hub"} <= modules & imported  # preconditions
+    assert not sorted(modules - imported), "listed in requirements.txt, never imported"
+    local = {p.stem for p in python_files()} | set(PROJECT_DIRS) | {p.name for p in ROOT.iterdir() if p.is_dir()}
+    third_party = imported - set(sys.stdlib_module_names) - local - OPTIONAL_IMPORTS
+    assert not sorted(third_party - modules), "imported, not listed in requirements.txt"

@@ -17,7 +17,7 @@ from autoregressive.models.dpar import DPAR_models
 from benchmarks import imagenet_store_rehearsal as rehearsal
 from autoregressive.models.gpt import GPT_models
 from dataset.augmentation import center_crop_arr
-from dataset.code_store import CodeStoreWriter, code_store_hash
+from dataset.code_store import CodeStoreWriter
 from dataset.imagefolder import load_rgb
 from dataset.synthetic import generate_dataset
 from entropy_tools import heatmaps, score, visualize
@@ -26,7 +26,8 @@ from entropy_model.entropy import IncrementalEntropy, teacher_forced_entropy
 from entropy_model.patching import PatchingConfig, patch_starts
 from extract_codes import ExtractConfig, extract_codes
 from tokenizer.vq_model import VQ_models
-from utils.checkpoint import checkpoint_sha256, file_sha256, save_checkpoint_atomic
+from utils.checkpoint import save_checkpoint_atomic
+from utils.identity import checkpoint_sha256, code_store_hash, file_sha256
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB, GRID, IMAGES, VIEWS = 32, 6, 12, 2
@@ -171,6 +172,21 @@ def test_load_entropies_refuses_other_model_or_changed_codes(setup, tmp_path):
     assert os.stat(codes_path).st_size == before.st_size
     with pytest.raises(ValueError, match="code store"):
         load_entropies(str(store), code_store_hash(store), file_sha256(setup["ckpt"]))
+
+
+def test_load_entropies_refuses_a_record_without_the_file_hash(setup, tmp_path):
+    """A record that does not name entropy.npy's content cannot show that the file is the one
+    scored: refused in one line, whatever its other hashes say."""
+    store = tmp_path / "store"
+    write_store(store, seed=4)
+    model = score.load_entropy_model(setup["ckpt"])[0]
+    score.score_code_store(store, model, file_sha256(setup["ckpt"]), batch_size=8, progress=False)
+    load_entropies(str(store), code_store_hash(store), file_sha256(setup["ckpt"]))  # precondition: accepted
+    record = json.loads((store / "entropy.json").read_text())
+    (store / "entropy.json").write_text(json.dumps({k: v for k, v in record.items() if k != "entropy_file"}))
+    with pytest.raises(ValueError, match="records no hash of entropy.npy; rescore the code store") as e:
+        load_entropies(str(store), code_store_hash(store), file_sha256(setup["ckpt"]))
+    assert "\n" not in str(e.value) and str(store / "entropy.json") in str(e.value)
 
 
 def test_scoring_refuses_models_that_do_not_fit(setup, tmp_path):

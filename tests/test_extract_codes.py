@@ -14,11 +14,11 @@ import torch
 from PIL import Image
 
 from dataset.augmentation import center_crop_arr
-from dataset.code_store import check_code_store, code_store_hash, open_code_store
+from dataset.code_store import check_code_store, open_code_store
 from dataset.synthetic import generate_dataset
 from extract_codes import ExtractConfig, extract_codes, main
 from tokenizer.vq_model import VQ_models, load_vq_checkpoint
-from utils.checkpoint import file_sha256
+from utils.identity import code_store_hash, file_sha256
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 32  # tiny VQ below downsamples by 4: 8x8 grid

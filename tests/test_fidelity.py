@@ -1,6 +1,6 @@
 """Tests that pin DPAR to the method: incremental = reference generation with real sampling in
 every patching mode, the patch-transformer RoPE tables against plain implementations of
-DESIGN.md section 3, causality on the packed layout, the fractional static pattern, and the
+docs/design.md, "The DPAR model: causal alignment", causality on the packed layout, the fractional static pattern, and the
 authors' defaults (dropout, initialisation) with the flags that restore the old behaviour."""
 import math
 from fractions import Fraction
@@ -97,7 +97,7 @@ def test_incremental_matches_reference_with_real_sampling(mode, cfg_scale):
 
 
 # --------------------------------------------------------------------------------------
-# Patch-transformer RoPE against plain implementations of DESIGN.md section 3
+# Patch-transformer RoPE against plain implementations of docs/design.md, "The DPAR model: causal alignment"
 # --------------------------------------------------------------------------------------
 def plain_rotation(angles):
     return [[math.cos(a), math.sin(a)] for a in angles]

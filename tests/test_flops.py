@@ -104,7 +104,7 @@ def test_paper_compute_table():
     dpar = flops_per_image("DPAR-XL", 384, compression=2.06)
     assert gpt["forward_gmacs"] == pytest.approx(433.6, rel=0.02)
     assert dpar["forward_gmacs"] == pytest.approx(258.5, rel=0.02)
-    assert gpt["forward_gmacs"] == pytest.approx(433.4, abs=0.05)  # DESIGN.md: every nn.Linear counted
+    assert gpt["forward_gmacs"] == pytest.approx(433.4, abs=0.05)  # docs/performance.md: every nn.Linear counted
     assert dpar["forward_gmacs"] == pytest.approx(257.8, abs=0.05)
     assert 1 - dpar["forward_gmacs"] / gpt["forward_gmacs"] == pytest.approx(0.40, abs=0.01)  # "40% less"
     assert gpt["g_positions"] == 576 and dpar["g_positions"] == pytest.approx(576 / 2.06)

@@ -24,6 +24,7 @@ from entropy_model.patching import (
     starts_from_lengths,
 )
 from entropy_tools.heatmaps import entropy_heatmap_figure, save_figure_grid
+from utils.identity import record_file
 
 MAX_ENTROPY = float(np.log(16384))
 
@@ -243,7 +244,8 @@ def write_store(path, entropy, grid=(8, 8), count=None, code_hash="c" * 64, mode
     np.save(path / "entropy.npy", entropy.astype(np.float16))
     (path / "entropy.json").write_text(json.dumps(
         {"entropy_model_hash": model_hash, "code_store_hash": code_hash,
-         "count": entropy.shape[0] if count is None else count, "stats": {}}))
+         "count": entropy.shape[0] if count is None else count, "stats": {},
+         "entropy_file": record_file(path / "entropy.npy")}))
     (path / "manifest.json").write_text(json.dumps(
         {"image_size": grid[0] * 16, "grid_height": grid[0], "grid_width": grid[1], "codebook_size": 16384,
          "num_views": entropy.shape[1], "count": entropy.shape[0], "tokenizer_hash": "t" * 64}))

@@ -32,7 +32,8 @@ from test_train import GRID, VOCAB, final_state, make_store, train_argv
 from test_vq import train_flags as vq_train_flags, write_image_folder
 from tokenizer.train_vq import main as train_vq_main
 from tokenizer.vq_model import VQ_models, load_vq_checkpoint
-from utils.checkpoint import checkpoint_sha256, latest_checkpoint, load_checkpoint
+from utils.checkpoint import latest_checkpoint, load_checkpoint
+from utils.identity import checkpoint_sha256
 from utils.release import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME
 
 HF_FIXTURE = Path(__file__).parent / "fixtures" / "llamagen" / "hf_gpt_c2i_tiny"
@@ -271,6 +272,26 @@ def test_export_refusals_are_one_line_and_write_nothing(runs, tmp_path, capsys, 
     assert left == (["release"] if case == "out-not-empty" else []), left  # no half-written folder
     if case == "out-not-empty":
         assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_export_refuses_a_vq_other_than_the_code_stores(runs, tmp_path, capsys):
+    """A store whose manifest names its tokenizer: --vq-ckpt must be that one (refused in one line,
+    nothing written); the right one is recorded."""
+    manifest = runs["store"] / "manifest.json"
+    original = manifest.read_text()
+    assert json.loads(original)["tokenizer_hash"] == "test"  # precondition: the shared store names none
+    manifest.write_text(json.dumps({**json.loads(original), "tokenizer_hash": checkpoint_sha256(runs["vq"])}))
+    try:
+        with pytest.raises(SystemExit):
+            export_main([str(runs["gpt"]), str(tmp_path / "other"), "--vq-ckpt", str(runs["other_vq"])])
+        err = capsys.readouterr().err.strip()
+        assert f"is not the tokenizer of the training code store {runs['store']}" in err and "\n" not in err, err
+        assert not (tmp_path / "other").exists()
+        export_main([str(runs["gpt"]), str(tmp_path / "same"), "--vq-ckpt", str(runs["vq"])])
+        config = json.loads((tmp_path / "same" / CONFIG_NAME).read_text())
+        assert config["vq"]["sha256"] == checkpoint_sha256(runs["vq"])
+    finally:
+        manifest.write_text(original)
 
 
 # ---------------------------------------------------------------------------------------

@@ -11,9 +11,10 @@ from autoregressive.sample.loading import PatchingOverrides, load_generator, sam
 from autoregressive.train import main
 from autoregressive.train.args import parse_args
 from autoregressive.train.data import training_patching
-from dataset.code_store import CodeStoreWriter, code_store_hash
+from dataset.code_store import CodeStoreWriter
 from entropy_model.patching import PAPER_SETTINGS, PatchingConfig, paper_patching, paper_setting
 from utils.checkpoint import latest_checkpoint
+from utils.identity import code_store_hash, record_file
 
 DPAR = ["--code-path", "x", "--gpt-model", "DPAR-T"]
 AUTHORS = {256: (7.8, 4), 384: (7.9, 4), 512: (8.1, 6)}  # the authors' configs: tau, P_max
@@ -76,7 +77,8 @@ def make_store(path: Path, image_size: int, grid: int, count: int = 8, seed: int
     writer.finalize({"image_size": image_size, "grid_height": grid, "grid_width": grid, "codebook_size": 16,
                      "num_views": 1, "tokenizer_hash": "test", "num_classes": 2})
     np.save(path / "entropy.npy", rng.uniform(0.0, 2.5, size=(count, 1, tokens)).astype(np.float16))
-    record = {"entropy_model_hash": "e" * 64, "code_store_hash": code_store_hash(path), "count": count}
+    record = {"entropy_model_hash": "e" * 64, "code_store_hash": code_store_hash(path), "count": count,
+              "entropy_file": record_file(path / "entropy.npy")}
     (path / "entropy.json").write_text(json.dumps(record))
     return path
 

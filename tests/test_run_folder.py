@@ -15,9 +15,8 @@ from autoregressive.train import main
 from entropy_tools.score import load_entropy_model
 from test_train import (  # noqa: F401 (one_thread is an autouse fixture)
     assert_same_weights, final_state, make_store, one_thread, read_log, train_argv)
-from utils.checkpoint import (
-    checkpoint_problem, checkpoint_sha256, file_sha256, latest_checkpoint, list_checkpoints, load_checkpoint,
-    prune_checkpoints)
+from utils.checkpoint import checkpoint_problem, latest_checkpoint, list_checkpoints, load_checkpoint, prune_checkpoints
+from utils.identity import checkpoint_sha256, file_sha256
 
 
 @pytest.fixture(scope="module")

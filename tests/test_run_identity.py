@@ -15,12 +15,11 @@ import pytest
 import torch
 
 from autoregressive.train import main
-from dataset.code_store import code_store_hash
 from test_train import (  # noqa: F401 (one_thread is an autouse fixture)
     GRID, REPO, assert_same_weights, final_state, make_store, one_thread, read_log, subprocess_env, train_argv)
 from utils import checkpoint as ckpt
 from utils.checkpoint import list_checkpoints, load_checkpoint
-from utils.file_identity import FileWatch, file_sha256, record_file
+from utils.identity import FileWatch, code_store_hash, file_sha256, record_file
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from autoregressive.sample.sampler import image_seed, to_uint8
 from dpar_helpers import CLASSES, GRID, T, VOCAB, quantile_patching, random_dpar, random_entropy_model
 from entropy_model.patching import PatchingConfig
 from tokenizer.vq_model import VQ_models
-from utils.checkpoint import file_sha256
+from utils.identity import file_sha256
 
 ROOT = Path(__file__).resolve().parents[1]
 VQ_OVERRIDES = dict(ch=16, norm_groups=8, z_channels=32, num_res_blocks=1, codebook_size=VOCAB, codebook_embed_dim=8)

@@ -20,10 +20,11 @@ from autoregressive.train.args import parse_args
 from autoregressive.train.data import BatchStream, GPTBatches, build_stream
 from autoregressive.train.loop import resolve_run
 from autoregressive.train.model import create_model, learning_rate
-from dataset.code_store import CodeDataset, CodeStoreWriter, code_store_hash, open_code_store
+from dataset.code_store import CodeDataset, CodeStoreWriter, open_code_store
 import train_faults
 from utils.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, prune_checkpoints
 from utils.distributed import DistInfo
+from utils.identity import code_store_hash, record_file
 
 REPO = Path(__file__).resolve().parents[1]
 GRID, VOCAB, CLASSES = 4, 16, 4
@@ -168,7 +169,8 @@ def test_dpar_batches_carry_patch_lengths(tmp_path):
     entropy_store = make_store(tmp_path / "codes")
     entropy = np.tile(np.array([0.5, 1.0, 3.0, 4.0] * GRID, dtype=np.float16), (32, 2, 1))  # (N, views, T)
     np.save(entropy_store / "entropy.npy", entropy)
-    record = {"entropy_model_hash": "e" * 64, "code_store_hash": code_store_hash(entropy_store), "count": 32}
+    record = {"entropy_model_hash": "e" * 64, "code_store_hash": code_store_hash(entropy_store), "count": 32,
+              "entropy_file": record_file(entropy_store / "entropy.npy")}
     (entropy_store / "entropy.json").write_text(json.dumps(record))
     main(train_argv(entropy_store, tmp_path, "dpar", gpt_model="DPAR-T", threshold=2.0, max_patch_length=4,
                     max_steps=3))

@@ -34,7 +34,6 @@ run with the same world size reproduces the uninterrupted one bit for bit on CPU
 """
 import argparse
 import errno
-import hashlib
 import os
 import pickle
 import random
@@ -51,8 +50,7 @@ import torch.nn as nn
 
 from utils.cli import HelpFormatter
 from utils.distributed import DistInfo, barrier, gather_objects
-from utils.file_identity import file_sha256
-from utils.release import CONFIG_NAME, WEIGHTS_NAME, is_weights_folder, read_config, read_weights
+from utils.release import CONFIG_NAME, WEIGHTS_NAME, is_weights_folder, read_weights
 
 TRAIN_STATE = "train_state.pt"  # non-tensor fields of a distributed checkpoint directory
 WEIGHT_KEYS = ("model", "module", "state_dict")  # where checkpoints (ours, LlamaGen's) keep the weights
@@ -62,32 +60,6 @@ ARCHITECTURE_KEYS = ("gpt_model", "model_config")
 # config fields that shape training, not the weights: the architecture check lets them differ (the
 # run's identity, autoregressive.train.settings, then asks for --continue-with-new-settings)
 TRAINING_ONLY_FIELDS = ("token_dropout_p", "attn_dropout_p", "resid_dropout_p", "ffn_dropout_p", "drop_path_rate")
-
-
-def checkpoint_sha256(path: Union[str, Path]) -> str:
-    """SHA-256 naming a checkpoint: of the file's bytes, or for an FSDP directory of its files'
-    relative names and bytes in name order."""
-    path = Path(path)
-    if not path.is_dir():
-        return file_sha256(path)
-    digest = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        digest.update(f.relative_to(path).as_posix().encode() + b"\0" + file_sha256(f).encode())
-    return digest.hexdigest()
-
-
-def weights_identity(path: Union[str, Path]) -> str:
-    """The SHA-256 that names a model's weights: checkpoint_sha256 of a checkpoint; for a weights
-    folder (utils/release.py) the hash of the checkpoint it was exported from (config.json
-    "source"), else of its model.safetensors. An exported entropy model or VQ therefore keeps
-    the identity that training and code extraction recorded."""
-    path = Path(path)
-    if is_weights_folder(path):
-        source = read_config(path).get("source")
-        if isinstance(source, dict) and source.get("sha256"):
-            return str(source["sha256"])
-        return file_sha256(path / WEIGHTS_NAME)
-    return checkpoint_sha256(path)
 
 
 class NoSpaceError(ValueError):

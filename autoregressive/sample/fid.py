@@ -39,7 +39,7 @@ from tqdm import tqdm
 from autoregressive.sample.loading import is_release
 from autoregressive.sample.sampler import Sampler, Throughput, format_throughput, image_seed, to_uint8
 from autoregressive.sample.settings import SampleRun
-from utils.checkpoint import checkpoint_sha256, file_sha256
+from utils.identity import checkpoint_sha256, file_sha256
 from utils.distributed import DistInfo, all_reduce, barrier, broadcast_object
 from utils.release import WEIGHTS_NAME, local_folder
 
@@ -85,7 +85,7 @@ def write_atomically(final: Path, write: Callable[[Path], None]) -> None:
 
 def checkpoint_identity(path: str) -> str:
     """SHA-256 naming a checkpoint by content: of a release folder's (or hub repo's)
-    model.safetensors, else utils.checkpoint.checkpoint_sha256 (a file, or every file of an FSDP
+    model.safetensors, else utils.identity.checkpoint_sha256 (a file, or every file of an FSDP
     directory)."""
     if is_release(path):
         return file_sha256(local_folder(path) / WEIGHTS_NAME)

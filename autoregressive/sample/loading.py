@@ -15,7 +15,8 @@ from autoregressive.models import build_model, model_family, model_from_checkpoi
 from autoregressive.models.release import from_pretrained
 from entropy_model.patching import GATED_MODES, PatchingConfig, paper_patching, paper_setting
 from tokenizer.vq_model import VQModel, load_vq_checkpoint
-from utils.checkpoint import checkpoint_weights, load_checkpoint, weights_identity
+from utils.checkpoint import checkpoint_weights, load_checkpoint
+from utils.identity import check_weights_identity
 from utils.release import is_weights_folder, local_folder, looks_like_repo_id
 
 @dataclass
@@ -136,12 +137,9 @@ def check_vq_identity(vq_ckpt: str, ckpt_args: dict) -> None:
     """One-line ValueError when the generator records the tokenizer it was trained on (a
     release's vq.sha256) and --vq-ckpt is another one."""
     expected = (ckpt_args.get("vq") or {}).get("sha256")
-    if not expected:
-        return
-    actual = weights_identity(local_folder(vq_ckpt) if is_release(vq_ckpt) else vq_ckpt)
-    if actual != expected:
-        raise ValueError(f"--vq-ckpt {vq_ckpt} (sha256 {actual[:12]}) is not the tokenizer this model's codes come "
-                         f"from (sha256 {expected[:12]})")
+    if expected:
+        check_weights_identity(local_folder(vq_ckpt) if is_release(vq_ckpt) else vq_ckpt, expected, "--vq-ckpt",
+                               "the tokenizer this model's codes come from", shown=vq_ckpt)
 
 
 SAMPLING_REMEDY = "pass --threshold and --max-patch-length"
@@ -183,17 +181,14 @@ def entropy_ckpt_path(path: Optional[str], ckpt_args: dict) -> str:
 
 def entropy_model_for_dpar(path: Optional[str], dpar: nn.Module, ckpt_args: dict) -> nn.Module:
     """The frozen entropy model in eval mode on CPU. `path` (--entropy-ckpt: a checkpoint or a
-    release folder) defaults to entropy_ckpt_path's; its identity (utils.checkpoint.weights_identity)
+    release folder) defaults to entropy_ckpt_path's; its identity (utils.identity.check_weights_identity)
     must equal the recorded args["entropy_model_hash"] when the checkpoint has one."""
     path = entropy_ckpt_path(path, ckpt_args)
     if not Path(path).exists():
         raise ValueError(f"--entropy-ckpt {path} does not exist")
     expected = ckpt_args.get("entropy_model_hash")
     if expected:
-        actual = weights_identity(path)
-        if actual != expected:
-            raise ValueError(f"--entropy-ckpt {path} (sha256 {actual[:12]}) is not the entropy model this DPAR "
-                             f"model was trained with (sha256 {expected[:12]})")
+        check_weights_identity(path, expected, "--entropy-ckpt", "the entropy model this DPAR model was trained with")
     model = from_pretrained(path)[0] if is_weights_folder(path) else model_from_checkpoint(path)[0]
     if isinstance(model, VQModel):
         raise ValueError(f"--entropy-ckpt {path} is not an unconditional GPT (the entropy model)")

@@ -23,14 +23,13 @@ from autoregressive.models import model_family
 from autoregressive.models.dpar import DPARConfig, PatchLayout, build_patch_layout
 from autoregressive.models.modules import drop_labels
 from autoregressive.train.guards import TrainingError
-from dataset.code_store import CodeDataset, CodeStore, check_code_store, code_store_hash, open_code_store
+from dataset.code_store import CodeDataset, CodeStore, check_code_store, open_code_store
 from entropy_model.calibrate import load_entropies, sample_entropies, threshold_for_compression
 from entropy_model.patching import (
     GATED_MODES, PAPER_SETTINGS, PatchingConfig, build_patch_batch, paper_threshold, unpublished_size_message)
-from utils.checkpoint import checkpoint_sha256
 from utils.cli import default_workers
 from utils.distributed import DistInfo, decide_on_main
-from utils.file_identity import FileWatch, file_sha256, note, path_state
+from utils.identity import FileWatch, checkpoint_sha256, code_store_hash, path_state
 
 LLAMAGEN_VOCAB_SIZE = 16384
 LLAMAGEN_NUM_CLASSES = 1000
@@ -122,26 +121,22 @@ class OpenedEntropies:
 
 def open_entropies(args: argparse.Namespace, store: CodeStore, info: DistInfo) -> OpenedEntropies:
     """The entropies made for exactly this code store (and, with --entropy-model, by that
-    checkpoint), memory-mapped on every rank. Rank 0 checks the store's identity (its recorded
-    hash; --verify-store re-hashes the codes and the entropies), the record, and (load_entropies)
-    that every value is finite, and starts the watch; all ranks check the record when they map the file."""
+    checkpoint), memory-mapped on every rank. Rank 0 checks the identities (utils.identity;
+    --verify-store re-hashes the codes and the entropies) and that every value is finite, and
+    starts the watch; all ranks check the record when they map the file."""
     npy = entropy_dir(args) / "entropy.npy"
     opened = path_state(npy)  # before the checks: a switch during them shows at the first watch check
 
     def check_on_main() -> tuple:  # first, so that a re-hash (and the stat it records) happens once
         model_hash = checkpoint_sha256(args.entropy_model) if args.entropy_model else None
         store_hash = code_store_hash(store.path, verify=args.verify_store)
-        values, record = load_entropies(str(entropy_dir(args)), store_hash, model_hash, verify=args.verify_store)
-        sha256 = (record.get("entropy_file") or {}).get("sha256")
-        if sha256 is None:
-            note(f"{npy}: entropy.json records no hash of it (an older scorer): hashing it for this run "
-                 f"({npy.stat().st_size / 1e9:.2f} GB)")
-            sha256 = file_sha256(npy)
-        return store_hash, model_hash, sha256
+        load_entropies(str(entropy_dir(args)), store_hash, model_hash, verify=args.verify_store)
+        return store_hash, model_hash
 
-    store_hash, expected_model, sha256 = decide_on_main(check_on_main, info.is_main)
+    store_hash, expected_model = decide_on_main(check_on_main, info.is_main)
     # rank 0 has checked the values; the other ranks only map the file
     values, record = load_entropies(str(entropy_dir(args)), store_hash, expected_model, check_finite=False)
+    sha256 = record["entropy_file"]["sha256"]
     watch = FileWatch(npy, sha256, seen=opened) if info.is_main else None
     return OpenedEntropies(values, store_hash, record.get("entropy_model_hash"), sha256, watch)
 

@@ -25,11 +25,11 @@ from autoregressive.train.model import (
     autocast_context, create_model, create_optimizer, flop_params, gradient_sync, learning_rate, model_config, parallelize,
     uses_fsdp)
 from autoregressive.train.settings import IDENTITY, TrainRun, describe_changes, identity_changes
-from dataset.code_store import CODES, CODES_HASH, CodeStore, code_store_hash
+from dataset.code_store import CODES, CODES_HASH, CodeStore
 from entropy_model.patching import GATED_MODES
 from utils import checkpoint as ckpt
 from utils.distributed import DistInfo, decide_on_main, init_distributed, teardown_distributed
-from utils.file_identity import FileChange, FileWatch, path_state, write_json_atomic
+from utils.identity import FileChange, FileWatch, code_store_hash, path_state, write_json_atomic
 from utils.run_lock import RunFolderLock, lock_run_folder
 
 
