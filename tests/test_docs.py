@@ -401,6 +401,7 @@ def broken_citations(text: str) -> list:
     """'docs/PAGE.md' and 'docs/PAGE.md, "Section"' in text whose page or heading is missing."""
     missing = []
     for page, section in CITATION.findall(text):
+        section = " ".join(section.split())  # a citation may wrap across lines
         path = ROOT / "docs" / page
         if not path.is_file():
             missing.append(f"docs/{page}")
