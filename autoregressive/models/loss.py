@@ -14,6 +14,8 @@ class LossConfig:
     """The loss's settings, one field per train_c2i.py flag of the same name. The defaults are
     the plain cross-entropy."""
 
+    z_loss: float = 0.0  # --z-loss: weight of logsumexp(logits)^2 per token (PaLM's z-loss)
+
     @classmethod
     def from_flags(cls, flags: Mapping[str, Any]) -> "LossConfig":
         return cls(**{f.name: flags[f.name] for f in fields(cls)})
@@ -26,6 +28,9 @@ def chunk_loss(logits: torch.Tensor, targets: torch.Tensor, config: LossConfig):
     probs = torch.exp(logits - lse)  # (n, V)
     value = (lse - logits.gather(1, targets)).sum()  # cross-entropy
     grad = probs.scatter_add(1, targets, torch.full_like(lse, -1.0))  # softmax - onehot
+    if config.z_loss:
+        value = value + config.z_loss * lse.square().sum()
+        grad = grad + 2 * config.z_loss * lse * probs
     return value, grad
 
 
