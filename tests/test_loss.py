@@ -80,3 +80,31 @@ def test_loss_config_comes_from_the_flags_of_the_same_names():
     assert LossConfig.from_flags(defaults) == LossConfig()
     given = [arg for f in fields(LossConfig) for arg in (f"--{f.name.replace('_', '-')}", "0.3")]
     assert LossConfig.from_flags(vars(parser.parse_args(["--code-path", "store", *given]))) == every_term_on()
+
+
+def test_every_term_stays_in_the_one_compiled_training_graph():
+    """With every term on, the training forward is still one graph without breaks, and the
+    compiled loss and gradients equal the eager ones."""
+    from autoregressive.train.model import compile_model
+
+    torch.manual_seed(0)
+    codes, cond = torch.randint(0, V, (3, T)), torch.randint(0, 4, (3,))
+    config = every_term_on()
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = GPT_models["GPT-T"](vocab_size=V, block_size=T, num_classes=4, token_dropout_p=0.0,
+                                    resid_dropout_p=0.0, ffn_dropout_p=0.0, class_dropout_prob=0.0).train()
+        torch.nn.init.normal_(model.output.weight, std=0.5)
+        if compiled:
+            torch._dynamo.reset()
+            explanation = torch._dynamo.explain(model)(codes[:, :-1], cond, targets=codes, loss_config=config)
+            assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
+            compile_model(model, "model", backend="aot_eager")
+        _, loss = model(codes[:, :-1], cond, targets=codes, loss_config=config)
+        loss.backward()
+        results.append((loss.detach(), [p.grad for p in model.parameters()]))
+    torch._dynamo.reset()
+    (eager, eager_grads), (compiled, compiled_grads) = results
+    assert torch.allclose(eager, compiled, atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(eager_grads, compiled_grads))
