@@ -1,6 +1,4 @@
-"""The training loss of every family (GPT, the entropy model, DPAR). A teacher-forced forward
-ends in `teacher_forced_output` with its final-norm hidden states and output head; the trainer
-passes the loss's settings, a LossConfig built from its flags. How to add a term:
+"""The training loss of every family (GPT, the entropy model, DPAR); adding a term:
 docs/design.md, "Adding a loss term"."""
 from dataclasses import dataclass, fields
 from typing import Any, Mapping, Optional
@@ -11,8 +9,7 @@ import torch.nn as nn
 
 @dataclass(frozen=True)
 class LossConfig:
-    """The loss's settings, one field per train_c2i.py flag of the same name. The defaults are
-    the plain cross-entropy."""
+    """One field per train_c2i.py flag of the same name; the defaults give the plain cross-entropy."""
 
     z_loss: float = 0.0  # --z-loss: weight of logsumexp(logits)^2 per token (PaLM's z-loss)
 
@@ -40,11 +37,9 @@ class _ChunkedLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, config: LossConfig, chunk_rows: int):
-        N = h.shape[0]
+        N, device = h.shape[0], h.device.type
         total = torch.zeros((), dtype=torch.float32, device=h.device)
-        grad_h = torch.empty_like(h)
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        device = h.device.type
+        grad_h, grad_weight = torch.empty_like(h), torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         mm_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else \
             torch.promote_types(h.dtype, weight.dtype)
         for start in range(0, N, chunk_rows):
@@ -67,12 +62,11 @@ class _ChunkedLoss(torch.autograd.Function):
 
 def chunked_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, config: LossConfig = LossConfig(),
                  chunk_rows: int = 4096) -> torch.Tensor:
-    """The mean loss (chunk_loss) of the logits h @ weight^T against targets, without
-    materialising the (N, V) logits: h (N, dim) final-norm states, weight (V, dim) the output
-    head, targets (N,) int64 in [0, V). With the default config, F.cross_entropy. Each chunk of
-    rows computes its logits in float32 from the matmul dtype (autocast's, if on), its loss and
-    its gradients; peak extra memory is one chunk's logits. The gradient work is done in the
-    forward pass, also under no_grad."""
+    """The mean chunk_loss of the logits h @ weight^T (default config: F.cross_entropy) without
+    materialising them: h (N, dim) final-norm states, weight (V, dim) the output head, targets
+    (N,) int64 in [0, V). Each chunk of rows computes its logits in float32 from the matmul dtype
+    (autocast's, if on), its loss and its gradients (also under no_grad); peak extra memory is one
+    chunk's logits."""
     if h.ndim != 2 or targets.shape != h.shape[:1]:
         raise ValueError(f"chunked_loss needs h (N, dim) and targets (N,), got {tuple(h.shape)} and "
                          f"{tuple(targets.shape)}")

@@ -11,7 +11,6 @@ import argparse
 import contextlib
 import dataclasses
 import math
-import warnings
 from typing import Callable, Optional
 
 import torch
@@ -132,8 +131,6 @@ def parallelize(model: nn.Module, args: argparse.Namespace, info: DistInfo) -> n
     fully_shard(model, mesh=mesh, mp_policy=policy)
     if whole:
         compile_model(model, "model")
-    # The root returns logits as a slice of the head's output; nothing edits it in place.
-    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     return model
 
 
