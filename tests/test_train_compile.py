@@ -10,7 +10,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from autoregressive.models.dpar import DPAR_models, PatchLayout, build_patch_layout
 from autoregressive.models.gpt import GPT_models
-from autoregressive.models.loss import chunked_loss
 from autoregressive.train.data import TrainBatch
 from autoregressive.train.model import compile_model
 from entropy_model.patching import patch_lengths_from_starts, patch_starts
@@ -187,24 +186,8 @@ def test_no_sync_ops_in_forward_and_backward(kind):
 
 
 # --------------------------------------------------------------------------------------
-# Chunked cross-entropy (the trainer's loss)
+# The trainer's loss (its float64 reference: tests/test_loss.py)
 # --------------------------------------------------------------------------------------
-def test_chunked_cross_entropy_matches_float64_reference():
-    g = torch.Generator().manual_seed(0)
-    N, dim, vocab = 37, 24, 50  # 37 rows in chunks of 8: a ragged last chunk
-    h = torch.randn(N, dim, generator=g, requires_grad=True)
-    weight = torch.randn(vocab, dim, generator=g, requires_grad=True)
-    targets = torch.randint(0, vocab, (N,), generator=g)
-    loss = chunked_loss(h, weight, targets, chunk_rows=8)
-    (2.5 * loss).backward()  # a non-unit upstream gradient
-    h64, w64 = h.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
-    ref = torch.nn.functional.cross_entropy(h64 @ w64.t(), targets)
-    (2.5 * ref).backward()
-    assert abs(loss.item() - ref.item()) < 1e-5
-    assert torch.allclose(h.grad.double(), h64.grad, atol=1e-6)
-    assert torch.allclose(weight.grad.double(), w64.grad, atol=1e-6)
-
-
 @pytest.mark.parametrize("kind", ["dpar", "gpt"])
 def test_training_loss_equals_the_logits_path(kind):
     """The chunked loss (targets given) gives the loss and gradients of F.cross_entropy of the
