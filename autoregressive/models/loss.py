@@ -33,7 +33,7 @@ def chunk_loss(logits: torch.Tensor, targets: torch.Tensor, config: LossConfig):
 
 class _ChunkedLoss(torch.autograd.Function):
     """Mean chunk_loss of logits h @ weight^T, chunk by chunk of rows, the gradients computed in
-    the same pass (so backward only scales them): no (N, V) tensor outlives its chunk."""
+    the same pass, also under no_grad (backward only scales them): no (N, V) tensor outlives its chunk."""
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, config: LossConfig, chunk_rows: int):
@@ -62,11 +62,9 @@ class _ChunkedLoss(torch.autograd.Function):
 
 def chunked_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, config: LossConfig = LossConfig(),
                  chunk_rows: int = 4096) -> torch.Tensor:
-    """The mean chunk_loss of the logits h @ weight^T (default config: F.cross_entropy) without
-    materialising them: h (N, dim) final-norm states, weight (V, dim) the output head, targets
-    (N,) int64 in [0, V). Each chunk of rows computes its logits in float32 from the matmul dtype
-    (autocast's, if on), its loss and its gradients (also under no_grad); peak extra memory is one
-    chunk's logits."""
+    """The mean chunk_loss (default config: F.cross_entropy) of the logits h @ weight^T, never
+    all held at once: h (N, dim) final-norm states, weight (V, dim) the output head, targets (N,)
+    in [0, V). Each chunk's logits are float32 from the matmul dtype (autocast's, if on)."""
     if h.ndim != 2 or targets.shape != h.shape[:1]:
         raise ValueError(f"chunked_loss needs h (N, dim) and targets (N,), got {tuple(h.shape)} and "
                          f"{tuple(targets.shape)}")
