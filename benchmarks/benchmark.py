@@ -249,7 +249,7 @@ def make_trainee(
         k = i % count
         extra = (layouts[k].to(device, non_blocking=True).mark_dynamic(),) if layouts else ()
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            _, loss = model(codes[k][:, :-1], labels[k], *extra, targets=codes[k], return_logits=False)
+            _, loss = model(codes[k][:, :-1], labels[k], *extra, targets=codes[k])
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -150,7 +150,7 @@ def train_batch(seed: int, T: int, W: int, B: int = 4):
 
 def loss_and_grads(model, codes, cond, *layout):
     model.zero_grad(set_to_none=True)
-    _, loss = model(codes[:, :-1], cond, *layout, targets=codes, return_logits=False)
+    _, loss = model(codes[:, :-1], cond, *layout, targets=codes)
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 

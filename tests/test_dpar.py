@@ -129,7 +129,7 @@ def test_positional_variants_run(rope):
     model = random_dpar(patch_rope=rope)
     codes = torch.randint(0, VOCAB, (2, T))
     lengths = PatchingConfig("static", None, 2, True).lengths(None, GRID, shape=(2, T))
-    logits, loss = model(codes[:, :-1], torch.tensor([0, 1]), lengths, targets=codes)
+    _, loss = model(codes[:, :-1], torch.tensor([0, 1]), lengths, targets=codes)
     loss.backward()
     assert torch.isfinite(loss) and model.patch_layers[0].attention.wqkv.weight.grad.abs().sum() > 0
 

@@ -106,7 +106,7 @@ def test_dpar_training_forward_stays_on_the_device(fake, packed):
     codes = to_cuda(torch.randint(0, VOCAB, (3, T)))
     cond = to_cuda(torch.tensor([0, 2, 4]))
     with mode, PlacementRecorder() as rec:
-        _, loss = model(codes[:, :-1], cond, layout, targets=codes, return_logits=False)
+        _, loss = model(codes[:, :-1], cond, layout, targets=codes)
         logits, _ = model(codes[:, :-1], cond, layout)
     assert loss.is_cuda and loss.requires_grad and logits.shape == (3, T, VOCAB)
     rec.assert_on_device(min_ops=200)
@@ -119,7 +119,7 @@ def test_gpt_training_forward_stays_on_the_device(fake):
     codes = to_cuda(torch.randint(0, VOCAB, (3, T)))
     cond = to_cuda(torch.tensor([0, 2, 4]))
     with mode, PlacementRecorder() as rec:
-        _, loss = model(codes[:, :-1], cond, targets=codes, return_logits=False)
+        _, loss = model(codes[:, :-1], cond, targets=codes)
     assert loss.is_cuda and loss.requires_grad
     rec.assert_on_device(min_ops=100)
 

@@ -31,10 +31,12 @@ def test_state_dict_keys_are_llamagens():
 def test_fixture_logits_and_loss():
     model, fx = fixture_model()
     with torch.no_grad():
-        logits, loss = model(fx["idx"][:, :-1], fx["cond"], targets=fx["idx"])
+        logits, _ = model(fx["idx"][:, :-1], fx["cond"])
+        _, loss = model(fx["idx"][:, :-1], fx["cond"], targets=fx["idx"])  # the trainer's loss
     assert logits.shape == fx["logits"].shape
     assert (logits - fx["logits"]).abs().max() < 1e-4
-    assert abs(loss.item() - fx["loss"].item()) < 1e-5
+    plain = torch.nn.functional.cross_entropy(logits.flatten(0, 1), fx["idx"].flatten())
+    assert abs(loss.item() - fx["loss"].item()) < 1e-5 and abs(plain.item() - fx["loss"].item()) < 1e-5
 
 
 def test_fixture_greedy_generations():

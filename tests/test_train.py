@@ -164,6 +164,15 @@ def test_gradient_accumulation_matches_the_full_batch(store, tmp_path):
     assert_same_weights(final_state(tmp_path / "whole")["model"], final_state(tmp_path / "accum")["model"], atol=1e-5)
 
 
+def test_loss_flags_reach_the_training_step(store, tmp_path):
+    """--z-loss is in the trained loss: the output head starts at zero, so every first-step logit
+    is 0, its cross-entropy ln V and its z-loss term z_loss * (ln V)^2. The flag is recorded."""
+    main(train_argv(store, tmp_path, "z", *NO_DROPOUT, max_steps=1, z_loss=0.5))
+    first = read_log(tmp_path / "z")[0]
+    assert first["step"] == 1 and first["loss"] == pytest.approx(np.log(VOCAB) + 0.5 * np.log(VOCAB) ** 2, rel=1e-5)
+    assert final_state(tmp_path / "z")["args"]["z_loss"] == 0.5
+
+
 def test_dpar_batches_carry_patch_lengths(tmp_path):
     """Entropies with threshold gates: rising along each row, above tau at columns 2 and 3."""
     entropy_store = make_store(tmp_path / "codes")

@@ -10,7 +10,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from autoregressive.models.dpar import DPAR_models, PatchLayout, build_patch_layout
 from autoregressive.models.gpt import GPT_models
-from autoregressive.models.modules import chunked_cross_entropy
 from autoregressive.train.data import TrainBatch
 from autoregressive.train.model import compile_model
 from entropy_model.patching import patch_lengths_from_starts, patch_starts
@@ -44,10 +43,15 @@ def batch(seed: int, B: int = 4):
     return codes, torch.randint(0, CLASSES, (B,), generator=g), lengths
 
 
-def loss_and_grads(model, codes, cond, *layout, return_logits=False):
-    """The trainer's call by default: the chunked loss without logits."""
+def loss_and_grads(model, codes, cond, *layout, plain=False):
+    """The trainer's call by default: the chunked loss without logits; plain: F.cross_entropy
+    of the logits."""
     model.zero_grad(set_to_none=True)
-    _, loss = model(codes[:, :-1], cond, *layout, targets=codes, return_logits=return_logits)
+    if plain:
+        logits, _ = model(codes[:, :-1], cond, *layout)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), codes.flatten())
+    else:
+        _, loss = model(codes[:, :-1], cond, *layout, targets=codes)
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -68,7 +72,7 @@ def test_dpar_training_forward_is_one_graph(packed):
     codes, cond, lengths = batch(0)
     layout = build_patch_layout(lengths, model.config, packed=packed)
     torch._dynamo.reset()
-    explanation = torch._dynamo.explain(model)(codes[:, :-1], cond, layout, targets=codes, return_logits=False)
+    explanation = torch._dynamo.explain(model)(codes[:, :-1], cond, layout, targets=codes)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
     torch._dynamo.reset()
@@ -78,7 +82,7 @@ def test_gpt_training_forward_is_one_graph():
     model = gpt(drop_path_rate=0.1)
     codes, cond, _ = batch(0)
     torch._dynamo.reset()
-    explanation = torch._dynamo.explain(model)(codes[:, :-1], cond, targets=codes, return_logits=False)
+    explanation = torch._dynamo.explain(model)(codes[:, :-1], cond, targets=codes)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
     torch._dynamo.reset()
@@ -173,7 +177,7 @@ def test_no_sync_ops_in_forward_and_backward(kind):
         extra = (build_patch_layout(lengths, model.config, packed=kind == "dpar-packed"),)
         assert isinstance(extra[0], PatchLayout)
     with OpRecorder() as rec:
-        _, loss = model(codes[:, :-1], cond, *extra, targets=codes, return_logits=False)
+        _, loss = model(codes[:, :-1], cond, *extra, targets=codes)
         loss.backward()
     assert aten.mm in rec.ops and aten.embedding_dense_backward in rec.ops  # forward and backward were recorded
     if kind != "gpt":
@@ -182,39 +186,21 @@ def test_no_sync_ops_in_forward_and_backward(kind):
 
 
 # --------------------------------------------------------------------------------------
-# Chunked cross-entropy (the trainer's loss)
+# The trainer's loss (its float64 reference: tests/test_loss.py)
 # --------------------------------------------------------------------------------------
-def test_chunked_cross_entropy_matches_float64_reference():
-    g = torch.Generator().manual_seed(0)
-    N, dim, vocab = 37, 24, 50  # 37 rows in chunks of 8: a ragged last chunk
-    h = torch.randn(N, dim, generator=g, requires_grad=True)
-    weight = torch.randn(vocab, dim, generator=g, requires_grad=True)
-    targets = torch.randint(0, vocab, (N,), generator=g)
-    loss = chunked_cross_entropy(h, weight, targets, chunk_rows=8)
-    (2.5 * loss).backward()  # a non-unit upstream gradient
-    h64, w64 = h.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
-    ref = torch.nn.functional.cross_entropy(h64 @ w64.t(), targets)
-    (2.5 * ref).backward()
-    assert abs(loss.item() - ref.item()) < 1e-5
-    assert torch.allclose(h.grad.double(), h64.grad, atol=1e-6)
-    assert torch.allclose(weight.grad.double(), w64.grad, atol=1e-6)
-
-
 @pytest.mark.parametrize("kind", ["dpar", "gpt"])
 def test_training_loss_equals_the_logits_path(kind):
-    """return_logits=False (chunked loss) gives the loss and gradients of the plain path, in
-    float32 and under bf16 autocast."""
+    """The chunked loss (targets given) gives the loss and gradients of F.cross_entropy of the
+    logits, in float32 and under bf16 autocast."""
     codes, cond, lengths = batch(2)
     model = dpar(**NO_DROPOUT) if kind == "dpar" else gpt(**NO_DROPOUT)
     extra = (build_patch_layout(lengths, model.config),) if kind == "dpar" else ()
-    plain = loss_and_grads(model, codes, cond, *extra, return_logits=True)
+    plain = loss_and_grads(model, codes, cond, *extra, plain=True)
     assert_close(loss_and_grads(model, codes, cond, *extra), plain)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         chunked = loss_and_grads(model, codes, cond, *extra)
-        plain = loss_and_grads(model, codes, cond, *extra, return_logits=True)
+        plain = loss_and_grads(model, codes, cond, *extra, plain=True)
     assert_close(chunked, plain, atol=2e-2)
-    with pytest.raises(ValueError, match="return_logits=False needs targets"):
-        model(codes[:, :-1], cond, *extra, return_logits=False)
 
 
 # --------------------------------------------------------------------------------------
@@ -278,8 +264,7 @@ def test_training_graph_is_cacheable_across_processes():
     codes, cond, lengths = batch(0)
     layout = build_patch_layout(lengths, model.config, packed=True)
     torch._dynamo.reset()
-    torch.compile(model, backend=capture, fullgraph=True)(codes[:, :-1], cond, layout, targets=codes,
-                                                          return_logits=False)
+    torch.compile(model, backend=capture, fullgraph=True)(codes[:, :-1], cond, layout, targets=codes)
     torch._dynamo.reset()
     (graph,) = captured
     config = torch._functorch.config

@@ -26,12 +26,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from autoregressive.models.attention import Documents, build_documents, segment_attend
+from autoregressive.models.loss import LossConfig, teacher_forced_output
 from autoregressive.models.modules import (
     LabelEmbedder,
     RMSNorm,
     TransformerBlock,
     TransformerDefaults,
-    chunked_cross_entropy,
     grid_rope_table,
     init_weights,
     remove_kv_caches,
@@ -385,16 +385,13 @@ class DPAR(nn.Module):
         cond_idx: torch.Tensor,
         patch_lengths: Union[torch.Tensor, PatchLayout],
         targets: Optional[torch.Tensor] = None,
-        return_logits: bool = True,
+        loss_config: LossConfig = LossConfig(),
     ):
         """idx (B, T-1) inputs x_0..x_{T-2}; cond_idx (B,); patch_lengths (B, M) zero-padded
         lengths over the T targets, or their PatchLayout (build_patch_layout, in the data
         workers: then the pass reads nothing on the host and compiles as one graph). Returns
-        logits (B, T, V) float32 and the mean cross-entropy against targets (B, T) (None without
-        targets); return_logits=False (training) returns (None, loss), the loss computed chunk by
-        chunk without the logits."""
-        if not return_logits and targets is None:
-            raise ValueError("return_logits=False needs targets (the loss is all it returns)")
+        teacher_forced_output of the final-norm states (B, T, dim): (logits (B, T, V) float32,
+        None), or with targets (B, T) (None, the mean loss under loss_config)."""
         layout = patch_lengths
         if not isinstance(layout, PatchLayout):  # built on the host, where the lengths are read
             layout = self.patch_layout(patch_lengths.cpu()).to(idx.device)
@@ -430,14 +427,7 @@ class DPAR(nn.Module):
         for inject, layer in zip(self.patch_injections, self.decoder_layers):
             u = u + inject(g).index_select(0, slots).view(B, T, dim)
             u = layer(u, dec_freqs)
-        if not return_logits:
-            h_out = self.norm(u).reshape(B * T, dim)  # (B*T, dim)
-            return None, chunked_cross_entropy(h_out, self.output.weight, targets.reshape(-1))
-        logits = self.output(self.norm(u)).float()  # (B, T, V)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-        return logits, loss
+        return teacher_forced_output(self.norm(u), self.output, targets, loss_config)
 
     # ---- incremental generation (see generate.generate_dpar) ---------------------------
     # Every step is static-shape: caches are written at explicit per-row positions and read over

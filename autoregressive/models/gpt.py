@@ -10,14 +10,13 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from autoregressive.models.loss import LossConfig, teacher_forced_output
 from autoregressive.models.modules import (
     LabelEmbedder,
     RMSNorm,
     TransformerBlock,
     TransformerDefaults,
-    chunked_cross_entropy,
     grid_rope_table,
     init_weights,
     read_length,
@@ -98,28 +97,20 @@ class Transformer(nn.Module):
         idx: torch.Tensor,
         cond_idx: Optional[torch.Tensor],
         targets: Optional[torch.Tensor] = None,
-        return_logits: bool = True,
+        loss_config: LossConfig = LossConfig(),
     ):
         """Teacher-forced pass. idx (B, T-1) codes, cond_idx (B,) classes (ignored when
-        unconditional). Returns logits (B, T, V) float32 (logits[:, t] predicts x_t) and the
-        mean cross-entropy against targets (B, T), or None without targets. return_logits=False
-        (training) returns (None, loss), the loss computed chunk by chunk without the logits."""
-        if not return_logits and targets is None:
-            raise ValueError("return_logits=False needs targets (the loss is all it returns)")
+        unconditional). Returns teacher_forced_output of the final-norm states (B, T, dim):
+        (logits (B, T, V) float32, None) (logits[:, t] predicts x_t), or with targets (B, T)
+        (None, the mean loss under loss_config)."""
         B = idx.shape[0]
         start = self._start_embeddings(cond_idx, B, idx.device)
         h = self.tok_dropout(torch.cat([start, self.tok_embeddings(idx)], dim=1))  # (B, cls + T-1, dim)
         freqs_cis = self.freqs_cis[None, : h.shape[1]]
         for layer in self.layers:
             h = layer(h, freqs_cis)
-        if not return_logits:
-            h = self.norm(h)[:, self.config.cls_token_num - 1 :]  # (B, T, dim)
-            return None, chunked_cross_entropy(h.reshape(-1, h.shape[-1]), self.output.weight, targets.reshape(-1))
-        logits = self.output(self.norm(h)).float()[:, self.config.cls_token_num - 1 :]  # (B, T, V)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-        return logits, loss
+        h = self.norm(h)[:, self.config.cls_token_num - 1 :]  # (B, T, dim)
+        return teacher_forced_output(h, self.output, targets, loss_config)
 
     # ---- KV-cached generation -------------------------------------------------------
     def setup_caches(self, max_batch_size: int, max_seq_length: int, dtype: Optional[torch.dtype] = None) -> None:

@@ -112,55 +112,6 @@ def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------
-# Loss
-# --------------------------------------------------------------------------------------
-class _ChunkedCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of logits h @ weight^T, chunk by chunk of rows, the gradients computed
-    in the same pass (so backward only scales them): no (N, V) tensor outlives its chunk."""
-
-    @staticmethod
-    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int) -> torch.Tensor:
-        N = h.shape[0]
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
-        grad_h = torch.empty_like(h)
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        device = h.device.type
-        mm_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else \
-            torch.promote_types(h.dtype, weight.dtype)
-        for start in range(0, N, chunk_rows):
-            rows = slice(start, min(start + chunk_rows, N))
-            hc, tc = h[rows], targets[rows, None]  # (n, dim), (n, 1)
-            logits = (hc @ weight.t()).float()  # (n, V); autocast picks the matmul dtype
-            lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (n, 1)
-            total = total + (lse - logits.gather(1, tc)).sum()
-            d_logits = torch.exp(logits - lse).scatter_add(1, tc, torch.full_like(lse, -1.0)) / N  # softmax - onehot
-            d_logits = d_logits.to(mm_dtype)
-            grad_h[rows] = (d_logits @ weight.to(mm_dtype)).to(h.dtype)  # (n, dim)
-            grad_weight += (d_logits.t() @ hc.to(mm_dtype)).float()  # (V, dim)
-        ctx.weight_dtype = weight.dtype
-        ctx.save_for_backward(grad_h, grad_weight)
-        return total / N
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        grad_h, grad_weight = ctx.saved_tensors
-        return grad_h * grad.to(grad_h.dtype), (grad_weight * grad).to(ctx.weight_dtype), None, None
-
-
-def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                          chunk_rows: int = 4096) -> torch.Tensor:
-    """F.cross_entropy(h @ weight^T, targets) (mean over N rows) without materialising the
-    (N, V) logits: h (N, dim) final-norm states, weight (V, dim) the output head, targets (N,)
-    int64 in [0, V). Each chunk of rows computes its logits in float32 from the matmul dtype
-    (autocast's, if on), its loss and its gradients; peak extra memory is one chunk's logits.
-    The gradient work is done in the forward pass, also under no_grad."""
-    if h.ndim != 2 or targets.shape != h.shape[:1]:
-        raise ValueError(f"chunked_cross_entropy needs h (N, dim) and targets (N,), got {tuple(h.shape)} and "
-                         f"{tuple(targets.shape)}")
-    return _ChunkedCrossEntropy.apply(h, weight, targets, chunk_rows)
-
-
-# --------------------------------------------------------------------------------------
 # Layers
 # --------------------------------------------------------------------------------------
 class RMSNorm(nn.Module):

@@ -100,6 +100,8 @@ def _optim_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1")
     g.add_argument("--beta2", type=float, default=0.95, help="AdamW beta2")
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0 = off)")
+    g.add_argument("--z-loss", type=float, default=0.0,
+                   help="weight of PaLM's z-loss, logsumexp(logits)^2 per token, added to the cross-entropy (0 = off)")
     g.add_argument("--seed", "--global-seed", dest="seed", type=int, default=0,
                    help="seed of weights, data order, views, dropout")
     g.add_argument("--skip-nonfinite", type=int, default=0,

@@ -200,7 +200,7 @@ def training_patching(args: argparse.Namespace, image_size: int, entropies: Opti
 # ---------------------------------------------------------------------------------------
 @dataclass
 class TrainBatch:
-    """Model inputs (model(**inputs) -> (logits, loss)) and the sizes throughput is counted in."""
+    """Model inputs (model(**inputs) -> (None, loss)) and the sizes throughput is counted in."""
 
     inputs: dict
     tokens: int

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from autoregressive.models import model_family
+from autoregressive.models.loss import LossConfig
 from autoregressive.train.args import parse_args
 from autoregressive.train.data import (
     BatchStream, OpenedEntropies, build_stream, entropy_dir, open_entropies, open_training_store, per_rank_batch,
@@ -99,9 +100,9 @@ def resolve_run(args: argparse.Namespace, info: DistInfo) -> Tuple[TrainRun, Cod
     batch = per_rank_batch(args, info.world_size)
     run_name, run_dir = run_dir_path(args)
     per_epoch = steps_per_epoch(len(store), info.world_size, batch, args.grad_accum_steps)
-    run = TrainRun(flags=vars(args), num_workers=resolve_workers(args), per_rank_batch_size=batch,
-                   run_name=run_name, run_dir=str(run_dir), total_steps=args.max_steps or args.epochs * per_epoch,
-                   **resolved)
+    run = TrainRun(flags=vars(args), loss=LossConfig.from_flags(vars(args)), num_workers=resolve_workers(args),
+                   per_rank_batch_size=batch, run_name=run_name, run_dir=str(run_dir),
+                   total_steps=args.max_steps or args.epochs * per_epoch, **resolved)
     return run, store, opened
 
 
@@ -312,7 +313,7 @@ def train_step(t: Trainer, batches: list) -> tuple:
     for i, batch in enumerate(batches):
         with gradient_sync(t.module, sync=i == n - 1):
             with autocast_context(t.run, t.info):
-                _, loss = t.module(**batch.inputs, return_logits=False)  # chunked loss, no (B, T, V) logits
+                _, loss = t.module(**batch.inputs, loss_config=t.run.loss)  # chunked: no (B, T, V) logits
             scaled = loss / n
             (t.scaler.scale(scaled) if t.scaler is not None else scaled).backward()
         total += loss.detach().float()

@@ -11,7 +11,6 @@ import argparse
 import contextlib
 import dataclasses
 import math
-import warnings
 from typing import Callable, Optional
 
 import torch
@@ -84,10 +83,8 @@ def compile_model(model: nn.Module, scope: str, backend: str = "inductor", block
     "blocks": each transformer block (`blocks`, default every TransformerBlock) separately, the
     work between them eager.
 
-    The AOTAutograd cache skips graphs holding a custom autograd.Function (the chunked loss)
-    unless allowed; the Function is traced into the graph, forward and backward, so the cache key
-    covers its code. Allowed, a second process loads the compiled forward and backward instead of
-    tracing them again (GPT-T's first step 8.3 s -> 3.1 s on a warm cache, 50 s cold)."""
+    Custom autograd.Functions (the chunked loss) are allowed in the AOTAutograd cache: traced into
+    the graph, their code is in its key; a second process then loads the compiled step."""
     torch._functorch.config.autograd_cache_allow_custom_autograd_functions = True
     if scope == "model":
         model.compile(backend=backend)
@@ -132,8 +129,6 @@ def parallelize(model: nn.Module, args: argparse.Namespace, info: DistInfo) -> n
     fully_shard(model, mesh=mesh, mp_policy=policy)
     if whole:
         compile_model(model, "model")
-    # The root returns logits as a slice of the head's output; nothing edits it in place.
-    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     return model
 
 

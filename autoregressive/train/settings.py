@@ -1,19 +1,20 @@
 """The resolved settings of one training run (train_c2i.py), built once from the flags, the code
 store and the device (autoregressive.train.loop.resolve_run) and only read afterwards."""
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from types import MappingProxyType
 from typing import Any, Mapping, Optional
 
+from autoregressive.models.loss import LossConfig
 from utils.checkpoint import plain_args
 
 
 @dataclass(frozen=True)
 class TrainRun:
     """Flags as parsed (`flags`, read-only; any flag reads as an attribute), except the resolved
-    ones, which are fields: mixed_precision and compile (the 'auto' defaults decided for the
-    device), vocab_size, image_size, downsample_size and num_classes (from the code store),
-    num_workers, threshold (tau as used), max_patch_length (DPAR: P_max as used, 0 = no cap) and
+    ones, which are fields: loss (the loss flags as a LossConfig), mixed_precision and compile (the
+    'auto' defaults decided for the device), vocab_size, image_size, downsample_size and
+    num_classes (from the code store), num_workers, threshold (tau as used), max_patch_length (DPAR: P_max as used, 0 = no cap) and
     run_name; and the derived ones: world_size, block_size (tokens per image), model_config (the
     registry config as a dict), run_dir, per_rank_batch_size and total_steps. DPAR runs add patching (the rule as a dict) and
     achieved_compression; every run records code_store_hash, and gated modes add entropy_model_hash
@@ -22,6 +23,7 @@ class TrainRun:
     and the step from which each applied."""
 
     flags: Mapping[str, Any]
+    loss: LossConfig
     mixed_precision: str
     compile: bool
     world_size: int
@@ -82,7 +84,7 @@ class TrainRun:
 # rates follow the total step count).
 IDENTITY = ("gpt_model", "model_config", "code_store_hash", "entropy_model_hash", "entropy_sha256", "patching",
             "seed", "global_batch_size", "lr", "lr_schedule", "warmup_steps", "min_lr", "weight_decay", "beta1",
-            "beta2", "max_grad_norm", "ema", "ema_decay")
+            "beta2", "max_grad_norm", "ema", "ema_decay", *(f.name for f in fields(LossConfig)))
 
 
 def run_identity(args: Mapping[str, Any]) -> dict:
