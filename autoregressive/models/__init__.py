@@ -6,26 +6,28 @@ from typing import Callable, Dict, Union
 
 import torch.nn as nn
 
-from autoregressive.models.dpar import DPAR, DPAR_models, DPARConfig
-from autoregressive.models.gpt import GPT_models, GPTConfig, Transformer
+from autoregressive.models.dpar import DPAR, DPAR_configs, DPAR_models, DPARConfig
+from autoregressive.models.gpt import GPT_configs, GPT_models, GPTConfig, Transformer
 from utils.checkpoint import checkpoint_weights, load_checkpoint
 
 
 @dataclass(frozen=True, eq=False)
 class ModelFamily:
-    """One model family: its registry (LlamaGen style, name -> constructor), model and config
-    classes, and whether its middle layers run over patches (then training and sampling need a
-    patching rule, generation an entropy model for the gated modes, and FLOPs a patch count)."""
+    """One model family: its registry (name -> the config fields of that size, as data), the
+    same names as LlamaGen-style constructors, model and config classes, and whether its middle
+    layers run over patches (then training and sampling need a patching rule, generation an
+    entropy model for the gated modes, and FLOPs a patch count)."""
 
     name: str
+    configs: Dict[str, dict]
     models: Dict[str, Callable[..., nn.Module]]
     model_class: type
     config_class: type
     patched: bool
 
 
-GPT_FAMILY = ModelFamily("GPT", GPT_models, Transformer, GPTConfig, patched=False)
-DPAR_FAMILY = ModelFamily("DPAR", DPAR_models, DPAR, DPARConfig, patched=True)
+GPT_FAMILY = ModelFamily("GPT", GPT_configs, GPT_models, Transformer, GPTConfig, patched=False)
+DPAR_FAMILY = ModelFamily("DPAR", DPAR_configs, DPAR_models, DPAR, DPARConfig, patched=True)
 FAMILIES = (GPT_FAMILY, DPAR_FAMILY)
 
 
@@ -46,6 +48,12 @@ def model_family(model: Union[str, nn.Module]) -> ModelFamily:
         names = ", ".join(f.name for f in FAMILIES)
         raise ValueError(f"{type(module).__name__} is not a model of any family ({names})")
     return family
+
+
+def build_config(name: str, **kwargs):
+    """The config of registry entry `name` with `kwargs` over its sizes; builds no model."""
+    family = model_family(name)
+    return family.config_class(**{**family.configs[name], **kwargs})
 
 
 def build_model(name: str, **kwargs) -> nn.Module:
