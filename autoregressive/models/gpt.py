@@ -167,8 +167,7 @@ class Transformer(nn.Module):
         return self.decode(tokens, *self.step_position(tokens.shape[0], step))
 
 
-# name -> the GPTConfig fields of that size; parameter counts for the ImageNet 256 setting
-# (vocab 16384, 1000 classes)
+# name -> GPTConfig fields of that size; parameter counts at ImageNet 256 (vocab 16384, 1000 classes)
 GPT_configs = {
     "GPT-T": dict(n_layer=2, n_head=4, dim=64),  # tests
     "GPT-XS": dict(n_layer=4, n_head=6, dim=192),  # CPU runs

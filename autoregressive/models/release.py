@@ -45,7 +45,7 @@ def release_config(model: nn.Module, name: str, **fields) -> dict:
     """The config.json of a release of `model` under registry name `name`, with `fields` added."""
     module = getattr(model, "_orig_mod", model)
     kind = model_kind(module)
-    known = VQ_ARCHS if kind == "vq" else next(f.models for f in FAMILIES if f.name.lower() == kind)
+    known = VQ_ARCHS if kind == "vq" else next(f.configs for f in FAMILIES if f.name.lower() == kind)
     if name not in known:
         raise ValueError(f"{name!r} is not a {kind} registry name (one of {sorted(known)})")
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind, "model_name": name,
