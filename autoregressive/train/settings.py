@@ -90,7 +90,7 @@ class TrainRun:
     run_dir: str
     per_rank_batch_size: int
     total_steps: int
-    code_store_hash: Optional[str] = None
+    code_store_hash: str
     entropy_model_hash: Optional[str] = None  # gated DPAR modes: the entropies' model and file
     entropy_sha256: Optional[str] = None
     achieved_compression: Optional[float] = None  # DPAR: mean patch length, and the rule as a dict
@@ -110,10 +110,10 @@ class TrainRun:
 
     def args_dict(self) -> dict:
         """What checkpoints, args.json and wandb record as "args": the fields as plain values; the
-        hashes, the patching rule and setting_changes only when the run has them."""
+        entropies' hashes, the patching rule and setting_changes only when the run has them."""
         out = dataclasses.asdict(self)
-        for key, companion in (("code_store_hash", None), ("entropy_sha256", "entropy_model_hash"),
-                               ("patching", "achieved_compression"), ("setting_changes", None)):
+        for key, companion in (("entropy_sha256", "entropy_model_hash"), ("patching", "achieved_compression"),
+                               ("setting_changes", None)):
             if not out[key]:
                 del out[key]
                 out.pop(companion, None)
