@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from autoregressive.models import (
-    DPAR_FAMILY, FAMILIES, GPT_FAMILY, all_models, build_config, build_model, build_model_from_config, model_family)
+    DPAR_FAMILY, FAMILIES, GPT_FAMILY, all_models, build_config, build_model, model_family)
 from autoregressive.models.dpar import DPAR, DPAR_models, DPARConfig
 from autoregressive.models.generate import Sampling, draw_uniforms, generate, generate_dpar, reference_generate_dpar
 from autoregressive.models.gpt import GPT_models
@@ -153,7 +153,7 @@ def test_every_registry_name_belongs_to_one_family():
     assert all(model_family(name) is family for family in FAMILIES for name in family.configs)
     for family, name in ((GPT_FAMILY, "GPT-T"), (DPAR_FAMILY, "DPAR-T")):
         model = build_model(name, vocab_size=32, block_size=16, num_classes=5)
-        again = build_model_from_config(name, dataclasses.asdict(model.config))
+        again = build_model(name, **dataclasses.asdict(model.config))  # back from a stored config
         assert type(model) is family.model_class and type(model.config) is family.config_class
         assert model_family(model) is family and model_family(torch.compile(model)) is family
         assert again.config == model.config

@@ -20,7 +20,7 @@ from autoregressive.train.args import parse_args
 from autoregressive.train.data import BatchStream, GPTBatches, build_stream
 from autoregressive.train.loop import resolve_run
 from autoregressive.train.model import create_model, learning_rate
-from autoregressive.train.settings import TrainRun
+from autoregressive.train.settings import IDENTITY, TrainRun
 from dataset.code_store import CodeDataset, CodeStoreWriter, code_store_hash, open_code_store
 import train_faults
 from utils.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, prune_checkpoints
@@ -335,6 +335,7 @@ def test_run_settings_resolve_once_and_stay_frozen(tmp_path):
     with pytest.raises(AttributeError):  # no fall-through to raw flags: every setting is a declared field
         run.flags
     values = {f.name: getattr(run, f.name) for f in dataclasses.fields(run)}
+    assert set(IDENTITY) <= set(values) and set(before) <= set(values)  # identity and every flag: declared fields
     with pytest.raises(TypeError, match="no field for the flags"):
         TrainRun.from_flags({**vars(args), "undeclared_flag": 1}, **values)
     recorded = run.args_dict()

@@ -49,19 +49,15 @@ def model_family(model: Union[str, nn.Module]) -> ModelFamily:
     return family
 
 
-def build_config(name: str, **kwargs):
+def build_config(name: str, /, **kwargs):
     """The config of registry entry `name` with `kwargs` over its sizes; builds no model."""
     family = model_family(name)
     return family.config_class(**{**family.configs[name], **kwargs})
 
 
-def build_model(name: str, **kwargs) -> nn.Module:
+def build_model(name: str, /, **kwargs) -> nn.Module:
+    """The registry model `name` with `kwargs` over its sizes (a stored config dict rebuilds it)."""
     return model_family(name).model_class(build_config(name, **kwargs))
-
-
-def build_model_from_config(name: str, config: dict) -> nn.Module:
-    """Rebuild a model from its registry name and stored config dict."""
-    return build_model(name, **config)
 
 
 def model_from_checkpoint(ckpt, strict: bool = True, prefer_ema: bool = False):
@@ -73,7 +69,7 @@ def model_from_checkpoint(ckpt, strict: bool = True, prefer_ema: bool = False):
     args = ckpt.get("args")
     if not isinstance(args, dict) or "gpt_model" not in args or "model_config" not in args:
         raise ValueError("checkpoint does not record its model (args.gpt_model / args.model_config missing)")
-    model = build_model_from_config(args["gpt_model"], args["model_config"])
+    model = build_model(args["gpt_model"], **args["model_config"])
     weights, used_ema = checkpoint_weights(ckpt, prefer_ema)
     try:
         model.load_state_dict(weights, strict=strict)

@@ -20,7 +20,7 @@ from typing import Optional, Tuple, Union
 
 import torch.nn as nn
 
-from autoregressive.models import FAMILIES, build_model_from_config, model_family
+from autoregressive.models import FAMILIES, build_model, model_family
 from autoregressive.models.gpt import GPT_configs, GPTConfig
 from tokenizer.vq_model import VQ_ARCHS, VQConfig, VQModel
 from utils.release import (CONFIG_NAME, FORMAT, FORMAT_VERSION, WEIGHTS_NAME, load_weights_strict, local_folder,
@@ -91,7 +91,7 @@ def build_from_config(config: dict, path: Path) -> nn.Module:
             return VQModel(VQConfig(**fields))
         if model_family(name).name.lower() != kind:
             raise ValueError(f"{name} is not a {kind} model")
-        return build_model_from_config(name, fields)
+        return build_model(name, **fields)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: cannot build {name}: {str(e).splitlines()[0]}") from None
 
