@@ -241,8 +241,8 @@ def build_sampler(args: argparse.Namespace, device: torch.device, world_size: in
         entropy_model = cast_parameters(entropy_model.to(device), dtype)
     precision = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
     run = settings_from_flags(  # the flags as given, the checkpoint's model and weights, the mode's defaults
-        SampleRun, vars(args), gpt_model=name, image_size=image_size, image_size_eval=args.image_size_eval or
-        image_size, cfg_scale=cfg_scale, top_k=top_k, precision=precision, weights=ckpt_args["weights"],
+        SampleRun, vars(args), gpt_model=name, weights=ckpt_args["weights"], image_size=image_size,
+        image_size_eval=args.image_size_eval or image_size, cfg_scale=cfg_scale, top_k=top_k, precision=precision,
         patching=patching.to_dict() if patching else None, entropy_ckpt=entropy_ckpt)
     sampling = Sampling(run.cfg_scale, run.cfg_interval, run.temperature, run.top_k, run.top_p)
     plan = compile_plan(args, run, model, entropy_model, device, world_size)
