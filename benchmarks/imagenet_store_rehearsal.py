@@ -57,6 +57,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from autoregressive.models import build_config
 from autoregressive.models.dpar import DPAR_models
 from autoregressive.models.gpt import GPT_models
 from autoregressive.train.data import MAX_DEFAULT_WORKERS, BatchStream, DPARBatches, GPTBatches
@@ -290,9 +291,7 @@ def read_store(path: Path, batches: int, workers: int | None, plain: bool, seed:
     if plain:
         builder, dataset = GPTBatches(store.codebook_size, 1000, 0.1), CodeDataset(store, seed=seed)
     else:
-        with torch.device("meta"):
-            config = DPAR_models["DPAR-T"](vocab_size=store.codebook_size, block_size=store.seq_len,
-                                           num_classes=1000).config
+        config = build_config("DPAR-T", vocab_size=store.codebook_size, block_size=store.seq_len, num_classes=1000)
         patching = paper_patching(store.image_size)
         builder = DPARBatches(store.codebook_size, 1000, 0.1, patching, store.grid_width, config)
         dataset = CodeDataset(store, seed=seed, entropies=entropies)

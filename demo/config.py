@@ -98,10 +98,10 @@ class DemoConfig:
 
     def check(self) -> None:
         """ValueError (one line) for settings that cannot work."""
-        if self.gpt_model not in GPT_FAMILY.models or self.dpar_model not in DPAR_FAMILY.models:
+        if self.gpt_model not in GPT_FAMILY.configs or self.dpar_model not in DPAR_FAMILY.configs:
             raise ValueError(f"--model-size {self.model_size}: the registries need both {self.gpt_model} and "
                              f"{self.dpar_model}")
-        if self.entropy_model not in GPT_FAMILY.models:
+        if self.entropy_model not in GPT_FAMILY.configs:
             raise ValueError(f"--entropy-model must be a GPT registry name, got {self.entropy_model}")
         if not 2 <= self.classes <= len(FAMILIES):
             raise ValueError(f"--classes must be between 2 and {len(FAMILIES)}, got {self.classes}")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from autoregressive.models import (
-    DPAR_FAMILY, FAMILIES, GPT_FAMILY, all_models, build_model, build_model_from_config, model_family)
+    DPAR_FAMILY, FAMILIES, GPT_FAMILY, all_models, build_config, build_model, model_family)
 from autoregressive.models.dpar import DPAR, DPAR_models, DPARConfig
 from autoregressive.models.generate import Sampling, draw_uniforms, generate, generate_dpar, reference_generate_dpar
 from autoregressive.models.gpt import GPT_models
@@ -149,15 +149,31 @@ def test_parameter_counts_close_to_gpt():
 def test_every_registry_name_belongs_to_one_family():
     """model_family answers for names, built models and compiled models alike; each family's
     record builds its own model and config classes, also back from a stored config."""
-    assert sum(len(f.models) for f in FAMILIES) == len(all_models())  # no name in two registries
-    assert all(model_family(name) is family for family in FAMILIES for name in family.models)
+    assert sum(len(f.configs) for f in FAMILIES) == len(all_models())  # no name in two registries
+    assert all(model_family(name) is family for family in FAMILIES for name in family.configs)
     for family, name in ((GPT_FAMILY, "GPT-T"), (DPAR_FAMILY, "DPAR-T")):
         model = build_model(name, vocab_size=32, block_size=16, num_classes=5)
-        again = build_model_from_config(name, dataclasses.asdict(model.config))
+        again = build_model(name, **dataclasses.asdict(model.config))  # back from a stored config
         assert type(model) is family.model_class and type(model.config) is family.config_class
         assert model_family(model) is family and model_family(torch.compile(model)) is family
         assert again.config == model.config
     assert DPAR_FAMILY.patched and not GPT_FAMILY.patched
+
+
+def test_registry_sizes_are_data_that_give_the_built_models_config():
+    """build_config reads the registry's sizes without building a model; the config equals the one
+    of the model that LlamaGen's call form (GPT_models[name](**kwargs)) builds, for every name."""
+    registries = {**GPT_models, **DPAR_models}
+    assert registries.keys() == all_models().keys()
+    kwargs = dict(vocab_size=32, block_size=16, num_classes=5, token_dropout_p=0.0)
+    for name, builder in registries.items():
+        with torch.device("meta"):
+            built = builder(**kwargs).config
+        config = build_config(name, **kwargs)
+        assert config == built and type(config) is model_family(name).config_class
+        assert all(getattr(config, k) == v for k, v in all_models()[name].items())
+    deeper = build_config("DPAR-L", n_encoder_layer=2, n_patch_layer=18)  # kwargs override the sizes
+    assert (deeper.n_encoder_layer, deeper.n_patch_layer, deeper.n_decoder_layer, deeper.n_layer) == (2, 18, 4, 24)
     with pytest.raises(ValueError, match="unknown model"):
         model_family("DPAR-unknown")
     with pytest.raises(ValueError, match="not a model of any family"):

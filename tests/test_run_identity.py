@@ -311,7 +311,7 @@ def test_full_disk_during_a_distributed_checkpoint_save(tmp_path, monkeypatch):
     partial directory is removed."""
     import torch.distributed.checkpoint.filesystem as dcp_files
 
-    from autoregressive.models import GPT_models
+    from autoregressive.models.gpt import GPT_models
     from utils.distributed import DistInfo
 
     model = GPT_models["GPT-T"](vocab_size=16, block_size=16, num_classes=4)

@@ -20,7 +20,8 @@ from autoregressive.train.args import parse_args
 from autoregressive.train.data import BatchStream, GPTBatches, build_stream
 from autoregressive.train.loop import resolve_run
 from autoregressive.train.model import create_model, learning_rate
-from dataset.code_store import CodeDataset, CodeStoreWriter, open_code_store
+from autoregressive.train.settings import IDENTITY, TrainRun
+from dataset.code_store import CodeDataset, CodeStoreWriter, code_store_hash, open_code_store
 import train_faults
 from utils.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, prune_checkpoints
 from utils.distributed import DistInfo
@@ -170,7 +171,7 @@ def test_loss_flags_reach_the_training_step(store, tmp_path):
     main(train_argv(store, tmp_path, "z", *NO_DROPOUT, max_steps=1, z_loss=0.5))
     first = read_log(tmp_path / "z")[0]
     assert first["step"] == 1 and first["loss"] == pytest.approx(np.log(VOCAB) + 0.5 * np.log(VOCAB) ** 2, rel=1e-5)
-    assert final_state(tmp_path / "z")["args"]["z_loss"] == 0.5
+    assert final_state(tmp_path / "z")["args"]["loss"]["z_loss"] == 0.5
 
 
 def test_dpar_batches_carry_patch_lengths(tmp_path):
@@ -340,14 +341,27 @@ def test_run_settings_resolve_once_and_stay_frozen(tmp_path):
     assert run.model_config == dataclasses.asdict(create_model(run).config) and run.lr == args.lr
     with pytest.raises(dataclasses.FrozenInstanceError):
         run.total_steps = 1
-    with pytest.raises(TypeError):
-        run.flags["lr"] = 1.0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        run.lr = 1.0
+    with pytest.raises(AttributeError):  # no fall-through to raw flags: every setting is a declared field
+        run.flags
+    values = {f.name: getattr(run, f.name) for f in dataclasses.fields(run)}
+    assert set(IDENTITY) <= set(values) and set(before) <= set(values)  # identity and every flag: declared fields
+    with pytest.raises(TypeError, match="no field for the flags"):
+        TrainRun.from_flags({**vars(args), "undeclared_flag": 1}, **values)
     recorded = run.args_dict()
     derived = {"world_size", "block_size", "model_config", "run_dir", "per_rank_batch_size", "total_steps",
                "code_store_hash"}
     assert set(recorded) == set(before) | derived and json.loads(json.dumps(recorded)) == recorded
     assert recorded["code_store_hash"] == code_store_hash(store)
     assert recorded["vocab_size"] == VOCAB and before["vocab_size"] is None and recorded["lr"] == args.lr
+    # a flag may instead land in a resolved settings dataclass (one field of the run), recorded under that field
+    Extra = dataclasses.make_dataclass("Extra", [("extra_weight", float)], frozen=True)
+    WithExtra = dataclasses.make_dataclass("WithExtra", [("extra", Extra, dataclasses.field(default=None))],
+                                           bases=(TrainRun,), frozen=True)
+    weight = float(torch.rand(()))
+    with_extra = WithExtra.from_flags({**vars(args), "extra_weight": weight}, extra=Extra(weight), **values)
+    assert with_extra.args_dict() == {**recorded, "extra": {"extra_weight": weight}}
 
 
 def test_learning_rate_schedule():

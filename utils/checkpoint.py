@@ -341,21 +341,6 @@ def seed_rng(seed: int, rank: int, generator: torch.Generator) -> None:
 # ---------------------------------------------------------------------------------------
 # Save / load
 # ---------------------------------------------------------------------------------------
-def plain_args(args: argparse.Namespace) -> dict:
-    """vars(args) with only plain values (str, int, float, bool, None, lists and dicts of them)."""
-
-    def plain(v):
-        if isinstance(v, Path):
-            return str(v)
-        if isinstance(v, (list, tuple)):
-            return [plain(x) for x in v]
-        if isinstance(v, dict):
-            return {str(k): plain(x) for k, x in v.items()}
-        return v
-
-    return {k: plain(v) for k, v in vars(args).items()}
-
-
 def save_training_checkpoint(ckpt_dir: Path, model: nn.Module, optimizer, state: dict, info: DistInfo,
                              sharded: bool, generator: torch.Generator, ema: Optional[Any] = None) -> Path:
     """Write checkpoint <step:07d> (all ranks call). state: step, epoch, data_position, args

@@ -2,41 +2,42 @@
 everything that differs between the GPT baseline and DPAR is asked of its family's record
 (`model_family(name or model)`), never of the name."""
 from dataclasses import dataclass
-from typing import Callable, Dict, Union
+from typing import Dict, Union
 
 import torch.nn as nn
 
-from autoregressive.models.dpar import DPAR, DPAR_models, DPARConfig
-from autoregressive.models.gpt import GPT_models, GPTConfig, Transformer
+from autoregressive.models.dpar import DPAR, DPAR_configs, DPARConfig
+from autoregressive.models.gpt import GPT_configs, GPTConfig, Transformer
 from utils.checkpoint import checkpoint_weights, load_checkpoint
 
 
 @dataclass(frozen=True, eq=False)
 class ModelFamily:
-    """One model family: its registry (LlamaGen style, name -> constructor), model and config
-    classes, and whether its middle layers run over patches (then training and sampling need a
-    patching rule, generation an entropy model for the gated modes, and FLOPs a patch count)."""
+    """One model family: its registry (name -> the config fields of that size, plain data like
+    gpt-fast's transformer_configs), model and config classes, and whether its middle layers run
+    over patches (then training and sampling need a patching rule, generation an entropy model
+    for the gated modes, and FLOPs a patch count)."""
 
     name: str
-    models: Dict[str, Callable[..., nn.Module]]
+    configs: Dict[str, dict]
     model_class: type
     config_class: type
     patched: bool
 
 
-GPT_FAMILY = ModelFamily("GPT", GPT_models, Transformer, GPTConfig, patched=False)
-DPAR_FAMILY = ModelFamily("DPAR", DPAR_models, DPAR, DPARConfig, patched=True)
+GPT_FAMILY = ModelFamily("GPT", GPT_configs, Transformer, GPTConfig, patched=False)
+DPAR_FAMILY = ModelFamily("DPAR", DPAR_configs, DPAR, DPARConfig, patched=True)
 FAMILIES = (GPT_FAMILY, DPAR_FAMILY)
 
 
 def all_models() -> dict:
-    return {name: ctor for family in FAMILIES for name, ctor in family.models.items()}
+    return {name: sizes for family in FAMILIES for name, sizes in family.configs.items()}
 
 
 def model_family(model: Union[str, nn.Module]) -> ModelFamily:
     """The family of a registry name or of a model (a torch.compile'd one included)."""
     if isinstance(model, str):
-        family = next((f for f in FAMILIES if model in f.models), None)
+        family = next((f for f in FAMILIES if model in f.configs), None)
         if family is None:
             raise ValueError(f"unknown model {model!r}; choose one of {sorted(all_models())}")
         return family
@@ -48,14 +49,15 @@ def model_family(model: Union[str, nn.Module]) -> ModelFamily:
     return family
 
 
-def build_model(name: str, **kwargs) -> nn.Module:
-    return model_family(name).models[name](**kwargs)
-
-
-def build_model_from_config(name: str, config: dict) -> nn.Module:
-    """Rebuild a model from its registry name and stored config dict."""
+def build_config(name: str, /, **kwargs):
+    """The config of registry entry `name` with `kwargs` over its sizes; builds no model."""
     family = model_family(name)
-    return family.model_class(family.config_class(**config))
+    return family.config_class(**{**family.configs[name], **kwargs})
+
+
+def build_model(name: str, /, **kwargs) -> nn.Module:
+    """The registry model `name` with `kwargs` over its sizes (a stored config dict rebuilds it)."""
+    return model_family(name).model_class(build_config(name, **kwargs))
 
 
 def model_from_checkpoint(ckpt, strict: bool = True, prefer_ema: bool = False):
@@ -67,7 +69,7 @@ def model_from_checkpoint(ckpt, strict: bool = True, prefer_ema: bool = False):
     args = ckpt.get("args")
     if not isinstance(args, dict) or "gpt_model" not in args or "model_config" not in args:
         raise ValueError("checkpoint does not record its model (args.gpt_model / args.model_config missing)")
-    model = build_model_from_config(args["gpt_model"], args["model_config"])
+    model = build_model(args["gpt_model"], **args["model_config"])
     weights, used_ema = checkpoint_weights(ckpt, prefer_ema)
     try:
         model.load_state_dict(weights, strict=strict)

@@ -19,6 +19,7 @@ copies.
 """
 import math
 from dataclasses import dataclass, fields, replace
+from functools import partial
 from typing import List, Optional, Union
 
 import torch
@@ -544,22 +545,21 @@ class DecodeBuffers(nn.Module):
         return shapes, self.states.dtype, self.states.device
 
 
-def _factory(n_encoder_layer: int, n_patch_layer: int, n_decoder_layer: int, n_head: int, dim: int):
-    def build(**kwargs) -> DPAR:
-        depths = dict(n_encoder_layer=n_encoder_layer, n_patch_layer=n_patch_layer, n_decoder_layer=n_decoder_layer)
-        return DPAR(DPARConfig(n_head=n_head, dim=dim, **{**depths, **kwargs}))
-
-    return build
-
-
-# (E, G, D, heads, dim): same total depth as the GPT of the same size
-DPAR_models = {
-    "DPAR-T": _factory(1, 1, 1, 4, 64),  # tests
-    "DPAR-XS": _factory(1, 2, 1, 6, 192),  # CPU runs
-    "DPAR-XS8": _factory(1, 5, 2, 6, 192),  # CPU runs with most layers over patches, like DPAR-B
-    "DPAR-S": _factory(1, 5, 2, 6, 384),
-    "DPAR-B": _factory(1, 8, 3, 12, 768),
-    "DPAR-L": _factory(1, 19, 4, 16, 1024),
-    "DPAR-XL": _factory(1, 30, 5, 20, 1280),
-    "DPAR-XXL": _factory(1, 41, 6, 24, 1536),
+# name -> the DPARConfig fields of that size: same total depth as the GPT of the same size
+DPAR_configs = {
+    "DPAR-T": dict(n_encoder_layer=1, n_patch_layer=1, n_decoder_layer=1, n_head=4, dim=64),  # tests
+    "DPAR-XS": dict(n_encoder_layer=1, n_patch_layer=2, n_decoder_layer=1, n_head=6, dim=192),  # CPU runs
+    "DPAR-XS8": dict(n_encoder_layer=1, n_patch_layer=5, n_decoder_layer=2, n_head=6, dim=192),  # CPU, DPAR-B-like
+    "DPAR-S": dict(n_encoder_layer=1, n_patch_layer=5, n_decoder_layer=2, n_head=6, dim=384),
+    "DPAR-B": dict(n_encoder_layer=1, n_patch_layer=8, n_decoder_layer=3, n_head=12, dim=768),
+    "DPAR-L": dict(n_encoder_layer=1, n_patch_layer=19, n_decoder_layer=4, n_head=16, dim=1024),
+    "DPAR-XL": dict(n_encoder_layer=1, n_patch_layer=30, n_decoder_layer=5, n_head=20, dim=1280),
+    "DPAR-XXL": dict(n_encoder_layer=1, n_patch_layer=41, n_decoder_layer=6, n_head=24, dim=1536),
 }
+
+
+def _build(name: str, **kwargs) -> DPAR:
+    return DPAR(DPARConfig(**{**DPAR_configs[name], **kwargs}))
+
+
+DPAR_models = {name: partial(_build, name) for name in DPAR_configs}  # LlamaGen's call form, like GPT_models

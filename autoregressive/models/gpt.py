@@ -6,6 +6,7 @@ slot 0 uses the all-zero RoPE table, slot i >= 1 the grid position of x_{i-1}.
 """
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Optional
 
 import torch
@@ -157,24 +158,24 @@ class Transformer(nn.Module):
         return self.decode(tokens, *self.step_position(tokens.shape[0], step))
 
 
-def _factory(n_layer: int, n_head: int, dim: int):
-    def build(**kwargs) -> Transformer:
-        return Transformer(GPTConfig(n_layer=n_layer, n_head=n_head, dim=dim, **kwargs))
-
-    return build
-
-
-# (layers, heads, dim); parameter counts for the ImageNet 256 setting (vocab 16384, 1000 classes)
-GPT_models = {
-    "GPT-T": _factory(2, 4, 64),  # tests
-    "GPT-XS": _factory(4, 6, 192),  # CPU runs
-    "GPT-XS8": _factory(8, 6, 192),  # CPU runs at DPAR-B-like proportions (demo.quality_study)
-    "GPT-S": _factory(8, 6, 384),  # default entropy model
-    "GPT-B": _factory(12, 12, 768),  # 111M
-    "GPT-L": _factory(24, 16, 1024),  # 343M
-    "GPT-XL": _factory(36, 20, 1280),  # 775M
-    "GPT-XXL": _factory(48, 24, 1536),  # 1.4B
-    "GPT-XXXL": _factory(48, 40, 2560),  # 3.9B
-    "GPT-1B": _factory(22, 32, 2048),  # 1.2B
-    "GPT-3B": _factory(24, 32, 3200),  # 3.1B
+# name -> GPTConfig fields of that size; parameter counts at ImageNet 256 (vocab 16384, 1000 classes)
+GPT_configs = {
+    "GPT-T": dict(n_layer=2, n_head=4, dim=64),  # tests
+    "GPT-XS": dict(n_layer=4, n_head=6, dim=192),  # CPU runs
+    "GPT-XS8": dict(n_layer=8, n_head=6, dim=192),  # CPU runs at DPAR-B-like proportions (demo.quality_study)
+    "GPT-S": dict(n_layer=8, n_head=6, dim=384),  # default entropy model
+    "GPT-B": dict(n_layer=12, n_head=12, dim=768),  # 111M
+    "GPT-L": dict(n_layer=24, n_head=16, dim=1024),  # 343M
+    "GPT-XL": dict(n_layer=36, n_head=20, dim=1280),  # 775M
+    "GPT-XXL": dict(n_layer=48, n_head=24, dim=1536),  # 1.4B
+    "GPT-XXXL": dict(n_layer=48, n_head=40, dim=2560),  # 3.9B
+    "GPT-1B": dict(n_layer=22, n_head=32, dim=2048),  # 1.2B
+    "GPT-3B": dict(n_layer=24, n_head=32, dim=3200),  # 3.1B
 }
+
+
+def _build(name: str, **kwargs) -> Transformer:
+    return Transformer(GPTConfig(**{**GPT_configs[name], **kwargs}))
+
+
+GPT_models = {name: partial(_build, name) for name in GPT_configs}  # LlamaGen's GPT_models[name](**kwargs)

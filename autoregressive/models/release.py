@@ -18,11 +18,10 @@ import dataclasses
 from pathlib import Path
 from typing import Optional, Tuple, Union
 
-import torch
 import torch.nn as nn
 
-from autoregressive.models import FAMILIES, build_model_from_config, model_family
-from autoregressive.models.gpt import GPT_models, GPTConfig
+from autoregressive.models import FAMILIES, build_model, model_family
+from autoregressive.models.gpt import GPT_configs, GPTConfig
 from tokenizer.vq_model import VQ_ARCHS, VQConfig, VQModel
 from utils.release import (CONFIG_NAME, FORMAT, FORMAT_VERSION, WEIGHTS_NAME, load_weights_strict, local_folder,
                            read_config, write_weights_folder)
@@ -46,7 +45,7 @@ def release_config(model: nn.Module, name: str, **fields) -> dict:
     """The config.json of a release of `model` under registry name `name`, with `fields` added."""
     module = getattr(model, "_orig_mod", model)
     kind = model_kind(module)
-    known = VQ_ARCHS if kind == "vq" else next(f.models for f in FAMILIES if f.name.lower() == kind)
+    known = VQ_ARCHS if kind == "vq" else next(f.configs for f in FAMILIES if f.name.lower() == kind)
     if name not in known:
         raise ValueError(f"{name!r} is not a {kind} registry name (one of {sorted(known)})")
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind, "model_name": name,
@@ -92,7 +91,7 @@ def build_from_config(config: dict, path: Path) -> nn.Module:
             return VQModel(VQConfig(**fields))
         if model_family(name).name.lower() != kind:
             raise ValueError(f"{name} is not a {kind} model")
-        return build_model_from_config(name, fields)
+        return build_model(name, **fields)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: cannot build {name}: {str(e).splitlines()[0]}") from None
 
@@ -111,17 +110,11 @@ def llamagen_release_config(fields: dict, path: Path) -> dict:
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: {str(e).splitlines()[0]}") from None
     size = (config.n_layer, config.n_head, config.dim)
-    name = next((n for n, build in GPT_models.items() if _registry_size(build) == size), None)
+    name = next((n for n, c in GPT_configs.items() if (c["n_layer"], c["n_head"], c["dim"]) == size), None)
     if name is None:
         raise ValueError(f"{path}: no GPT registry entry has {size[0]} layers, {size[1]} heads, dim {size[2]}")
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": "gpt", "model_name": name,
             "model_config": dataclasses.asdict(config), "source": {"format": "LlamaGen TransformerHF"}}
-
-
-def _registry_size(build) -> tuple:
-    with torch.device("meta"):
-        config = build(vocab_size=16, block_size=16, num_classes=1).config
-    return config.n_layer, config.n_head, config.dim
 
 
 # ---------------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ from autoregressive.sample.sampler import Sampler
 from autoregressive.sample.settings import SampleRun
 from entropy_model.patching import PATCH_MODES
 from tokenizer.vq_model import VQ_models
-from utils.cli import HelpFormatter
+from utils.cli import HelpFormatter, settings_from_flags
 from utils.distributed import DistInfo, init_distributed, launched_by_torchrun, teardown_distributed
 
 FID_CFG_SCALE = {"B": 2.0, "L": 2.0, "XL": 1.75, "XXL": 1.75, "3B": 1.65}  # LlamaGen, by model size
@@ -235,14 +235,11 @@ def build_sampler(args: argparse.Namespace, device: torch.device) -> Tuple[Sampl
     model = cast_parameters(model.to(device), dtype)
     if entropy_model is not None:
         entropy_model = cast_parameters(entropy_model.to(device), dtype)
-    run = SampleRun(
-        gpt_model=name, gpt_ckpt=args.gpt_ckpt, vq_model=args.vq_model, vq_ckpt=args.vq_ckpt, image_size=image_size,
-        image_size_eval=args.image_size_eval or image_size, cfg_scale=cfg_scale, cfg_interval=args.cfg_interval,
-        temperature=args.temperature, top_k=top_k, top_p=args.top_p, seed=args.seed,
-        precision={torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype],
-        patching=patching.to_dict() if patching else None, entropy_ckpt=entropy_ckpt, weights=ckpt_args["weights"],
-        per_proc_batch_size=args.per_proc_batch_size, num_fid_samples=args.num_fid_samples,
-        sample_dir=args.sample_dir, class_labels=args.class_labels, out=args.out, nrow=args.nrow)
+    precision = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    run = settings_from_flags(  # the flags as given, the checkpoint's model and weights, the mode's defaults
+        SampleRun, vars(args), gpt_model=name, weights=ckpt_args["weights"], image_size=image_size,
+        image_size_eval=args.image_size_eval or image_size, cfg_scale=cfg_scale, top_k=top_k, precision=precision,
+        patching=patching.to_dict() if patching else None, entropy_ckpt=entropy_ckpt)
     sampling = Sampling(run.cfg_scale, run.cfg_interval, run.temperature, run.top_k, run.top_p)
     fast = compile_decode(args.compile, device, fid)
     sampler = Sampler(model, vq.to(device), sampling, device, entropy_model, patching,

@@ -6,11 +6,12 @@ from typing import Optional, Sequence
 
 @dataclass(frozen=True)
 class SampleRun:
-    """Flags as given, except the resolved ones: gpt_model (the checkpoint's), image_size (the
-    model's grid times the VQ's downsampling), image_size_eval (default image_size), cfg_scale and
-    top_k (the mode's defaults when unset), precision ("fp32" / "bf16" / "fp16", as run), patching
-    (the DPAR rule as a dict, None for a GPT), entropy_ckpt (the entropy model file a DPAR run
-    patches with: --entropy-ckpt or the checkpoint's recorded one; None otherwise) and weights ("ema" or "raw")."""
+    """The flags of the same names as given (utils.cli.settings_from_flags), except the resolved
+    ones: from the checkpoint's recorded args (TrainRun.args_dict) gpt_model, weights ("ema" or
+    "raw"), patching (the DPAR rule with the flags' overrides, None for a GPT) and entropy_ckpt
+    (--entropy-ckpt or the recorded one, for a gated rule); image_size (the model's grid times the
+    VQ's downsampling), image_size_eval (default image_size), cfg_scale and top_k (the mode's
+    defaults when unset) and precision ("fp32" / "bf16" / "fp16", as run)."""
 
     gpt_model: str
     gpt_ckpt: str

@@ -83,7 +83,6 @@ def resolve_run(args: argparse.Namespace, info: DistInfo) -> Tuple[TrainRun, Cod
     resolved.update(sizes)
     resolved["model_config"] = model_config(argparse.Namespace(**{**vars(args), **resolved}))
     opened = None
-    resolved["threshold"] = args.threshold
     if model_family(args.gpt_model).patched:
         require_chosen_threshold(args, resolved["image_size"])
         if args.patching_mode in GATED_MODES:
@@ -100,9 +99,9 @@ def resolve_run(args: argparse.Namespace, info: DistInfo) -> Tuple[TrainRun, Cod
     batch = per_rank_batch(args, info.world_size)
     run_name, run_dir = run_dir_path(args)
     per_epoch = steps_per_epoch(len(store), info.world_size, batch, args.grad_accum_steps)
-    run = TrainRun(flags=vars(args), loss=LossConfig.from_flags(vars(args)), num_workers=resolve_workers(args),
-                   per_rank_batch_size=batch, run_name=run_name, run_dir=str(run_dir),
-                   total_steps=args.max_steps or args.epochs * per_epoch, **resolved)
+    run = TrainRun.from_flags(vars(args), loss=LossConfig.from_flags(vars(args)), num_workers=resolve_workers(args),
+                              per_rank_batch_size=batch, run_name=run_name, run_dir=str(run_dir),
+                              total_steps=args.max_steps or args.epochs * per_epoch, **resolved)
     return run, store, opened
 
 

@@ -18,7 +18,7 @@ import torch._functorch.config
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from autoregressive.models import build_model, model_family
+from autoregressive.models import build_config, build_model, model_family
 from autoregressive.models.modules import TransformerBlock
 from utils.distributed import DistInfo
 
@@ -36,8 +36,7 @@ def model_kwargs(args: argparse.Namespace) -> dict:
     kwargs.update(patch_rope=args.patch_rope, local_dropout=args.local_dropout, patch_init=args.patch_init)
     if args.encoder_layers is None and args.decoder_layers is None:
         return kwargs
-    with torch.device("meta"):
-        base = build_model(args.gpt_model, **kwargs).config
+    base = build_config(args.gpt_model, **kwargs)
     enc = args.encoder_layers or base.n_encoder_layer
     dec = args.decoder_layers or base.n_decoder_layer
     patch = base.n_layer - enc - dec
@@ -47,10 +46,8 @@ def model_kwargs(args: argparse.Namespace) -> dict:
 
 
 def model_config(args: argparse.Namespace) -> dict:
-    """The registry config of the model create_model builds, as a plain dict (built on the meta
-    device: no memory, no random numbers)."""
-    with torch.device("meta"):
-        return dataclasses.asdict(build_model(args.gpt_model, **model_kwargs(args)).config)
+    """The registry config of the model create_model builds, as a plain dict (no model is built)."""
+    return dataclasses.asdict(build_config(args.gpt_model, **model_kwargs(args)))
 
 
 def create_model(args: argparse.Namespace) -> nn.Module:

@@ -1,80 +1,125 @@
 """The resolved settings of one training run (train_c2i.py), built once from the flags, the code
 store and the device (autoregressive.train.loop.resolve_run) and only read afterwards."""
-import argparse
-from dataclasses import dataclass, fields
-from types import MappingProxyType
+import dataclasses
+import json
+from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
 from autoregressive.models.loss import LossConfig
-from utils.checkpoint import plain_args
+from utils.cli import settings_from_flags
 
 
 @dataclass(frozen=True)
 class TrainRun:
-    """Flags as parsed (`flags`, read-only; any flag reads as an attribute), except the resolved
-    ones, which are fields: loss (the loss flags as a LossConfig), mixed_precision and compile (the
-    'auto' defaults decided for the device), vocab_size, image_size, downsample_size and
-    num_classes (from the code store), num_workers, threshold (tau as used), max_patch_length (DPAR: P_max as used, 0 = no cap) and
-    run_name; and the derived ones: world_size, block_size (tokens per image), model_config (the
-    registry config as a dict), run_dir, per_rank_batch_size and total_steps. DPAR runs add patching (the rule as a dict) and
-    achieved_compression; every run records code_store_hash, and gated modes add entropy_model_hash
-    and entropy_sha256 (None elsewhere, and then absent from the checkpoint's args);
-    setting_changes lists the identity settings a run continued with (--continue-with-new-settings)
-    and the step from which each applied."""
+    """Every setting of a run as one field: the flags (autoregressive.train.args, in its order)
+    under their names, those left 'auto' or unset holding the value as used: mixed_precision and
+    compile (for the device), vocab_size, image_size, downsample_size and num_classes (from the
+    code store), num_workers, run_name, threshold (tau as used) and max_patch_length (DPAR: P_max
+    as used, 0 = no cap); then the values derived from them."""
 
-    flags: Mapping[str, Any]
-    loss: LossConfig
-    mixed_precision: str
-    compile: bool
-    world_size: int
+    code_path: str
     vocab_size: int
-    block_size: int
     image_size: int
     downsample_size: int
     num_classes: int
-    model_config: dict
-    run_name: str
-    run_dir: str
-    threshold: Optional[float]
     num_workers: int
+    gpt_model: str
+    unconditional: bool
+    cls_token_num: int
+    dropout_p: float
+    token_dropout_p: float
+    drop_path_rate: float
+    class_dropout_prob: float
+    loss: LossConfig  # the loss flags (autoregressive/models/loss.py)
+    entropy_path: Optional[str]
+    entropy_model: Optional[str]
+    verify_store: bool
+    patching_mode: str
+    threshold: Optional[float]
+    target_compression: Optional[float]
+    max_patch_length: Optional[int]
+    no_row_reset: bool
+    encoder_layers: Optional[int]
+    decoder_layers: Optional[int]
+    patch_rope: str
+    static_length: Optional[float]
+    local_dropout: bool
+    patch_init: str
+    epochs: int
+    max_steps: Optional[int]
+    global_batch_size: int
+    grad_accum_steps: int
+    lr: float
+    lr_schedule: str
+    warmup_steps: int
+    min_lr: float
+    weight_decay: float
+    beta1: float
+    beta2: float
+    max_grad_norm: float
+    seed: int
+    skip_nonfinite: int
+    device: str
+    data_parallel: str
+    mixed_precision: str
+    compile: bool
+    compile_scope: str
+    activation_checkpointing: bool
+    results_dir: str
+    run_name: str
+    continue_with_new_settings: bool
+    resume: Optional[str]
+    ckpt_every: int
+    keep_last: int
+    keep_every: int
+    init_weights: Optional[str]
+    ema: bool
+    ema_decay: float
+    export_consolidated: bool
+    log_every: int
+    peak_tflops: float
+    speed_warmup_steps: int
+    wandb: bool
+    wandb_project: str
+    gpt_ckpt: Optional[str]  # LlamaGen's flags, recorded as given (parsing maps them onto resume, results_dir)
+    gpt_type: str
+    dataset: str
+    cloud_save_path: Optional[str]
+    no_local_save: bool
+    world_size: int  # derived
+    block_size: int  # tokens per image
+    model_config: dict  # the registry config as a dict
+    run_dir: str
     per_rank_batch_size: int
     total_steps: int
-    max_patch_length: Optional[int] = None
-    patching: Optional[dict] = None
-    achieved_compression: Optional[float] = None
-    code_store_hash: Optional[str] = None
-    entropy_model_hash: Optional[str] = None
+    code_store_hash: str
+    entropy_model_hash: Optional[str] = None  # gated DPAR modes: the entropies' model and file
     entropy_sha256: Optional[str] = None
+    achieved_compression: Optional[float] = None  # DPAR: mean patch length, and the rule as a dict
+    patching: Optional[dict] = None
     setting_changes: tuple = ()  # ({"from_step", "changes": {setting: [old, new]}}, ...): --continue-with-new-settings
 
-    def __post_init__(self):
-        object.__setattr__(self, "flags", MappingProxyType(dict(self.flags)))
-
-    def __getattr__(self, name: str) -> Any:
-        """Flags that resolution leaves as given."""
-        flags = self.__dict__.get("flags", {})
-        if name not in flags:
-            raise AttributeError(f"TrainRun has no setting {name!r}")
-        return flags[name]
+    @classmethod
+    def from_flags(cls, flags: Mapping[str, Any], **resolved) -> "TrainRun":
+        """Each field is resolved[name], else flags[name]. Every flag must land in a field, or in a
+        field of a resolved settings dataclass, so that a new flag is declared where it is read."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        nested = {f.name for v in resolved.values() if dataclasses.is_dataclass(v) for f in dataclasses.fields(v)}
+        unplaced = sorted(set(flags) - names - nested)
+        if unplaced:
+            raise TypeError(f"{cls.__name__} has no field for the flags {unplaced}")
+        return settings_from_flags(cls, flags, **resolved)
 
     def args_dict(self) -> dict:
-        """What checkpoints, args.json and wandb record as "args": the flags with the resolved
-        values in place, then the derived values; plain values only."""
-        resolved = ("mixed_precision", "compile", "vocab_size", "image_size", "downsample_size", "num_classes",
-                    "run_name", "threshold", "max_patch_length", "num_workers")
-        out = {**self.flags, **{k: getattr(self, k) for k in resolved}}
-        out.update(world_size=self.world_size, block_size=self.block_size, model_config=self.model_config,
-                   run_dir=self.run_dir)
-        if self.code_store_hash is not None:
-            out.update(code_store_hash=self.code_store_hash)
-        if self.entropy_sha256 is not None:
-            out.update(entropy_model_hash=self.entropy_model_hash, entropy_sha256=self.entropy_sha256)
-        if self.patching is not None:
-            out.update(achieved_compression=self.achieved_compression, patching=self.patching)
-        out.update(per_rank_batch_size=self.per_rank_batch_size, total_steps=self.total_steps)
-        if self.setting_changes:
-            out.update(setting_changes=[dict(c) for c in self.setting_changes])
-        return plain_args(argparse.Namespace(**out))
+        """What checkpoints, args.json and wandb record as "args": the fields as plain values; the
+        entropies' hashes, the patching rule and setting_changes only when the run has them."""
+        out = dataclasses.asdict(self)
+        for key, companion in (("entropy_sha256", "entropy_model_hash"), ("patching", "achieved_compression"),
+                               ("setting_changes", None)):
+            if not out[key]:
+                del out[key]
+                out.pop(companion, None)
+        return json.loads(json.dumps(out))  # plain values: tuples as lists
 
 
 # What a run is (docs/design.md, "Run folders: lock, identity, inputs"): its model, data, entropies,
@@ -84,7 +129,7 @@ class TrainRun:
 # rates follow the total step count).
 IDENTITY = ("gpt_model", "model_config", "code_store_hash", "entropy_model_hash", "entropy_sha256", "patching",
             "seed", "global_batch_size", "lr", "lr_schedule", "warmup_steps", "min_lr", "weight_decay", "beta1",
-            "beta2", "max_grad_norm", "ema", "ema_decay", *(f.name for f in fields(LossConfig)))
+            "beta2", "max_grad_norm", "ema", "ema_decay", "loss")
 
 
 def run_identity(args: Mapping[str, Any]) -> dict:
