@@ -15,7 +15,8 @@ class TrainRun:
     under their names, those left 'auto' or unset holding the value as used: mixed_precision and
     compile (for the device), vocab_size, image_size, downsample_size and num_classes (from the
     code store), num_workers, run_name, threshold (tau as used) and max_patch_length (DPAR: P_max
-    as used, 0 = no cap); then the values derived from them."""
+    as used, 0 = no cap); the loss flags as one LossConfig (`loss`); then the values derived from
+    them."""
 
     code_path: str
     vocab_size: int
@@ -111,9 +112,12 @@ class TrainRun:
         return settings_from_flags(cls, flags, **resolved)
 
     def args_dict(self) -> dict:
-        """What checkpoints, args.json and wandb record as "args": the fields as plain values; the
-        entropies' hashes, the patching rule and setting_changes only when the run has them."""
+        """What checkpoints, args.json and wandb record as "args": the fields as plain values, a
+        settings dataclass's fields under their flag names; the entropies' hashes, the patching rule and setting_changes only when the run has them."""
         out = dataclasses.asdict(self)
+        for f in dataclasses.fields(self):  # a settings dataclass (the loss) is recorded as its flags
+            if dataclasses.is_dataclass(getattr(self, f.name)):
+                out.update(out.pop(f.name))
         for key, companion in (("entropy_sha256", "entropy_model_hash"), ("patching", "achieved_compression"),
                                ("setting_changes", None)):
             if not out[key]:
@@ -129,7 +133,7 @@ class TrainRun:
 # rates follow the total step count).
 IDENTITY = ("gpt_model", "model_config", "code_store_hash", "entropy_model_hash", "entropy_sha256", "patching",
             "seed", "global_batch_size", "lr", "lr_schedule", "warmup_steps", "min_lr", "weight_decay", "beta1",
-            "beta2", "max_grad_norm", "ema", "ema_decay", "loss")
+            "beta2", "max_grad_norm", "ema", "ema_decay", *(f.name for f in dataclasses.fields(LossConfig)))
 
 
 def run_identity(args: Mapping[str, Any]) -> dict:
