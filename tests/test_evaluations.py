@@ -84,6 +84,25 @@ def test_frechet_distance_singular_covariances():
     assert frechet_distance(np.ones(4), zeros, np.zeros(4), zeros, method="eigh") == pytest.approx(4.0, abs=1e-12)
 
 
+def test_frechet_distance_eigh_falls_back_when_torch_does_not_converge(monkeypatch):
+    """torch's eigh driver can fail to converge on rank-deficient covariances of a few samples;
+    the eigh method then uses SciPy's driver and gives the same distance."""
+    rng = np.random.default_rng(4)
+    a, b = rng.standard_normal((6, 48)), rng.standard_normal((9, 48)) + 0.3
+    (mu1, s1), (mu2, s2) = feature_statistics(a), feature_statistics(b)
+    expected = _reference_fd(mu1, s1, mu2, s2)
+    calls = []
+
+    def no_convergence(*args, **kwargs):
+        calls.append(1)
+        raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+
+    monkeypatch.setattr(torch.linalg, "eigh", no_convergence)
+    monkeypatch.setattr(torch.linalg, "eigvalsh", no_convergence)
+    assert frechet_distance(mu1, s1, mu2, s2, method="eigh") == pytest.approx(expected, rel=1e-6)
+    assert len(calls) == 2  # both eigensolves took the fallback
+
+
 @pytest.mark.parametrize("failure", ["nan", "wrong_but_finite"])
 def test_frechet_distance_eps_fallback(monkeypatch, failure):
     """A failed square root (NaN as old SciPy, or a finite non-root as SciPy >= 1.16 returns for some

@@ -68,13 +68,24 @@ def _sqrtm_checked(matrix: np.ndarray) -> tuple[np.ndarray, bool]:
     return root, bool(residual < SQRTM_RESIDUAL_TOL)
 
 
+def _symmetric_eigh(matrix: torch.Tensor, vectors: bool):
+    """torch.linalg.eigh / eigvalsh of a float64 symmetric matrix (faster than numpy's); where
+    torch's LAPACK driver does not converge (seen on rank-deficient covariances of a few samples),
+    SciPy's relatively robust representation driver (evr) instead."""
+    try:
+        return torch.linalg.eigh(matrix) if vectors else torch.linalg.eigvalsh(matrix)
+    except torch.linalg.LinAlgError:
+        result = scipy.linalg.eigh(matrix.numpy(), eigvals_only=not vectors, driver="evr")
+        return tuple(map(torch.from_numpy, result)) if vectors else torch.from_numpy(result)
+
+
 def _trace_sqrt_product_eigh(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
     """Tr sqrtm(S1 S2) for symmetric PSD S1, S2 as sum sqrt(eig(S1^1/2 S2 S1^1/2)) (two symmetric eigensolves)."""
-    s1, s2 = torch.from_numpy(sigma1), torch.from_numpy(sigma2)  # float64; torch's eigh is faster than numpy's
-    w, v = torch.linalg.eigh((s1 + s1.T) / 2)
+    s1, s2 = torch.from_numpy(sigma1), torch.from_numpy(sigma2)  # float64
+    w, v = _symmetric_eigh((s1 + s1.T) / 2, vectors=True)
     root1 = (v * w.clamp_min(0.0).sqrt()) @ v.T  # S1^1/2
     inner = root1 @ s2 @ root1
-    return torch.linalg.eigvalsh((inner + inner.T) / 2).clamp_min(0.0).sqrt().sum().item()
+    return _symmetric_eigh((inner + inner.T) / 2, vectors=False).clamp_min(0.0).sqrt().sum().item()
 
 
 def frechet_distance(
