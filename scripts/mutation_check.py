@@ -48,6 +48,7 @@ class Fault:
 GEN = "autoregressive/models/generate.py"
 DPAR = "autoregressive/models/dpar.py"
 MODULES = "autoregressive/models/modules.py"
+ATTENTION = "autoregressive/models/attention.py"
 PATCHING = "entropy_model/patching.py"
 T_SEM = "tests/test_sampling_semantics.py"
 T_DPAR_INC = "tests/test_dpar.py::test_incremental_matches_reference_and_teacher_forcing"
@@ -185,18 +186,18 @@ FAULTS = [
           (T_STEP_RULE, T_FID_INC)),
     # ---- incremental generation ------------------------------------------------------
     Fault("generation-null-half-mask", DPAR,
-          "advance = opens.repeat(copies)[:, None, None]  # (R, 1, 1)",
-          "advance = opens.repeat_interleave(copies)[:, None, None]  # (R, 1, 1)",
+          "advance = opens.repeat(copies)  # (R,)",
+          "advance = opens.repeat_interleave(copies)  # (R,)",
           "with guidance the patch step updates the injections of rows of other images",
           (T_DPAR_INC,)),
     Fault("generation-masked-rows-update", DPAR,
-          "injections.copy_(torch.where(advance, self.injections(g), injections))",
+          "injections.copy_(torch.where(advance[:, None, None], self.injections(g), injections))",
           "injections.copy_(self.injections(g))",
           "rows that do not open a patch take the injections of their unfinished patch",
           (T_DPAR_INC, T_BATCH_COMPOSITION)),
     Fault("generation-masked-rows-overwrite", DPAR,
-          "g = self.patch_step(p.repeat(copies, 1), slot.repeat(copies), geometry, length)  # (R, dim)",
-          "g = self.patch_step(p.repeat(copies, 1), (slot - (~opens).long()).repeat(copies), geometry, length)",
+          "g = self.patch_step(p.repeat(copies, 1), slot.repeat(copies), geometry, length, advance)  # (R, dim)",
+          "g = self.patch_step(p.repeat(copies, 1), (slot - (~opens).long()).repeat(copies), geometry, length, advance)",
           "rows that do not open a patch write their patch caches over their last real slot",
           (T_DPAR_INC,)),
     Fault("generation-patch-step-skipped", GEN,
@@ -235,7 +236,7 @@ FAULTS = [
           "slot = self.config.cls_token_num + step",
           "GPT decoding writes and rotates each token one cache position late",
           ("tests/test_gpt.py::test_cached_decoding_matches_recomputation",)),
-    Fault("kv-cache-mask", MODULES,
+    Fault("kv-cache-mask", ATTENTION,
           "mask = slots[None, None, :] <= input_pos[:, :, None]  # (n, S, L)",
           "mask = slots[None, None, :] < input_pos[:, :, None]  # (n, S, L)",
           "cached attention skips the key just written (its own position)",

@@ -284,3 +284,37 @@ def test_packed_documents_bound_covers_the_padding_document():
     sizes = documents.cu_seqlens.diff()
     assert sizes[-1] > 36 and sizes[:-1].max() <= 36  # precondition: the padding document is longer than T
     assert int(sizes.max()) <= documents.max_seqlen
+
+
+# --------------------------------------------------------------------------------------
+# KV-cached decoding: each row reads its own cache prefix
+# --------------------------------------------------------------------------------------
+def test_decode_block_mask_reads_only_each_rows_own_blocks():
+    """A row reads ceil(limit / block) blocks of its cache and a row of limit 0 reads none (the old
+    masked step read every row up to the read length)."""
+    limit = torch.tensor([0, 1, 32, 33, 70, 0, 96])
+    mask = attention.decode_block_mask(limit, 96, block=32)
+    assert mask.kv_num_blocks[:, 0, 0].tolist() == [0, 1, 1, 2, 3, 0, 3]
+    dense = mask.to_dense()[:, 0, 0].bool()  # (rows, kv blocks) computed
+    assert torch.equal(dense, torch.arange(3)[None] < torch.tensor([0, 1, 1, 2, 3, 0, 3])[:, None])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+def test_cached_attend_reads_each_rows_prefix(backend, monkeypatch):
+    """cached_attend against float64 attention over each row's own prefix; rows that do not read
+    may hold anything in their cache (NaN here) without reaching the rows that do."""
+    monkeypatch.setattr(attention, "_decode_override", backend)
+    n, H, L, D = 6, 2, 64, 16
+    q, k, v = random_qkv(n, H, L, D, seed=4, requires_grad=False)
+    q = q[:, :, :1]  # (n, H, 1, D): one query per row
+    pos = torch.tensor([[0], [5], [31], [32], [50], [63]])
+    reads = torch.tensor([True, True, False, True, True, False])
+    k[~reads], v[~reads] = float("nan"), float("nan")
+    out = attention.cached_attend(q, k, v, pos, reads)
+    assert out.shape == (n, H, 1, D)
+    for r in torch.nonzero(reads)[:, 0].tolist():
+        allowed = torch.arange(L)[None] <= pos[r]  # (1, L)
+        ref = reference_attention(q[r], k[r], v[r], allowed)
+        torch.testing.assert_close(out[r].double(), ref, atol=2e-6, rtol=1e-5)
+    assert attention.decode_attention_backend("cpu") == backend

@@ -203,18 +203,18 @@ def test_every_decode_attention_runs_with_the_pinned_kernels(monkeypatch):
     from autoregressive.models import modules
 
     seen = []
-    attend = modules.Attention._attend
+    attend = modules.cached_attend
 
-    def recording(self, q, k, v, mask, documents=None):
+    def recording(q, k, v, input_pos, reads=None):
         seen.append(torch.backends.cuda.cudnn_sdp_enabled() or not torch.backends.cuda.mem_efficient_sdp_enabled())
-        return attend(self, q, k, v, mask, documents)
+        return attend(q, k, v, input_pos, reads)
 
     ent, model = random_entropy_model(), random_dpar()
     gpt = GPT_models["GPT-T"](vocab_size=VOCAB, block_size=T, num_classes=CLASSES).eval()
     cond = torch.tensor([0, 1])
     uniforms = draw_uniforms(2, T, torch.Generator().manual_seed(0))
     patching = quantile_patching(ent)
-    monkeypatch.setattr(modules.Attention, "_attend", recording)
+    monkeypatch.setattr(modules, "cached_attend", recording)
     generate_gpt(gpt, cond, T, Sampling(cfg_scale=2.0), uniforms)
     generate_dpar(model, cond, T, Sampling(cfg_scale=2.0), uniforms, ent, patching)
     assert len(seen) > 2 * T  # every layer of every step was seen

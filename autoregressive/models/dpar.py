@@ -482,28 +482,33 @@ class DPAR(nn.Module):
         self.decode_buffers.states[images, :, input_pos[:, 0]] = torch.stack(states, dim=1)  # (n, E, dim)
         return h[:, 0]
 
-    def patch_step(self, x: torch.Tensor, slot: torch.Tensor, geometry, length: Optional[int] = None) -> torch.Tensor:
+    def patch_step(self, x: torch.Tensor, slot: torch.Tensor, geometry, length: Optional[int] = None,
+                   reads: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Advance the patch transformer by one slot for cache rows 0..n-1, each at its own slot
         (n,). x (n, dim) is the class embedding (slot 0) or the finished patch vector;
         geometry = (row, col_start, col_end) (n,) of that patch. length: host-side bound above
-        every slot: attention reads only that prefix of the caches. Returns g (n, dim)."""
+        the slot of every row that reads: attention covers only that prefix of the caches, each
+        row its own slots 0..slot. reads (n,) bool: the rows whose result is used (None: all);
+        the others may read no cache slot (see cached_attend). Returns g (n, dim)."""
         slot = slot[:, None]  # (n, 1)
         freqs = self.patch_rope(slot, *(t[:, None] for t in geometry))
         h = x[:, None]
         for layer in self.patch_layers:
-            h = layer.decode(h, freqs, slot, length)
+            h = layer.decode(h, freqs, slot, length, reads)
         return h[:, 0]
 
     def close_patches(self, opens: torch.Tensor, start: torch.Tensor, slot: torch.Tensor, step: torch.Tensor,
                       max_length: int, length: int) -> None:
-        """One patch step over every row: images whose token `step` opens a patch (opens (B,))
-        pool their finished patch [start, step-1] from the stored encoder states (gathering
-        max_length states per patch, a bound on every patch's length, not the prefix) and
-        advance the patch transformer at `slot` (B,), their next slot, in both guidance copies;
-        only their injections change. The other rows run too, on their unfinished patch: their
-        cache write lands in their next slot, which no read reaches before the row's own next
-        patch step rewrites it, and their results are dropped. So the step reads every cache
-        as a view of rows 0..R-1 (no per-step gather) and has one shape per read length.
+        """One patch step whose attention follows the rows that open: images whose token `step`
+        opens a patch (opens (B,)) pool their finished patch [start, step-1] from the stored
+        encoder states (gathering max_length states per patch, a bound on every patch's length,
+        not the prefix) and advance the patch transformer at `slot` (B,), their next slot, in
+        both guidance copies, each row reading its own patch cache up to that slot; only their
+        injections change. The other rows run through the layers' matmuls too, but read no cache
+        slot (cached_attend with reads, under flex): their cache write lands in their next slot,
+        which no read reaches before the row's own next patch step rewrites it, and their results
+        are dropped. So the step reads the caches as views of rows 0..R-1 (no per-step gather)
+        and has one shape per read length (`length`: a bound above the opening rows' slots).
         step (1,) is a tensor, so that a captured graph serves every step."""
         W, B = self.config.grid_size, start.shape[0]
         states, injections = self.decode_buffers.states, self.decode_buffers.injections  # (B, E, T, dim), (R, D, dim)
@@ -515,9 +520,9 @@ class DPAR(nn.Module):
         p = self.pool_patches(layer_tokens, valid)  # (B, dim)
         geometry = (start // W, start % W, ((step - 1) % W).expand_as(start))
         geometry = tuple(t.repeat(copies) for t in geometry)
-        g = self.patch_step(p.repeat(copies, 1), slot.repeat(copies), geometry, length)  # (R, dim)
-        advance = opens.repeat(copies)[:, None, None]  # (R, 1, 1)
-        injections.copy_(torch.where(advance, self.injections(g), injections))
+        advance = opens.repeat(copies)  # (R,)
+        g = self.patch_step(p.repeat(copies, 1), slot.repeat(copies), geometry, length, advance)  # (R, dim)
+        injections.copy_(torch.where(advance[:, None, None], self.injections(g), injections))
 
     def injections(self, g: torch.Tensor) -> torch.Tensor:
         """g (n, dim) -> what each decoder layer adds for tokens of that patch (n, D, dim)."""

@@ -291,7 +291,8 @@ def generate_dpar(
             patch_starts[:, i] = opens
             h = encode(previous, torch.full((B, 1), i - 1, device=dev), read_length(i, capacity, block))  # (B, dim)
             u = h.repeat(copies, 1)  # (R, dim) decoder input u_i = h_{i-1}
-            n, top = torch.stack([opens.sum(), num_patches.max()]).to("cpu", copy=True).tolist()  # the host read
+            # the host read: how many rows open, and the highest slot among them (the read bound)
+            n, top = torch.stack([opens.sum(), (num_patches * opens).max()]).to("cpu", copy=True).tolist()
             if n:
                 close_patches(opens, patch_start, num_patches, torch.full((1,), i, device=dev), max_length,
                               read_length(top + 1, capacity, block))
