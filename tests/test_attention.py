@@ -318,3 +318,31 @@ def test_cached_attend_reads_each_rows_prefix(backend, monkeypatch):
         ref = reference_attention(q[r], k[r], v[r], allowed)
         torch.testing.assert_close(out[r].double(), ref, atol=2e-6, rtol=1e-5)
     assert attention.decode_attention_backend("cpu") == backend
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+def test_cached_attend_rows_reads_each_gathered_rows_prefix(backend, monkeypatch):
+    """Queries of some cache rows (in any order) read their own rows' prefixes where they lie in
+    the cache: against float64 attention per row. Rows outside the group hold large values
+    (finite, as every cache slot is: a flat block may hold a neighbour's slots, masked out)."""
+    monkeypatch.setattr(attention, "_decode_override", backend)
+    R, C, H, D = 7, 45, 2, 16  # 45 slots per row: rows straddle the 32-slot blocks of the flat cache
+    g = torch.Generator().manual_seed(5)
+    k_cache, v_cache = torch.randn(R, C, H, D, generator=g), torch.randn(R, C, H, D, generator=g)
+    rows = torch.tensor([5, 1, 3, 6])
+    outside = torch.ones(R, dtype=torch.bool)
+    outside[rows] = False
+    k_cache[outside], v_cache[outside] = 1e3, 1e3
+    pos = torch.tensor([[40], [0], [17], [33]])
+    reads = torch.tensor([True, True, True, False])
+    q = torch.randn(4, H, 1, D, generator=g)
+    out = attention.cached_attend_rows(q, k_cache, v_cache, rows, pos, 44, reads)
+    assert out.shape == (4, H, 1, D)
+    for j in range(3):
+        allowed = torch.arange(44)[None] <= pos[j]  # (1, L)
+        k, v = (c[rows[j], :44].transpose(0, 1) for c in (k_cache, v_cache))  # (H, L, D)
+        ref = reference_attention(q[j], k, v, allowed)
+        torch.testing.assert_close(out[j].double(), ref, atol=2e-6, rtol=1e-5)
+    mask = attention.gathered_block_mask(rows * C, torch.tensor([41, 1, 18, 0]), R * C, 44)
+    assert mask.kv_num_blocks[0, 0].tolist() == [2, 1, 1, 0]  # 225..265 spans blocks 7-8; 45 in 1; 135..152 in 4

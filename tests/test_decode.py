@@ -15,6 +15,7 @@ from autoregressive.models.generate import (
     generate,
     generate_dpar,
     generate_gpt,
+    patch_group,
     reference_generate_dpar,
 )
 from autoregressive.models.gpt import GPT_models
@@ -376,10 +377,13 @@ def test_step_functions_see_a_bounded_set_of_shapes():
     assert calls["encode_step"] == calls["_entropy"] == T - 1 and calls["decode_step"] == T
     for name in ("encode_step", "decode_step", "_entropy"):
         assert len(signatures[name]) <= lengths, signatures[name]
-    # the patch step always runs over every row: only its read length varies
+    # the patch step runs a group of images from a small set of sizes, and one read length per step
+    groups = {patch_group(n, B) for n in range(1, B + 1)}
+    assert groups == {1, 2, 4, 5}
     assert calls["close_patches"] > 2 * len(signatures["close_patches"])
-    assert len(signatures["close_patches"]) <= lengths, signatures["close_patches"]
-    assert len({key[:-1] for key in signatures["close_patches"]}) == 1, signatures["close_patches"]
+    assert len(signatures["close_patches"]) <= lengths * len(groups), signatures["close_patches"]
+    assert {key[-1] for key in signatures["close_patches"]} <= groups
+    assert len({key[:-2] for key in signatures["close_patches"]}) == 1, signatures["close_patches"]
 
 
 def test_a_read_of_the_whole_cache_compiles_no_second_graph():

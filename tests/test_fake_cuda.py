@@ -153,7 +153,7 @@ def test_decode_steps_stay_on_the_device(fake):
             "patch_step": lambda: model.patch_step(torch.randn(R, model.config.dim, device=CUDA), slot.repeat(2),
                                                    (slot.repeat(2),) * 3, 16),
             "close_patches": lambda: model.close_patches(opens, start, slot, torch.full((1,), i, device=CUDA),
-                                                         max_length, 16),
+                                                         max_length, 16, 2),
             "decode_step": lambda: model.decode_step(torch.randn(R, model.config.dim, device=CUDA),
                                                      torch.full((R, 1), i, device=CUDA), 16),
         }

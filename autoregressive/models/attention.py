@@ -398,7 +398,7 @@ def decode_block_mask(limit: torch.Tensor, length: int, block: int = DECODE_BLOC
         return kv_idx < limit[b]
 
     return flex.BlockMask.from_kv_blocks(count[:, None, None], order.expand(n, 1, 1, blocks), BLOCK_SIZE=(1, block),
-                                         mask_mod=mask_mod, seq_lengths=(1, length))
+                                         mask_mod=mask_mod, seq_lengths=(1, length), compute_q_blocks=False)
 
 
 def cached_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor,
@@ -417,6 +417,53 @@ def cached_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: 
     slots = torch.arange(L, device=k.device)
     mask = slots[None, None, :] <= input_pos[:, :, None]  # (n, S, L)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
+
+
+def gathered_block_mask(offset: torch.Tensor, limit: torch.Tensor, n_slots: int, max_read: int,
+                        block: int = DECODE_BLOCK):
+    """Flex BlockMask for n queries over one flat sequence of n_slots cache slots (every cache row
+    back to back): query j reads slots offset[j] .. offset[j] + limit[j] - 1 (its own row's
+    prefix; limit 0 = nothing), limit <= max_read. offset, limit (n,) int on the device; tensor
+    ops only (no host read)."""
+    flex = _flex_module()
+    n, total = offset.shape[0], -(-n_slots // block)
+    width = min(-(-max_read // block) + 1, total)  # blocks a read of max_read slots can touch at any offset
+    first = offset // block
+    last = (offset + limit + block - 1) // block
+    count = torch.where(limit > 0, last - first, 0).to(torch.int32)  # (n,)
+    order = (first[:, None] + torch.arange(width, device=offset.device)).clamp(max=total - 1).to(torch.int32)
+    order = F.pad(order, (0, total - width))  # (n, total): flex's CPU kernel wants a column per kv block
+    lo, hi = offset.to(torch.int32), (offset + limit).to(torch.int32)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (kv_idx >= lo[q_idx]) & (kv_idx < hi[q_idx])
+
+    return flex.BlockMask.from_kv_blocks(count[None, None], order[None, None], BLOCK_SIZE=(1, block),
+                                         mask_mod=mask_mod, seq_lengths=(n, n_slots), compute_q_blocks=False)
+
+
+def cached_attend_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, rows: torch.Tensor,
+                       input_pos: torch.Tensor, length: int, reads: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Attention of n queries, query j from cache row rows[j] at position input_pos[j] (n, 1), to
+    that row's slots 0..input_pos[j] of the caches k_cache, v_cache (R, C, Hkv, D); length: a
+    host-side bound above every position of a row that reads. q (n, H, 1, D) -> (n, H, 1, D).
+    reads (n,) bool: the queries whose output is used (under flex the others read nothing).
+    flex reads each row's slots where they lie (the caches as one flat sequence, no copy); SDPA
+    gathers the rows' first `length` slots and masks."""
+    n, H, D = q.shape[0], q.shape[1], q.shape[3]
+    R, C, Hkv = k_cache.shape[:3]
+    if _decode_backend_for(q.device.type) == "flex":
+        limit = input_pos[:, 0] + 1
+        if reads is not None:
+            limit = torch.where(reads, limit, 0)
+        k, v = (c.view(1, R * C, Hkv, D).transpose(1, 2) for c in (k_cache, v_cache))  # (1, Hkv, R*C, D) views
+        mask = gathered_block_mask(rows * C, limit, R * C, length)
+        out = _compiled_decode_flex()(q.transpose(0, 2), k, v, block_mask=mask, enable_gqa=H != Hkv)  # (1, H, n, D)
+        return out.transpose(0, 2)
+    k, v = (c[:, :length].index_select(0, rows).transpose(1, 2) for c in (k_cache, v_cache))  # (n, Hkv, L, D)
+    if H != Hkv:
+        k, v = (t.repeat_interleave(H // Hkv, dim=1) for t in (k, v))
+    return cached_attend(q, k, v, input_pos)
 
 
 def segment_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment: torch.Tensor) -> torch.Tensor:

@@ -149,6 +149,12 @@ class Decoding:
         return run
 
 
+def patch_group(opening: int, images: int) -> int:
+    """Images a patch step runs when `opening` (>= 1) of `images` open a patch: the next power of
+    two, at most `images`, so a step function sees at most log2(images) + 2 group sizes."""
+    return min(images, 1 << (opening - 1).bit_length())
+
+
 def fast_decoding(device: torch.device | str) -> Decoding:
     """The fast path for `device`: compiled steps, with CUDA graphs on CUDA; caches kept between
     batches so that the graphs are captured once."""
@@ -295,7 +301,7 @@ def generate_dpar(
             n, top = torch.stack([opens.sum(), (num_patches * opens).max()]).to("cpu", copy=True).tolist()
             if n:
                 close_patches(opens, patch_start, num_patches, torch.full((1,), i, device=dev), max_length,
-                              read_length(top + 1, capacity, block))
+                              read_length(top + 1, capacity, block), patch_group(n, B))
                 patch_start = torch.where(opens, i, patch_start)
                 num_patches = num_patches + opens
             logits = decode(u, torch.full((R, 1), i, device=dev), read_length(i + 1, capacity, block))

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from autoregressive.models.attention import Documents, attend, cached_attend
+from autoregressive.models.attention import Documents, attend, cached_attend, cached_attend_rows
 
 
 def find_multiple(n: int, k: int) -> int:
@@ -227,6 +227,11 @@ class KVCache(nn.Module):
         self.v_cache[batch, input_pos] = v
         return self.k_cache[:n, :L], self.v_cache[:n, :L]  # (n, L, H, D) views
 
+    def write_rows(self, rows: torch.Tensor, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write k, v (n, S, H, D) of cache rows `rows` (n,) (distinct) at positions input_pos (n, S)."""
+        self.k_cache[rows[:, None], input_pos] = k
+        self.v_cache[rows[:, None], input_pos] = v
+
 
 def read_length(needed: int, capacity: int, block: int) -> int:
     """Cache slots a decode step reads: the smallest of block x (2, 3, 4, 6, 8, 12, 16, ...)
@@ -293,12 +298,20 @@ class Attention(nn.Module):
         return self._out(attend(q, k, v, dropout_p=dropout, documents=documents))  # (B, S, dim)
 
     def decode(self, x, freqs_cis, input_pos: torch.Tensor, length: Optional[int] = None,
-               reads: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """reads (B,) bool: the rows whose output is used (the others may read no cache slot)."""
+               reads: Optional[torch.Tensor] = None, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x (n, S, dim) of cache rows 0..n-1, or with `rows` (n,) of those cache rows (distinct;
+        one position each, S = 1). reads (n,) bool: the rows whose output is used (the others may
+        read no cache slot)."""
         q, k, v = self._qkv(x, freqs_cis)
-        k, v = self.kv_cache.update(input_pos, k, v, length)
-        q, k, v = self._heads(q, k, v)
-        return self._out(cached_attend(q, k, v, input_pos, reads))
+        if rows is None:
+            k, v = self.kv_cache.update(input_pos, k, v, length)
+            q, k, v = self._heads(q, k, v)
+            return self._out(cached_attend(q, k, v, input_pos, reads))
+        self.kv_cache.write_rows(rows, input_pos, k, v)
+        cache = self.kv_cache
+        L = cache.capacity if length is None else length
+        out = cached_attend_rows(q.transpose(1, 2), cache.k_cache, cache.v_cache, rows, input_pos, L, reads)
+        return self._out(out)  # (n, 1, dim)
 
 
 class DropPath(nn.Module):
@@ -337,10 +350,10 @@ class TransformerBlock(nn.Module):
         return self._ffn(h, documents)
 
     def decode(self, x, freqs_cis, input_pos: torch.Tensor, length: Optional[int] = None,
-               reads: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """KV-cached step of cache rows 0..B-1 (see KVCache.update for length, Attention.decode
-        for reads)."""
-        h = x + self.attention.decode(self.attention_norm(x), freqs_cis, input_pos, length, reads)
+               reads: Optional[torch.Tensor] = None, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """KV-cached step of cache rows 0..B-1, or of cache rows `rows` (see KVCache.update for
+        length, Attention.decode for reads and rows)."""
+        h = x + self.attention.decode(self.attention_norm(x), freqs_cis, input_pos, length, reads, rows)
         return self._ffn(h)
 
 
