@@ -77,11 +77,27 @@ def _compiled_flex() -> Callable:
     return torch.compile(_flex_module().flex_attention)
 
 
+DECODE_FLEX_SHAPES = 64  # compiled decode flex kernels kept (Dynamo keeps 8 per function by default)
+
+
 @functools.lru_cache(maxsize=None)
 def _compiled_decode_flex() -> Callable:
     """flex_attention compiled once per decode shape (static: this torch's CPU flex template
-    fails to build with symbolic sizes); decode reads come in few shapes (read_length)."""
-    return torch.compile(_flex_module().flex_attention, dynamic=False)
+    fails to build with symbolic sizes). A generation's step functions read in a few dozen shapes
+    (read lengths x row counts, patch group sizes), more than Dynamo's default of 8 compiled
+    variants per function, past which it would run flex's dense eager fallback: the limit is
+    raised for these calls. Inside a compiled step, flex is traced into the step's graph."""
+    compiled = torch.compile(_flex_module().flex_attention, dynamic=False)
+
+    def run(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            return _flex_module().flex_attention(*args, **kwargs)
+        from torch._dynamo import config
+
+        with config.patch(recompile_limit=DECODE_FLEX_SHAPES):
+            return compiled(*args, **kwargs)
+
+    return run
 
 
 @functools.lru_cache(maxsize=None)
