@@ -217,6 +217,21 @@ def layout_stats(starts: torch.Tensor) -> dict:
             "patches_mean": float(counts.mean()), "tokens_per_patch": starts.shape[1] / float(counts.mean())}
 
 
+def patch_step_shapes(starts: torch.Tensor, read_block: int = 32) -> dict:
+    """The (group size, read length) pairs generate_dpar passes to the patch step over these
+    layouts (images, T): the patch step's distinct shapes, one CUDA graph each."""
+    images, T = starts.shape
+    slot = starts.long().cumsum(1)
+    pairs = set()
+    for i in range(1, T):
+        opens = starts[:, i]
+        if bool(opens.any()):
+            top = int((slot[:, i - 1] * opens).max())
+            pairs.add((patch_group(int(opens.sum()), images), read_length(top + 1, T, read_block)))
+    return {"shapes": len(pairs), "group_sizes": sorted({g for g, _ in pairs}),
+            "read_lengths": sorted({n for _, n in pairs})}
+
+
 def model_tables(args) -> dict:
     result = {"devices": {name: {"bytes_per_s": bw, "flops_per_s": pk} for name, (bw, pk) in GPUS.items()},
               "batch": args.gpu_batch, "rows": 2 * args.gpu_batch, "dtype": "bfloat16", "decode_block": DECODE_BLOCK,
@@ -224,7 +239,7 @@ def model_tables(args) -> dict:
     for image_size in args.image_sizes:
         grid = image_size // 16
         starts = starts_of(layout_entropies(args.gpu_batch, grid, args.seed), paper_patching(image_size), grid)
-        result["layouts"][str(image_size)] = layout_stats(starts)
+        result["layouts"][str(image_size)] = {**layout_stats(starts), "patch_step": patch_step_shapes(starts)}
         for device, (bw, pk) in GPUS.items():
             for size in args.sizes:
                 for ent in args.entropy_models:
@@ -237,8 +252,10 @@ def model_tables(args) -> dict:
 
 def print_model_table(result: dict) -> None:
     for size, stats in result["layouts"].items():
+        shapes = stats["patch_step"]
         print(f"{size} px layouts: {stats['images']} images, {stats['patches_min']}-{stats['patches_max']} patches "
-              f"(mean {stats['patches_mean']:.0f}, {stats['tokens_per_patch']:.2f} tokens per patch)")
+              f"(mean {stats['patches_mean']:.0f}, {stats['tokens_per_patch']:.2f} tokens per patch); patch step "
+              f"{shapes['shapes']} shapes (groups {shapes['group_sizes']}, read lengths {shapes['read_lengths']})")
     print(f"{'device':9s} {'model':5s} {'px':>4s} {'entropy':7s} {'GPT ms/img':>10s} {'masked':>7s} {'rows':>7s} "
           f"{'group':>7s}")
     for r in result["predictions"]:

@@ -19,6 +19,10 @@ Measured 2026-12-02, torch 2.14.1, 2 shared CPU threads (load 4-11):
            random gate)       _entropy  encode_step  close_patches  decode_step  total
     blocks of 32, groups      18        18           18             18           72
     half-octave, all rows      8         8            6              8           30
+  The patch step now runs power-of-two groups of images (patch_group): one shape per (group size,
+  read length) pair. Over the 384 px synthetic layouts of benchmarks.decode_cost (256 images,
+  2.06 tokens per patch) that is 14 pairs (groups 128 and 256), so 38 graphs in all (computed by
+  `python -m benchmarks.decode_cost model`, not yet measured with this command).
   compile  (DPAR-T decoder step, 256 tokens, inductor)
     dynamic=True:  1 length 1 graph 156 s (includes the process's first compile); 8 lengths 1 graph 77 s
     dynamic=False: 1 length 1 graph 80 s; 2 lengths 2 graphs 66 s (the first graph from the cache)
