@@ -264,8 +264,9 @@ def print_model_table(result: dict) -> None:
               f"{r['ratio_masked']:6.2f}x {r['ratio_rows']:6.2f}x {r['ratio_group']:6.2f}x")
 
 
-def markdown(model: dict, measured: Optional[dict]) -> str:
-    """docs/performance.md's tables from the two records."""
+def markdown(model: dict, measured: Optional[dict], larger: Optional[dict] = None) -> str:
+    """docs/performance.md's tables from the records: the cost model, the GPT/DPAR measurement and
+    (optionally) a --compare larger measurement."""
     lines = ["| device | model | px | entropy model | GPT ms/image | masked | rows | group |",
              "|---|---|---|---|---|---|---|---|"]
     for r in model["predictions"]:
@@ -279,12 +280,25 @@ def markdown(model: dict, measured: Optional[dict]) -> str:
             predicted = f"{p['ratio_group']:.2f}x" if p else "-"
             lines.append(f"| {m['models'][0]} vs {m['models'][1]} ({m['models'][2]} entropy model), batch {m['batch']} "
                          f"with guidance, {m['tokens']} tokens | {g:.1f} | {d:.1f} | {ratio:.2f}x | {predicted} |")
-        lines += ["", "| inference setting | DPAR s | patches per image (min, max, mean) | speed vs the paper setting |",
-                  "|---|---|---|---|"]
-        lines.append(f"| paper (tau, P_max 4) | {statistics.median(m['seconds']['dpar']):.1f} | "
-                     f"{m['patches']['dpar']} | 1.00x |")
-        for name, speed in m["larger_patches"].items():
-            lines.append(f"| {name} | {m['seconds'][name][0]:.1f} | {m['patches'][name]} | {speed:.2f}x |")
+    for record in (r for r in (measured, larger) if r and r["larger_patches"]):
+        size = record["image_size"]
+        paper = f"tau {paper_threshold(size)}, P_max {paper_max_patch_length(size)}"
+        lines += ["", "| inference setting | DPAR s (runs) | patches per image | speed vs the paper setting "
+                  "(runs) | cost model |", "|---|---|---|---|---|"]
+
+        def patches(name: str) -> str:
+            low, high, mean = record["patches"][name]
+            return f"{low}-{high}, mean {mean:.0f}"
+
+        def seconds(name: str) -> str:
+            return ", ".join(f"{t:.1f}" for t in record["seconds"][name])
+
+        lines.append(f"| paper ({paper}) | {seconds('dpar')} | {patches('dpar')} | 1.00x | 1.00x |")
+        for name in record["larger_patches"]:
+            runs = ", ".join(f"{r:.2f}x" for r in record.get("larger_patches_runs", {}).get(name, []))
+            predicted = record.get("larger_patches_predicted", {}).get(name)
+            lines.append(f"| {name} | {seconds(name)} | {patches(name)} | {record['larger_patches'][name]:.2f}x "
+                         f"({runs}) | {f'{predicted:.2f}x' if predicted else '-'} |")
     return "\n".join(lines)
 
 
@@ -370,7 +384,8 @@ def measure(args) -> dict:
     scripted = ScriptedEntropy(ent, entropies)
     runs = {"gpt": None, "dpar": paper_patching(size)}
     if args.larger_tau:
-        runs[f"dpar_tau+{args.larger_tau}"] = paper_patching(size, args.larger_tau)
+        suffix = f"_pmax{args.max_length}" if args.max_length else ""
+        runs[f"dpar_tau+{args.larger_tau}{suffix}"] = paper_patching(size, args.larger_tau, args.max_length or None)
     if args.larger_max_length:
         runs[f"dpar_pmax{args.larger_max_length}"] = paper_patching(size, 0.0, args.larger_max_length)
     cond = torch.arange(args.batch) % 1000
@@ -391,33 +406,44 @@ def measure(args) -> dict:
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; warm-up "
           f"(flex compiles once per read shape)", flush=True)
-    for name in ("gpt", "dpar"):  # warm-up: compiles the flex kernels of every read shape
-        run(name)
     larger = [n for n in runs if n not in ("gpt", "dpar")]
+    if args.compare == "larger":  # DPAR at the paper setting against larger patches, alternating
+        runs.pop("gpt")
+        times.pop("gpt")
+    for name in ("gpt", "dpar") if args.compare == "gpt" else ("dpar",):  # warm-up: compiles every read shape
+        run(name)
     for r in range(args.repeats):  # GPT and DPAR alternate; the larger-patch runs once, beside them
-        for name in ["gpt", "dpar"] + (larger if r == 0 else []):
+        order = ["gpt", "dpar"] + (larger if r == 0 else []) if args.compare == "gpt" else ["dpar"] + larger
+        for name in order:
             times[name].append(run(name))
             print(f"repeat {r}: {name} {times[name][-1]:.1f} s", flush=True)
-    # side by side: each DPAR time against the GPT times around it
-    ratios = [g / d for g, d in zip(times["gpt"], times["dpar"])]
+    # side by side: each DPAR time against the GPT time before it
+    ratios = [g / d for g, d in zip(times.get("gpt", []), times["dpar"])]
     starts = starts_of(entropies, paper_patching(size), grid)[:, :tokens]
     rates = cpu_rates(2 * args.batch, gpt.config.dim, gpt.config.n_head, T // 2)
     bw, pk = rates["attention_bytes_per_s"], rates["matmul_flops_per_s"]
     prediction = predict(args.model, args.entropy_model, size, starts, 2, bw, pk, 4) if tokens == T else None
+    larger_predicted = {}
+    if prediction:
+        for name in larger:
+            other = predict(args.model, args.entropy_model, size, starts_of(entropies, runs[name], grid), 2, bw, pk, 4)
+            larger_predicted[name] = prediction["dpar_group_seconds"] / other["dpar_group_seconds"]
     result = {
         "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores "
         f"(shared), load {os.getloadavg()[0]:.1f}", "torch": torch.__version__, "threads": torch.get_num_threads(),
         "models": [f"GPT-{args.model}", f"DPAR-{args.model}", args.entropy_model], "image_size": size,
         "tokens": tokens, "batch": args.batch, "rows": 2 * args.batch, "cfg_scale": 4.0,
         "decode_attention": "flex", "seconds": times, "patches": patches, "layouts": layout_stats(starts),
-        "ratio_runs": ratios, "ratio_median": statistics.median(ratios),
-        "ratio_range": [min(ratios), max(ratios)],
+        "ratio_runs": ratios, "ratio_median": statistics.median(ratios) if ratios else None,
+        "ratio_range": [min(ratios), max(ratios)] if ratios else None,
         "larger_patches": {name: statistics.median(times["dpar"]) / statistics.median(times[name])
                            for name in larger},
-        "cpu_rates": rates, "prediction": prediction,
+        "larger_patches_runs": {name: [d / t for d, t in zip(times["dpar"], times[name])] for name in larger},
+        "cpu_rates": rates, "prediction": prediction, "larger_patches_predicted": larger_predicted,
     }
-    print(f"DPAR-{args.model}/GPT-{args.model} sampling throughput: median {result['ratio_median']:.2f}x "
-          f"(runs {', '.join(f'{r:.2f}' for r in ratios)})")
+    if ratios:
+        print(f"DPAR-{args.model}/GPT-{args.model} sampling throughput: median {result['ratio_median']:.2f}x "
+              f"(runs {', '.join(f'{r:.2f}' for r in ratios)})")
     if prediction:
         print(f"cost model on this CPU: {prediction['ratio_group']:.2f}x (per-row reads alone "
               f"{prediction['ratio_rows']:.2f}x, masked patch step {prediction['ratio_masked']:.2f}x)")
@@ -431,6 +457,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("section", choices=["model", "measure", "markdown"])
     p.add_argument("--json", help="write the result here (markdown: the model record to read)")
     p.add_argument("--measured-json", help="markdown: the measurement record to read")
+    p.add_argument("--larger-json", help="markdown: a --compare larger measurement record to read")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic layouts")
     p.add_argument("--gpu-batch", type=int, default=256, help="model: images per batch (rows: twice this)")
     p.add_argument("--image-sizes", type=int, nargs="+", default=[256, 384], choices=[256, 384])
@@ -443,6 +470,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=0, help="measure: tokens per image (0 = all; fewer skips the "
                    "prediction)")
     p.add_argument("--repeats", type=int, default=2, help="measure: GPT/DPAR pairs after the warm-up pair")
+    p.add_argument("--compare", default="gpt", choices=["gpt", "larger"],
+                   help="measure: GPT against DPAR (larger-patch runs once), or DPAR against its larger-patch runs "
+                        "alternating (no GPT)")
+    p.add_argument("--max-length", type=int, default=0, help="measure: P_max of the larger-tau run (0: the paper's)")
     p.add_argument("--larger-max-length", type=int, default=6, help="measure: P_max of a larger-patch run (0: none)")
     p.add_argument("--larger-tau", type=float, default=0.5, help="measure: tau + this in a larger-patch run (0: none)")
     return p.parse_args(argv)
@@ -453,11 +484,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if args.section == "markdown":
         with open(args.json) as f:
             model = json.load(f)
-        measured = None
+        measured, larger = None, None
         if args.measured_json:
             with open(args.measured_json) as f:
                 measured = json.load(f)
-        print(markdown(model, measured))
+        if args.larger_json:
+            with open(args.larger_json) as f:
+                larger = json.load(f)
+        print(markdown(model, measured, larger))
         return model
     if args.section == "model":
         result = model_tables(args)
