@@ -385,6 +385,7 @@ def environment(device: torch.device) -> dict:
         "cuda": torch.version.cuda,
         "backends": list(available_backends(device)),
         "automatic_backend": attention.attention_backend(device),
+        "decode_attention": attention.decode_attention_backend(device),
         "varlen_kernel": varlen[0] if varlen else None,
     }
 

@@ -284,3 +284,65 @@ def test_packed_documents_bound_covers_the_padding_document():
     sizes = documents.cu_seqlens.diff()
     assert sizes[-1] > 36 and sizes[:-1].max() <= 36  # precondition: the padding document is longer than T
     assert int(sizes.max()) <= documents.max_seqlen
+
+
+# --------------------------------------------------------------------------------------
+# KV-cached decoding: each row reads its own cache prefix
+# --------------------------------------------------------------------------------------
+def test_decode_block_mask_reads_only_each_rows_own_blocks():
+    """A row reads ceil(limit / block) blocks of its cache and a row of limit 0 reads none (the old
+    masked step read every row up to the read length)."""
+    limit = torch.tensor([0, 1, 32, 33, 70, 0, 96])
+    mask = attention.decode_block_mask(limit, 96, block=32)
+    assert mask.kv_num_blocks[:, 0, 0].tolist() == [0, 1, 1, 2, 3, 0, 3]
+    dense = mask.to_dense()[:, 0, 0].bool()  # (rows, kv blocks) computed
+    assert torch.equal(dense, torch.arange(3)[None] < torch.tensor([0, 1, 1, 2, 3, 0, 3])[:, None])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+def test_cached_attend_reads_each_rows_prefix(backend, monkeypatch):
+    """cached_attend against float64 attention over each row's own prefix; rows that do not read
+    may hold anything in their cache (NaN here) without reaching the rows that do."""
+    monkeypatch.setattr(attention, "_decode_override", backend)
+    n, H, L, D = 6, 2, 64, 16
+    q, k, v = random_qkv(n, H, L, D, seed=4, requires_grad=False)
+    q = q[:, :, :1]  # (n, H, 1, D): one query per row
+    pos = torch.tensor([[0], [5], [31], [32], [50], [63]])
+    reads = torch.tensor([True, True, False, True, True, False])
+    k[~reads], v[~reads] = float("nan"), float("nan")
+    out = attention.cached_attend(q, k, v, pos, reads)
+    assert out.shape == (n, H, 1, D)
+    for r in torch.nonzero(reads)[:, 0].tolist():
+        allowed = torch.arange(L)[None] <= pos[r]  # (1, L)
+        ref = reference_attention(q[r], k[r], v[r], allowed)
+        torch.testing.assert_close(out[r].double(), ref, atol=2e-6, rtol=1e-5)
+    assert attention.decode_attention_backend("cpu") == backend
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+def test_cached_attend_rows_reads_each_gathered_rows_prefix(backend, monkeypatch):
+    """Queries of some cache rows (in any order) read their own rows' prefixes where they lie in
+    the cache: against float64 attention per row. Rows outside the group hold large values
+    (finite, as every cache slot is: a flat block may hold a neighbour's slots, masked out)."""
+    monkeypatch.setattr(attention, "_decode_override", backend)
+    R, C, H, D = 7, 45, 2, 16  # 45 slots per row: rows straddle the 32-slot blocks of the flat cache
+    g = torch.Generator().manual_seed(5)
+    k_cache, v_cache = torch.randn(R, C, H, D, generator=g), torch.randn(R, C, H, D, generator=g)
+    rows = torch.tensor([5, 1, 3, 6])
+    outside = torch.ones(R, dtype=torch.bool)
+    outside[rows] = False
+    k_cache[outside], v_cache[outside] = 1e3, 1e3
+    pos = torch.tensor([[40], [0], [17], [33]])
+    reads = torch.tensor([True, True, True, False])
+    q = torch.randn(4, H, 1, D, generator=g)
+    out = attention.cached_attend_rows(q, k_cache, v_cache, rows, pos, 44, reads)
+    assert out.shape == (4, H, 1, D)
+    for j in range(3):
+        allowed = torch.arange(44)[None] <= pos[j]  # (1, L)
+        k, v = (c[rows[j], :44].transpose(0, 1) for c in (k_cache, v_cache))  # (H, L, D)
+        ref = reference_attention(q[j], k, v, allowed)
+        torch.testing.assert_close(out[j].double(), ref, atol=2e-6, rtol=1e-5)
+    mask = attention.gathered_block_mask(rows * C, torch.tensor([41, 1, 18, 0]), R * C, 44)
+    assert mask.kv_num_blocks[:, 0, 0].tolist() == [2, 1, 1, 0]  # 225..265 spans blocks 7-8; 45 in 1; 135..152 in 4

@@ -16,6 +16,7 @@ from autoregressive.models.generate import (
     generate,
     generate_dpar,
     generate_gpt,
+    patch_group,
     reference_generate_dpar,
 )
 from autoregressive.models.gpt import GPT_models
@@ -204,18 +205,18 @@ def test_every_decode_attention_runs_with_the_pinned_kernels(monkeypatch):
     from autoregressive.models import modules
 
     seen = []
-    attend = modules.Attention._attend
+    attend = modules.cached_attend
 
-    def recording(self, q, k, v, mask, documents=None):
+    def recording(q, k, v, input_pos, reads=None):
         seen.append(torch.backends.cuda.cudnn_sdp_enabled() or not torch.backends.cuda.mem_efficient_sdp_enabled())
-        return attend(self, q, k, v, mask, documents)
+        return attend(q, k, v, input_pos, reads)
 
     ent, model = random_entropy_model(), random_dpar()
     gpt = GPT_models["GPT-T"](vocab_size=VOCAB, block_size=T, num_classes=CLASSES).eval()
     cond = torch.tensor([0, 1])
     uniforms = draw_uniforms(2, T, torch.Generator().manual_seed(0))
     patching = quantile_patching(ent)
-    monkeypatch.setattr(modules.Attention, "_attend", recording)
+    monkeypatch.setattr(modules, "cached_attend", recording)
     generate_gpt(gpt, cond, T, Sampling(cfg_scale=2.0), uniforms)
     generate_dpar(model, cond, T, Sampling(cfg_scale=2.0), uniforms, ent, patching)
     assert len(seen) > 2 * T  # every layer of every step was seen
@@ -377,10 +378,13 @@ def test_step_functions_see_a_bounded_set_of_shapes():
     assert calls["encode_step"] == calls["_entropy"] == T - 1 and calls["decode_step"] == T
     for name in ("encode_step", "decode_step", "_entropy"):
         assert len(signatures[name]) <= lengths, signatures[name]
-    # the patch step always runs over every row: only its read length varies
+    # the patch step runs a group of images from a small set of sizes, and one read length per step
+    groups = {patch_group(n, B) for n in range(1, B + 1)}
+    assert groups == {1, 2, 4, 5}
     assert calls["close_patches"] > 2 * len(signatures["close_patches"])
-    assert len(signatures["close_patches"]) <= lengths, signatures["close_patches"]
-    assert len({key[:-1] for key in signatures["close_patches"]}) == 1, signatures["close_patches"]
+    assert len(signatures["close_patches"]) <= lengths * len(groups), signatures["close_patches"]
+    assert {key[-1] for key in signatures["close_patches"]} <= groups
+    assert len({key[:-2] for key in signatures["close_patches"]}) == 1, signatures["close_patches"]
 
 
 def test_a_read_of_the_whole_cache_compiles_no_second_graph():

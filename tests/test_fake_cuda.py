@@ -12,7 +12,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from autoregressive.models.attention import set_attention_backend
+from autoregressive.models.attention import set_attention_backend, set_decode_attention
 from autoregressive.models.gpt import GPT_models
 from dpar_helpers import CLASSES, GRID, T, VOCAB, random_dpar, random_entropy_model
 from entropy_model.entropy import entropy_from_logits
@@ -48,9 +48,12 @@ class PlacementRecorder(TorchDispatchMode):
 
 @pytest.fixture
 def fake():
-    """A FakeTensorMode and a function moving real CPU tensors / modules onto fake CUDA."""
+    """A FakeTensorMode and a function moving real CPU tensors / modules onto fake CUDA. Decode
+    attention on SDPA: flex attention cannot run under the recorders' dispatch modes (its block
+    masks are tested in tests/test_attention.py, on the GPU by scripts/gpu_check.sh)."""
     mode = FakeTensorMode()
     set_attention_backend("sdpa")
+    set_decode_attention("sdpa")
 
     def to_cuda(x):
         if isinstance(x, torch.nn.Module):
@@ -69,6 +72,7 @@ def fake():
         yield mode, to_cuda
     finally:
         set_attention_backend(None)
+        set_decode_attention(None)
 
 
 def test_recorder_sees_host_tensors_and_copies(fake):
@@ -149,7 +153,7 @@ def test_decode_steps_stay_on_the_device(fake):
             "patch_step": lambda: model.patch_step(torch.randn(R, model.config.dim, device=CUDA), slot.repeat(2),
                                                    (slot.repeat(2),) * 3, 16),
             "close_patches": lambda: model.close_patches(opens, start, slot, torch.full((1,), i, device=CUDA),
-                                                         max_length, 16),
+                                                         max_length, 16, 2),
             "decode_step": lambda: model.decode_step(torch.randn(R, model.config.dim, device=CUDA),
                                                      torch.full((R, 1), i, device=CUDA), 16),
         }

@@ -24,6 +24,15 @@ flex, else sdpa. DPAR_ATTENTION=sdpa|flex|varlen (read on first use) or
 set_attention_backend(name) overrides the choice. A backend that cannot run a call (dropout
 in flex/varlen, float32 in varlen) hands that call to SDPA; the result is the same attention.
 
+`cached_attend` is the attention of KV-cached decoding: one query per cache row, each row reading
+its own cache prefix (per-row lengths held on the device; a row may read nothing). Its backend is
+chosen apart from attend()'s (set_decode_attention, DPAR_DECODE_ATTENTION):
+  sdpa    SDPA with a per-row mask over the whole (rows, L) read: the reference, and the CPU default
+          (its cost follows rows x L, whatever the per-row lengths);
+  flex    flex attention (compiled kernel) with a block mask built on the device from the per-row
+          lengths: a row reads ceil(length / DECODE_BLOCK) blocks of its cache and a row of length 0
+          reads none, so the cost follows what the rows need. The CUDA default where flex exists.
+
 `segment_attend` is the one-query-per-segment attention of DPAR's patch pooling.
 """
 import functools
@@ -39,9 +48,14 @@ import torch.nn.functional as F
 BACKENDS = ("sdpa", "flex", "varlen")
 ENV_VAR = "DPAR_ATTENTION"
 FLEX_BLOCK = 128
+DECODE_BACKENDS = ("sdpa", "flex")
+DECODE_ENV_VAR = "DPAR_DECODE_ATTENTION"
+DECODE_BLOCK = 32  # cache slots per block of a decode block mask (a multiple of Decoding.read_block's default)
 
 _override: Optional[str] = None
 _chosen: Dict[str, str] = {}  # device type -> backend, filled on first use
+_decode_override: Optional[str] = None
+_decode_chosen: Dict[str, str] = {}
 
 
 # --------------------------------------------------------------------------------------
@@ -61,6 +75,29 @@ def _compiled_flex() -> Callable:
     """flex_attention compiled once (recompiled, dynamic, for a second sequence length);
     inlined when the caller is itself being compiled."""
     return torch.compile(_flex_module().flex_attention)
+
+
+DECODE_FLEX_SHAPES = 64  # compiled decode flex kernels kept (Dynamo keeps 8 per function by default)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_decode_flex() -> Callable:
+    """flex_attention compiled once per decode shape (static: this torch's CPU flex template
+    fails to build with symbolic sizes). A generation's step functions read in a few dozen shapes
+    (read lengths x row counts, patch group sizes), more than Dynamo's default of 8 compiled
+    variants per function, past which it would run flex's dense eager fallback: the limit is
+    raised for these calls. Inside a compiled step, flex is traced into the step's graph."""
+    compiled = torch.compile(_flex_module().flex_attention, dynamic=False)
+
+    def run(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            return _flex_module().flex_attention(*args, **kwargs)
+        from torch._dynamo import config
+
+        with config.patch(recompile_limit=DECODE_FLEX_SHAPES):
+            return compiled(*args, **kwargs)
+
+    return run
 
 
 @functools.lru_cache(maxsize=None)
@@ -330,6 +367,119 @@ def attend(
         if q.dtype in (torch.float16, torch.bfloat16) and (dropout_p == 0.0 or source == "flash_attn"):
             return _varlen_attend(q, k, v, documents, dropout_p)
     return _sdpa_documents(q, k, v, documents, dropout_p)
+
+
+# --------------------------------------------------------------------------------------
+# KV-cached decoding
+# --------------------------------------------------------------------------------------
+def set_decode_attention(name: Optional[str]) -> None:
+    """Force the decode attention backend ("sdpa", "flex") on every device; None restores the
+    automatic choice (and re-reads DPAR_DECODE_ATTENTION)."""
+    global _decode_override
+    if name is not None and name not in DECODE_BACKENDS:
+        raise ValueError(f"decode attention backend must be one of {DECODE_BACKENDS}, got {name!r}")
+    _decode_override = name
+    _decode_chosen.clear()
+
+
+def decode_attention_backend(device: torch.device | str = "cpu") -> str:
+    """The backend cached_attend() uses on `device`."""
+    return _decode_backend_for(torch.device(device).type)
+
+
+@_constant_result
+def _decode_backend_for(device_type: str) -> str:
+    if _decode_override is not None:
+        return _decode_override
+    if device_type not in _decode_chosen:
+        requested = os.environ.get(DECODE_ENV_VAR, "").strip().lower()
+        if requested and requested not in DECODE_BACKENDS:
+            raise ValueError(f"{DECODE_ENV_VAR} must be one of {DECODE_BACKENDS}, got {requested!r}")
+        flex = _flex_module() is not None and device_type == "cuda"
+        _decode_chosen[device_type] = requested or ("flex" if flex else "sdpa")
+    return _decode_chosen[device_type]
+
+
+def decode_block_mask(limit: torch.Tensor, length: int, block: int = DECODE_BLOCK):
+    """Flex BlockMask for one query per row: row r reads cache slots 0..limit[r]-1 of a read of
+    `length` slots (limit (n,) int on the device, 0 = reads nothing). Built with tensor ops only
+    (no host read), so a compiled step builds it inside its graph."""
+    flex = _flex_module()
+    n, blocks = limit.shape[0], -(-length // block)
+    count = ((limit + block - 1) // block).clamp(max=blocks).to(torch.int32)  # (n,) blocks each row reads
+    order = torch.arange(blocks, dtype=torch.int32, device=limit.device)
+    limit = limit.to(torch.int32)  # int64 captured tensors break this torch's CPU flex kernel
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return kv_idx < limit[b]
+
+    return flex.BlockMask.from_kv_blocks(count[:, None, None], order.expand(n, 1, 1, blocks), BLOCK_SIZE=(1, block),
+                                         mask_mod=mask_mod, seq_lengths=(1, length), compute_q_blocks=False)
+
+
+def cached_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor,
+                  reads: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Attention of queries at cache positions input_pos (n, S) to cache views k, v (n, H, L, D):
+    query s of row r sees slots 0..input_pos[r, s]. q (n, H, S, D) -> (n, H, S, D).
+    reads (n,) bool: rows whose output is used; under flex the others read no cache slot (their
+    output is unspecified). One query per row (S = 1) runs on the decode backend; S > 1 (a
+    prefill of several class slots) on SDPA with a mask."""
+    n, L = k.shape[0], k.shape[2]
+    if q.shape[2] == 1 and _decode_backend_for(q.device.type) == "flex":
+        limit = input_pos[:, 0] + 1
+        if reads is not None:
+            limit = torch.where(reads, limit, 0)
+        return _compiled_decode_flex()(q, k, v, block_mask=decode_block_mask(limit, L))
+    slots = torch.arange(L, device=k.device)
+    mask = slots[None, None, :] <= input_pos[:, :, None]  # (n, S, L)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
+
+
+def gathered_block_mask(offset: torch.Tensor, limit: torch.Tensor, n_slots: int, max_read: int,
+                        block: int = DECODE_BLOCK):
+    """Flex BlockMask for n queries, one per batch entry, over one flat sequence of n_slots cache
+    slots (every cache row back to back, shared by the batch): query j reads slots offset[j] ..
+    offset[j] + limit[j] - 1 (its own row's prefix; limit 0 = nothing), limit <= max_read.
+    offset, limit (n,) int on the device; tensor ops only (no host read)."""
+    flex = _flex_module()
+    n, total = offset.shape[0], -(-n_slots // block)
+    width = min(-(-max_read // block) + 1, total)  # blocks a read of max_read slots can touch at any offset
+    first = offset // block
+    last = (offset + limit + block - 1) // block
+    count = torch.where(limit > 0, last - first, 0).to(torch.int32)  # (n,)
+    order = (first[:, None] + torch.arange(width, device=offset.device)).clamp(max=total - 1).to(torch.int32)
+    order = F.pad(order, (0, total - width))  # (n, total): flex's CPU kernel wants a column per kv block
+    lo, hi = offset.to(torch.int32), (offset + limit).to(torch.int32)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (kv_idx >= lo[b]) & (kv_idx < hi[b])
+
+    return flex.BlockMask.from_kv_blocks(count[:, None, None], order[:, None, None], BLOCK_SIZE=(1, block),
+                                         mask_mod=mask_mod, seq_lengths=(1, n_slots), compute_q_blocks=False)
+
+
+def cached_attend_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, rows: torch.Tensor,
+                       input_pos: torch.Tensor, length: int, reads: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Attention of n queries, query j from cache row rows[j] at position input_pos[j] (n, 1), to
+    that row's slots 0..input_pos[j] of the caches k_cache, v_cache (R, C, Hkv, D); length: a
+    host-side bound above every position of a row that reads. q (n, H, 1, D) -> (n, H, 1, D).
+    reads (n,) bool: the queries whose output is used (under flex the others read nothing).
+    flex reads each row's slots where they lie (the caches as one flat sequence, no copy); SDPA
+    gathers the rows' first `length` slots and masks."""
+    n, H, D = q.shape[0], q.shape[1], q.shape[3]
+    R, C, Hkv = k_cache.shape[:3]
+    if _decode_backend_for(q.device.type) == "flex":
+        limit = input_pos[:, 0] + 1
+        if reads is not None:
+            limit = torch.where(reads, limit, 0)
+        # (1, Hkv, R*C, D) views, broadcast over the n queries (a batch of n, one query each)
+        k, v = (c.view(1, R * C, Hkv, D).transpose(1, 2) for c in (k_cache, v_cache))
+        mask = gathered_block_mask(rows * C, limit, R * C, length)
+        return _compiled_decode_flex()(q, k, v, block_mask=mask, enable_gqa=H != Hkv)  # (n, H, 1, D)
+    k, v = (c[:, :length].index_select(0, rows).transpose(1, 2) for c in (k_cache, v_cache))  # (n, Hkv, L, D)
+    if H != Hkv:
+        k, v = (t.repeat_interleave(H // Hkv, dim=1) for t in (k, v))
+    return cached_attend(q, k, v, input_pos)
 
 
 def segment_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """DPAR: token-level encoder -> patch transformer over entropy-defined patches -> token-level decoder.
 
-Alignment (DESIGN.md section 3), for targets x_0..x_{T-1} in patches P_0..P_{M-1}:
+Alignment (docs/design.md, "The DPAR model: causal alignment"), for targets x_0..x_{T-1} in patches P_0..P_{M-1}:
   encoder   slots j = 0..T-2 hold x_j (2D RoPE of x_j); E causal token layers; after each
             layer l every patch vector p_m is updated by cross-attention to h^l over P_m
             (p_m initialised as the per-channel max of h^1 over P_m);
@@ -473,42 +473,54 @@ class DPAR(nn.Module):
         self.decode_buffers.states[images, :, input_pos[:, 0]] = torch.stack(states, dim=1)  # (n, E, dim)
         return h[:, 0]
 
-    def patch_step(self, x: torch.Tensor, slot: torch.Tensor, geometry, length: Optional[int] = None) -> torch.Tensor:
-        """Advance the patch transformer by one slot for cache rows 0..n-1, each at its own slot
-        (n,). x (n, dim) is the class embedding (slot 0) or the finished patch vector;
-        geometry = (row, col_start, col_end) (n,) of that patch. length: host-side bound above
-        every slot: attention reads only that prefix of the caches. Returns g (n, dim)."""
+    def patch_step(self, x: torch.Tensor, slot: torch.Tensor, geometry, length: Optional[int] = None,
+                   reads: Optional[torch.Tensor] = None, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Advance the patch transformer by one slot for cache rows 0..n-1, or for cache rows `rows`
+        (n,) (distinct), each at its own slot (n,). x (n, dim) is the class embedding (slot 0) or
+        the finished patch vector; geometry = (row, col_start, col_end) (n,) of that patch.
+        length: host-side bound above the slot of every row that reads: attention covers at most
+        that prefix of the caches, each row its own slots 0..slot. reads (n,) bool: the rows whose
+        result is used (None: all); the others may read no cache slot (see cached_attend).
+        Returns g (n, dim)."""
         slot = slot[:, None]  # (n, 1)
         freqs = self.patch_rope(slot, *(t[:, None] for t in geometry))
         h = x[:, None]
         for layer in self.patch_layers:
-            h = layer.decode(h, freqs, slot, length)
+            h = layer.decode(h, freqs, slot, length, reads, rows)
         return h[:, 0]
 
     def close_patches(self, opens: torch.Tensor, start: torch.Tensor, slot: torch.Tensor, step: torch.Tensor,
-                      max_length: int, length: int) -> None:
-        """One patch step over every row: images whose token `step` opens a patch (opens (B,))
-        pool their finished patch [start, step-1] from the stored encoder states (gathering
-        max_length states per patch, a bound on every patch's length, not the prefix) and
-        advance the patch transformer at `slot` (B,), their next slot, in both guidance copies;
-        only their injections change. The other rows run too, on their unfinished patch: their
-        cache write lands in their next slot, which no read reaches before the row's own next
-        patch step rewrites it, and their results are dropped. So the step reads every cache
-        as a view of rows 0..R-1 (no per-step gather) and has one shape per read length.
-        step (1,) is a tensor, so that a captured graph serves every step."""
+                      max_length: int, length: int, group: int) -> None:
+        """One patch step whose cost follows the images that open a patch (opens (B,)): the first
+        `group` images in the order (opening images first, by index) run it, `group` >= the number
+        of opening images, a host-side size from a small set (patch_group). They pool their
+        finished patch [start, step-1] from the stored encoder states (gathering max_length states
+        per patch, a bound on every patch's length, not the prefix) and advance the patch
+        transformer at `slot` (B,), their next slot, in both guidance copies, each cache row
+        reading its own patch cache up to that slot where it lies (cached_attend_rows); only the
+        opening rows' injections change. The group's other images (padding up to `group`) run on
+        their unfinished patch and read nothing: their cache write lands in their next slot, which
+        no read reaches before their own next patch step rewrites it, and their results are
+        dropped. Images outside the group are not touched. `length`: a bound above the opening
+        rows' slots. step (1,) is a tensor, so that a captured graph serves every step."""
         W, B = self.config.grid_size, start.shape[0]
         states, injections = self.decode_buffers.states, self.decode_buffers.injections  # (B, E, T, dim), (R, D, dim)
         copies = injections.shape[0] // B
-        index = start[:, None] + torch.arange(max_length, device=start.device)  # (B, L)
-        valid = index < step  # the patch's tokens start..step-1
-        index = index.clamp(max=states.shape[2] - 1)[..., None].expand(B, max_length, states.shape[3])
-        layer_tokens = [states[:, l].gather(1, index) for l in range(states.shape[1])]  # E x (B, L, dim)
-        p = self.pool_patches(layer_tokens, valid)  # (B, dim)
-        geometry = (start // W, start % W, ((step - 1) % W).expand_as(start))
+        images = torch.argsort((~opens).to(torch.int8), stable=True)[:group]  # (g,) opening images first
+        opening = opens[images]  # (g,)
+        first = start[images]  # (g,)
+        index = first[:, None] + torch.arange(max_length, device=start.device)  # (g, L)
+        valid = index < step  # the patch's tokens first..step-1
+        index = index.clamp(max=states.shape[2] - 1)
+        layer_tokens = [states[images[:, None], l, index] for l in range(states.shape[1])]  # E x (g, L, dim)
+        p = self.pool_patches(layer_tokens, valid)  # (g, dim)
+        geometry = (first // W, first % W, ((step - 1) % W).expand_as(first))
         geometry = tuple(t.repeat(copies) for t in geometry)
-        g = self.patch_step(p.repeat(copies, 1), slot.repeat(copies), geometry, length)  # (R, dim)
-        advance = opens.repeat(copies)[:, None, None]  # (R, 1, 1)
-        injections.copy_(torch.where(advance, self.injections(g), injections))
+        rows = torch.cat([images + c * B for c in range(copies)])  # (g * copies,) cache rows of the group
+        advance = opening.repeat(copies)  # (g * copies,)
+        g = self.patch_step(p.repeat(copies, 1), slot[images].repeat(copies), geometry, length, advance, rows)
+        kept = injections.index_select(0, rows)  # (g * copies, D, dim)
+        injections.index_copy_(0, rows, torch.where(advance[:, None, None], self.injections(g), kept))
 
     def injections(self, g: torch.Tensor) -> torch.Tensor:
         """g (n, dim) -> what each decoder layer adds for tokens of that patch (n, D, dim)."""

@@ -9,11 +9,12 @@ Draws use one uniform number per (image, token), fixed before sampling starts: w
 `row_seeds` each image's uniforms come from its own seed, so an image does not depend on
 which other images share its batch.
 
-Decode steps have static shapes (see `Decoding`): caches are read over a bounded set of lengths
-with per-row masks, DPAR's patch transformer runs over every row (masked), a GPT step
-reads nothing back to the host and a DPAR step reads one small tensor (the count of rows that
-open a patch and the highest patch slot). The fast path runs each step function compiled
-(torch.compile, fullgraph; CUDA graphs on CUDA); eager is the default and the reference.
+Decode steps have static shapes (see `Decoding`): caches are read over a bounded set of lengths,
+each row its own prefix (cached_attend); DPAR's patch step runs a power-of-two group holding the
+images that open a patch (patch_group); a GPT step reads nothing back to the host and a DPAR step
+reads one small tensor (the count of images that open a patch and the highest slot among them).
+The fast path runs each step function compiled (torch.compile, fullgraph; CUDA graphs on CUDA);
+eager is the default and the reference.
 """
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -149,6 +150,12 @@ class Decoding:
         return run
 
 
+def patch_group(opening: int, images: int) -> int:
+    """Images a patch step runs when `opening` (>= 1) of `images` open a patch: the next power of
+    two, at most `images`, so a step function sees at most log2(images) + 2 group sizes."""
+    return min(images, 1 << (opening - 1).bit_length())
+
+
 def fast_decoding(device: torch.device | str) -> Decoding:
     """The fast path for `device`: compiled steps, with CUDA graphs on CUDA; caches kept between
     batches so that the graphs are captured once."""
@@ -240,16 +247,16 @@ def generate_dpar(
     keep_logits: bool = False,
     decoding: Optional[Decoding] = None,
 ) -> Generated:
-    """Fully incremental DPAR sampling (DESIGN.md section 4). At step i the entropy model and
+    """Fully incremental DPAR sampling (docs/design.md, generation). At step i the entropy model and
     the encoder read x_{i-1}; rows whose token i opens a patch pool their finished patch and
     advance the patch transformer by one slot (those rows keep the result, each at its own slot); one
     decoder step then gives the logits of x_i.
 
-    A patch step runs over every row, the rows that do not open a patch masked
-    (DPAR.close_patches): it reads the patch caches as views, never gathering the opening
-    rows' caches, and has one shape per read length. The step reads (n, highest patch slot)
-    back to the host: n = 0 skips the patch step, the slot bounds the patch caches' read
-    length. Nothing else leaves the device."""
+    A patch step runs the n opening images padded to patch_group(n, B) images (DPAR.close_patches),
+    each cache row reading its own patch cache; its shapes are one per (group size, read length).
+    The step reads (n, highest slot among the opening images) back to the host: n = 0 skips the
+    patch step, n sets the group size and the slot bounds the patch caches' read length. Nothing
+    else leaves the device."""
     if patching is None:
         raise ValueError("DPAR generation needs the patching settings (PatchingConfig)")
     if patching.needs_entropy and entropy_model is None:
@@ -291,10 +298,11 @@ def generate_dpar(
             patch_starts[:, i] = opens
             h = encode(previous, torch.full((B, 1), i - 1, device=dev), read_length(i, capacity, block))  # (B, dim)
             u = h.repeat(copies, 1)  # (R, dim) decoder input u_i = h_{i-1}
-            n, top = torch.stack([opens.sum(), num_patches.max()]).to("cpu", copy=True).tolist()  # the host read
+            # the host read: how many rows open, and the highest slot among them (the read bound)
+            n, top = torch.stack([opens.sum(), (num_patches * opens).max()]).to("cpu", copy=True).tolist()
             if n:
                 close_patches(opens, patch_start, num_patches, torch.full((1,), i, device=dev), max_length,
-                              read_length(top + 1, capacity, block))
+                              read_length(top + 1, capacity, block), patch_group(n, B))
                 patch_start = torch.where(opens, i, patch_start)
                 num_patches = num_patches + opens
             logits = decode(u, torch.full((R, 1), i, device=dev), read_length(i + 1, capacity, block))

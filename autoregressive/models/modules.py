@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from autoregressive.models.attention import Documents, attend
+from autoregressive.models.attention import Documents, attend, cached_attend, cached_attend_rows
 
 
 def find_multiple(n: int, k: int) -> int:
@@ -166,19 +166,22 @@ class KVCache(nn.Module):
         return self.k_cache.shape[1] - 1
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: Optional[int] = None):
-        """input_pos (n, S) positions; k, v (n, S, H, D) of cache rows 0..n-1; length: attend to
-        cache slots 0..length-1 only (a host-side bound above every position in input_pos, at
-        most capacity; None = capacity). Returns the keys/values of those rows (n, L, H, D), views
-        of the cache, and the mask (n, 1, S, L), L = length or capacity."""
+        """input_pos (n, S) positions; k, v (n, S, H, D) of cache rows 0..n-1; length: the read
+        covers cache slots 0..length-1 only (a host-side bound above every position in input_pos,
+        at most capacity; None = capacity). Returns the keys/values of those rows (n, L, H, D),
+        views of the cache, L = length or capacity; each row's own prefix (its position + 1
+        slots) is what attention reads of them (cached_attend)."""
         n = k.shape[0]
         L = self.capacity if length is None else length
         batch = torch.arange(n, device=k.device)[:, None]  # (n, 1)
         self.k_cache[batch, input_pos] = k
         self.v_cache[batch, input_pos] = v
-        keys, values = self.k_cache[:n, :L], self.v_cache[:n, :L]  # (n, L, H, D) views
-        slots = torch.arange(L, device=k.device)
-        mask = slots[None, None, :] <= input_pos[:, :, None]  # (n, S, L)
-        return keys, values, mask[:, None]
+        return self.k_cache[:n, :L], self.v_cache[:n, :L]  # (n, L, H, D) views
+
+    def write_rows(self, rows: torch.Tensor, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write k, v (n, S, H, D) of cache rows `rows` (n,) (distinct) at positions input_pos (n, S)."""
+        self.k_cache[rows[:, None], input_pos] = k
+        self.v_cache[rows[:, None], input_pos] = v
 
 
 def read_length(needed: int, capacity: int, block: int) -> int:
@@ -228,25 +231,38 @@ class Attention(nn.Module):
         k = apply_rotary_emb(k.view(B, S, self.n_kv_head, self.head_dim), freqs_cis)  # (B, S, Hkv, D)
         return q, k, v.view(B, S, self.n_kv_head, self.head_dim)
 
-    def _attend(self, q, k, v, mask, documents: Optional[Documents] = None) -> torch.Tensor:
-        B, S = q.shape[:2]
+    def _heads(self, q, k, v):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, D)
         if self.n_kv_head != self.n_head:
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-        dropout = self.attn_dropout_p if self.training else 0.0
-        out = attend(q, k, v, mask=mask, dropout_p=dropout, documents=documents)  # (B, H, S, D)
+        return q, k, v
+
+    def _out(self, out: torch.Tensor) -> torch.Tensor:
+        B, S = out.shape[0], out.shape[2]
         out = out.transpose(1, 2).reshape(B, S, self.n_head * self.head_dim)  # (B, S, dim)
         return self.resid_dropout(self.wo(out))
 
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, documents: Optional[Documents] = None) -> torch.Tensor:
-        q, k, v = self._qkv(x, freqs_cis)
-        return self._attend(q, k, v, mask=None, documents=documents)
+        q, k, v = self._heads(*self._qkv(x, freqs_cis))
+        dropout = self.attn_dropout_p if self.training else 0.0
+        return self._out(attend(q, k, v, dropout_p=dropout, documents=documents))  # (B, S, dim)
 
-    def decode(self, x, freqs_cis, input_pos: torch.Tensor, length: Optional[int] = None) -> torch.Tensor:
+    def decode(self, x, freqs_cis, input_pos: torch.Tensor, length: Optional[int] = None,
+               reads: Optional[torch.Tensor] = None, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x (n, S, dim) of cache rows 0..n-1, or with `rows` (n,) of those cache rows (distinct;
+        one position each, S = 1). reads (n,) bool: the rows whose output is used (the others may
+        read no cache slot)."""
         q, k, v = self._qkv(x, freqs_cis)
-        k, v, mask = self.kv_cache.update(input_pos, k, v, length)
-        return self._attend(q, k, v, mask=mask)
+        if rows is None:
+            k, v = self.kv_cache.update(input_pos, k, v, length)
+            q, k, v = self._heads(q, k, v)
+            return self._out(cached_attend(q, k, v, input_pos, reads))
+        self.kv_cache.write_rows(rows, input_pos, k, v)
+        cache = self.kv_cache
+        L = cache.capacity if length is None else length
+        out = cached_attend_rows(q.transpose(1, 2), cache.k_cache, cache.v_cache, rows, input_pos, L, reads)
+        return self._out(out)  # (n, 1, dim)
 
 
 class DropPath(nn.Module):
@@ -284,9 +300,11 @@ class TransformerBlock(nn.Module):
         h = x + self.drop_path(self.attention(self.attention_norm(x), freqs_cis, documents), documents)
         return self._ffn(h, documents)
 
-    def decode(self, x, freqs_cis, input_pos: torch.Tensor, length: Optional[int] = None) -> torch.Tensor:
-        """KV-cached step of cache rows 0..B-1 (see KVCache.update for length)."""
-        h = x + self.attention.decode(self.attention_norm(x), freqs_cis, input_pos, length)
+    def decode(self, x, freqs_cis, input_pos: torch.Tensor, length: Optional[int] = None,
+               reads: Optional[torch.Tensor] = None, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """KV-cached step of cache rows 0..B-1, or of cache rows `rows` (see KVCache.update for
+        length, Attention.decode for reads and rows)."""
+        h = x + self.attention.decode(self.attention_norm(x), freqs_cis, input_pos, length, reads, rows)
         return self._ffn(h)
 
 
