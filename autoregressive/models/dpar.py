@@ -1,6 +1,7 @@
 """DPAR: token-level encoder -> patch transformer over entropy-defined patches -> token-level decoder.
 
-Alignment (docs/design.md, "The DPAR model: causal alignment"), for targets x_0..x_{T-1} in patches P_0..P_{M-1}:
+Alignment (docs/design.md, "The DPAR model: causal alignment"), for targets x_0..x_{T-1} in
+patches P_0..P_{M-1}:
   encoder   slots j = 0..T-2 hold x_j (2D RoPE of x_j); E causal token layers; after each
             layer l every patch vector p_m is updated by cross-attention to h^l over P_m
             (p_m initialised as the per-channel max of h^1 over P_m);

@@ -247,7 +247,7 @@ def generate_dpar(
     keep_logits: bool = False,
     decoding: Optional[Decoding] = None,
 ) -> Generated:
-    """Fully incremental DPAR sampling (docs/design.md, generation). At step i the entropy model and
+    """Fully incremental DPAR sampling (docs/design.md, "Generation"). At step i the entropy model and
     the encoder read x_{i-1}; rows whose token i opens a patch pool their finished patch and
     advance the patch transformer by one slot (those rows keep the result, each at its own slot); one
     decoder step then gives the logits of x_i.
