@@ -345,4 +345,4 @@ def test_cached_attend_rows_reads_each_gathered_rows_prefix(backend, monkeypatch
         ref = reference_attention(q[j], k, v, allowed)
         torch.testing.assert_close(out[j].double(), ref, atol=2e-6, rtol=1e-5)
     mask = attention.gathered_block_mask(rows * C, torch.tensor([41, 1, 18, 0]), R * C, 44)
-    assert mask.kv_num_blocks[:, 0, 0].tolist() == [2, 1, 1, 0]  # 225..265 spans blocks 7-8; 45 in 1; 135..152 in 4
+    assert mask.kv_num_blocks[0, 0].tolist() == [2, 1, 1, 0]  # 225..265 spans blocks 7-8; 45 in 1; 135..152 in 4

@@ -437,10 +437,10 @@ def cached_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: 
 
 def gathered_block_mask(offset: torch.Tensor, limit: torch.Tensor, n_slots: int, max_read: int,
                         block: int = DECODE_BLOCK):
-    """Flex BlockMask for n queries, one per batch entry, over one flat sequence of n_slots cache
-    slots (every cache row back to back, shared by the batch): query j reads slots offset[j] ..
-    offset[j] + limit[j] - 1 (its own row's prefix; limit 0 = nothing), limit <= max_read.
-    offset, limit (n,) int on the device; tensor ops only (no host read)."""
+    """Flex BlockMask for n queries over one flat sequence of n_slots cache slots (every cache row
+    back to back): query j reads slots offset[j] .. offset[j] + limit[j] - 1 (its own row's
+    prefix; limit 0 = nothing), limit <= max_read. offset, limit (n,) int on the device; tensor
+    ops only (no host read)."""
     flex = _flex_module()
     n, total = offset.shape[0], -(-n_slots // block)
     width = min(-(-max_read // block) + 1, total)  # blocks a read of max_read slots can touch at any offset
@@ -452,10 +452,10 @@ def gathered_block_mask(offset: torch.Tensor, limit: torch.Tensor, n_slots: int,
     lo, hi = offset.to(torch.int32), (offset + limit).to(torch.int32)
 
     def mask_mod(b, h, q_idx, kv_idx):
-        return (kv_idx >= lo[b]) & (kv_idx < hi[b])
+        return (kv_idx >= lo[q_idx]) & (kv_idx < hi[q_idx])
 
-    return flex.BlockMask.from_kv_blocks(count[:, None, None], order[:, None, None], BLOCK_SIZE=(1, block),
-                                         mask_mod=mask_mod, seq_lengths=(1, n_slots), compute_q_blocks=False)
+    return flex.BlockMask.from_kv_blocks(count[None, None], order[None, None], BLOCK_SIZE=(1, block),
+                                         mask_mod=mask_mod, seq_lengths=(n, n_slots), compute_q_blocks=False)
 
 
 def cached_attend_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, rows: torch.Tensor,
@@ -472,10 +472,10 @@ def cached_attend_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
         limit = input_pos[:, 0] + 1
         if reads is not None:
             limit = torch.where(reads, limit, 0)
-        # (1, Hkv, R*C, D) views, broadcast over the n queries (a batch of n, one query each)
-        k, v = (c.view(1, R * C, Hkv, D).transpose(1, 2) for c in (k_cache, v_cache))
+        k, v = (c.view(1, R * C, Hkv, D).transpose(1, 2) for c in (k_cache, v_cache))  # (1, Hkv, R*C, D) views
         mask = gathered_block_mask(rows * C, limit, R * C, length)
-        return _compiled_decode_flex()(q, k, v, block_mask=mask, enable_gqa=H != Hkv)  # (n, H, 1, D)
+        out = _compiled_decode_flex()(q.transpose(0, 2), k, v, block_mask=mask, enable_gqa=H != Hkv)  # (1, H, n, D)
+        return out.transpose(0, 2)
     k, v = (c[:, :length].index_select(0, rows).transpose(1, 2) for c in (k_cache, v_cache))  # (n, Hkv, L, D)
     if H != Hkv:
         k, v = (t.repeat_interleave(H // Hkv, dim=1) for t in (k, v))
