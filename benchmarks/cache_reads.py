@@ -34,8 +34,9 @@ def cache_bytes(rows: int, length: int, heads: int, head_dim: int, itemsize: int
     return {"gather": 3 * rows * block, "view_per_row": block, "index_per_row": block}
 
 
-def _time(fn, repeats: int) -> float:
-    fn()  # warm-up
+def best_seconds(fn, repeats: int = 5) -> float:
+    """The fastest of `repeats` calls of fn, after one warm-up call."""
+    fn()
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
@@ -78,7 +79,7 @@ def measure(rows: int, group: int, length: int, heads: int, head_dim: int, capac
     same = torch.allclose(gathered().float(), viewed()[rows_open].float(), atol=1e-2, rtol=1e-2)
     if not same:
         raise AssertionError("the gathered and the viewed attention disagree on the opening rows")
-    return {"gather_s": _time(gathered, repeats), "view_s": _time(viewed, repeats)}
+    return {"gather_s": best_seconds(gathered, repeats), "view_s": best_seconds(viewed, repeats)}
 
 
 def run(args) -> List[dict]:

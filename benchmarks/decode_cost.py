@@ -51,6 +51,7 @@ from autoregressive.models.generate import Decoding, generate, patch_group
 from autoregressive.models.gpt import GPT_models
 from autoregressive.models.modules import find_multiple, read_length
 from benchmarks.benchmark import synthetic_entropies
+from benchmarks.cache_reads import best_seconds
 from entropy_model.calibrate import threshold_for_compression
 from entropy_model.patching import PAPER_COMPRESSION, PatchingConfig, paper_max_patch_length, paper_threshold
 
@@ -305,16 +306,6 @@ def markdown(model: dict, measured: Optional[dict], larger: Optional[dict] = Non
 # --------------------------------------------------------------------------------------
 # CPU rates and measurement
 # --------------------------------------------------------------------------------------
-def best_seconds(fn, repeats: int = 5) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 @torch.no_grad()
 def cpu_rates(rows: int, dim: int, heads: int, slots: int) -> Dict[str, float]:
     """This CPU's matmul rate at a decode matmul's shape (rows x dim @ dim x 3 dim, float32) and
